@@ -1,0 +1,131 @@
+"""Command line: ``torchrun --nproc_per_node=W -m fedrun [--config FILE] [--section.key VALUE ...]``.
+
+Subcommands: ``fedrun [train]`` (the default), ``fedrun eval RUN_DIR``, ``fedrun report RUN_DIR...``.
+With no --config, the embedded digits default (configs/digits.toml) runs: no download needed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+USAGE = """\
+usage: torchrun --nproc_per_node=W -m fedrun [--config FILE] [--section.key VALUE ...]
+       fedrun [train] [--config FILE] [--section.key VALUE ...]
+       fedrun eval RUN_DIR [--checkpoint FILE] [--section.key VALUE ...]
+       fedrun report RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Trains a class-conditional diffusion model (DDPM U-Net) with FedAvg across clients, one or
+more clients per rank, or the centralized baseline (--run.mode centralized).
+
+  --config FILE        TOML job file (default: configs/digits.toml, the embedded digits set)
+  --section.key VALUE  override one setting, e.g. --fed.rounds 3 --data.root /data
+                       (also --section.key=VALUE); sections: run data model diffusion fed
+                       optim train checkpoint sample eval; see README.md "Config reference"
+  --print-config       print the resolved config as TOML and exit
+  -h, --help           this text
+"""
+
+
+def default_config_path() -> Path | None:
+    """configs/digits.toml of the source checkout (pip install -e keeps it next to fedrun/)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "digits.toml"
+    return path if path.is_file() else None
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .federated import AllClientsFailedError
+    from .partition import PartitionError
+    from .train import RunDirError
+    errors: list[type[BaseException]] = [ConfigError, DataError, PartitionError, RunDirError,
+                                          CheckpointError, AllClientsFailedError]
+    try:
+        from .metrics import MetricsError
+        errors.append(MetricsError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def parse_train_args(argv: list[str]) -> tuple[Path | None, dict[str, str], bool]:
+    from .config import ConfigError, parse_overrides
+    config_path: Path | None = None
+    rest: list[str] = []
+    print_config = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                config_path = Path(arg.split("=", 1)[1])
+            elif i + 1 < len(argv):
+                config_path = Path(argv[i + 1])
+                i += 1
+            else:
+                raise ConfigError("--config: missing file name; write --config configs/cifar10.toml")
+        elif arg == "--print-config":
+            print_config = True
+        else:
+            rest.append(arg)
+        i += 1
+    if config_path is None:
+        config_path = default_config_path()
+    return config_path, parse_overrides(rest), print_config
+
+
+def train_main(argv: list[str]) -> int:
+    from .config import load_config
+    from .train import train
+    path, overrides, print_config = parse_train_args(argv)
+    cfg = load_config(path, overrides)
+    if print_config:
+        print(cfg.to_toml())
+        return 0
+    train(cfg)
+    return 0
+
+
+def _quiet_warnings() -> None:
+    """One line per warning, from rank 0 only: other ranks stay quiet unless they fail."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank != 0:
+        warnings.simplefilter("ignore")
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"fedrun: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_warnings()
+    if any(a in ("-h", "--help") for a in argv[:1]) or argv[:1] == ["help"]:
+        print(USAGE)
+        return 0
+    command = argv[0] if argv and not argv[0].startswith("-") else "train"
+    if argv and command == argv[0]:
+        argv = argv[1:]
+    try:
+        if command == "train":
+            return train_main(argv)
+        if command == "eval":
+            from .evaluate import eval_main
+            return eval_main(argv)
+        if command == "report":
+            from .report import main as report_main
+            return report_main(argv)
+        print(f"fedrun: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    except user_errors() as exc:
+        from .config import ConfigError
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        if rank == 0 or not isinstance(exc, ConfigError):
+            prefix = f"[rank {rank}] " if rank else ""
+            print(f"fedrun: error: {prefix}{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

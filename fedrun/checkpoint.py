@@ -1,0 +1,105 @@
+"""Checkpoints: atomic, checksummed, loaded with weights_only=True.
+
+File layout: ``torch.save`` payload | sha256(payload) (32 bytes) | MAGIC (8 bytes). A file cut
+short by a crash or a full disk fails the checksum and is skipped in favour of the previous one.
+Writing goes to a temporary file in the same folder, which is fsynced and then renamed over
+the final name, so a reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAGIC = b"FEDRUN01"
+_NAME = re.compile(r"round_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one from another configuration. The message says what to do."""
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.write(hashlib.sha256(payload).digest())
+        f.write(MAGIC)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_verified(path: Path) -> dict[str, Any]:
+    """Load one checkpoint, or raise CheckpointError if it is truncated or corrupted."""
+    blob = Path(path).read_bytes()
+    if len(blob) < 40 or blob[-8:] != MAGIC:
+        raise CheckpointError(f"{path}: truncated or not a fedrun checkpoint")
+    payload, digest = blob[:-40], blob[-40:-8]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"{path}: checksum mismatch (corrupted file)")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def checkpoint_path(run_dir: Path, round_: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"round_{round_:04d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, newest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_checkpoint(run_dir: Path, round_: int, state: dict[str, Any], keep: int) -> Path:
+    path = checkpoint_path(run_dir, round_)
+    save_atomic(state, path)
+    for old in list_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """Newest checkpoint that passes its checksum; broken ones are skipped with a warning."""
+    paths = list_checkpoints(run_dir)
+    for path in paths:
+        try:
+            return load_verified(path), path
+        except (CheckpointError, OSError, RuntimeError) as exc:
+            warnings.warn(f"skipping unusable checkpoint {path}: {exc}", stacklevel=2)
+    if paths:
+        raise CheckpointError(f"checkpoint: every checkpoint in {Path(run_dir) / 'checkpoints'} is "
+                              f"unusable; delete the folder to start over, or restore a good copy")
+    return None
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

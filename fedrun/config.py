@@ -1,0 +1,422 @@
+"""Job configuration: dataclass defaults, TOML files, dotted CLI overrides, validation.
+
+The defaults are the paper authors' settings (CIFAR-10, 32x32, R=300 rounds of E=5 local epochs,
+10 clients, Dirichlet alpha 0.5, Adam 2e-4 re-created per client per round, batch 512). A TOML file
+only lists what differs; CLI overrides use one convention, ``--section.key value`` (or
+``--section.key=value``), and are applied last. Every check runs here, before any process group or
+GPU is touched, and every error names the key that is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration. The message names the key and the fix."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "cifar10_fedavg"
+    out_dir: str = "runs"  # outputs go to <out_dir>/<name>/
+    seed: int = 0
+    mode: str = "fedavg"  # "fedavg" | "centralized"
+    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda"
+    threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # cifar10 | fashion_mnist | svhn | image_folder | digits | synthetic
+    root: str = "data"
+    download: bool = False
+    image_size: int = 32
+    channels: int = 3  # grayscale sets: 1, or 3 (repeated) as the authors fed Fashion-MNIST
+    hflip: bool = True  # random horizontal flip (authors: CIFAR-10, Fashion-MNIST, CT; not SVHN)
+    num_classes: int = 10  # used by "synthetic" only; the others know their classes
+    synthetic_size: int = 5000  # images of the "synthetic" set
+
+
+@dataclass
+class ModelConfig:
+    base_channels: int = 64
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    blocks_per_level: int = 2  # residual blocks per resolution, encoder and decoder each
+    mid_blocks: int = 4  # residual blocks at the lowest resolution
+    dropout: float = 0.1
+    attention_levels: list[int] = field(default_factory=list)  # e.g. [2, 3]; authors: none
+    fourier_features: int = 16
+    class_embed_dim: int = 4
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "v"  # "v": continuous DDPM log-SNR (authors) | "eps": discrete betas (paper eqs. 2-3)
+    timesteps: int = 1000  # T for objective "eps"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    sample_steps: int = 300
+    eta: float = 1.0  # 1 = ancestral (authors), 0 = DDIM
+
+
+@dataclass
+class FedConfig:
+    rounds: int = 300
+    local_epochs: int = 5
+    num_clients: int = 10
+    clients_per_round: int = 10
+    partition: str = "dirichlet"  # "dirichlet" | "iid"
+    alpha: float = 0.5
+    min_client_size: int = 0  # resample the Dirichlet draw until every client has this many
+    max_resample: int = 100
+    server_opt: str = "fedavg"  # "fedavg" | "fedavgm" | "fedadam"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    max_bad_rounds: int = 3  # stop after this many rounds in a row where every client failed
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    batch_size: int = 512
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 = off
+
+
+@dataclass
+class TrainConfig:
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp16" | "fp32"
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1  # rounds between checkpoints
+    keep: int = 3  # newest checkpoints kept on disk
+    resume: str = "auto"  # "auto" | "never" | "force" (resume even if the config changed)
+
+
+@dataclass
+class SampleConfig:
+    per_class: int = 10  # images per class in samples/final.png
+    steps: int = 0  # sampler steps for the grid; 0 = diffusion.sample_steps
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # rounds between FID/IS evaluations; 0 = only at the end
+    enabled: bool = False  # score FID/IS at all (needs Inception weights or the classifier)
+    num_samples: int = 0  # 0 = size of the test split (authors)
+    steps: int = 300
+    eta: float = 1.0
+    feature_extractor: str = "inception"  # "inception" | "classifier"
+    inception_weights: str = ""  # "" = $FEDRUN_INCEPTION_WEIGHTS, then clean-fid's location
+    batch_size: int = 500
+    cache_dir: str = ""  # "" = $FEDRUN_CACHE_DIR or ~/.cache/fedrun
+    local_models_at: list[int] = field(default_factory=list)  # rounds with per-client grids
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+    def hash(self) -> str:
+        """Hash of everything that changes the trained model.
+
+        Rounds, checkpointing, sampling and evaluation settings are left out: raising
+        ``fed.rounds`` to continue a finished run, or changing how often it checkpoints or
+        scores, must still resume from its checkpoint.
+        """
+        d = self.to_dict()
+        d["fed"].pop("rounds")
+        for section in ("checkpoint", "sample", "eval"):
+            d.pop(section)
+        for key in ("name", "out_dir", "device", "threads"):
+            d["run"].pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_HINTS = typing.get_type_hints(Config)
+
+DATASETS = ("cifar10", "fashion_mnist", "svhn", "image_folder", "digits", "synthetic")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "run.mode": ("fedavg", "centralized"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "data.name": DATASETS,
+    "diffusion.objective": ("v", "eps"),
+    "fed.partition": ("dirichlet", "iid"),
+    "fed.server_opt": ("fedavg", "fedavgm", "fedadam"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "checkpoint.resume": ("auto", "never", "force"),
+    "eval.feature_extractor": ("inception", "classifier"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Building a Config from TOML text and overrides
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check/convert one value against its dataclass type; the error names the key."""
+    origin = typing.get_origin(hint)
+    if origin in (list, typing.List):
+        if isinstance(value, str):  # CLI: "1,2,4" or "[1, 2, 4]"
+            text = value.strip().strip("[]")
+            value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}; write e.g. {key} = [1, 2]")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}; quote it in TOML")
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this file
+
+
+def _section_hints(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(_HINTS[section])
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{key}: keys have the form section.name, e.g. fed.rounds")
+    section, name = parts
+    if section not in _HINTS:
+        raise ConfigError(f"{key}: unknown section '{section}'; known: {', '.join(_HINTS)}")
+    hints = _section_hints(section)
+    if name not in hints:
+        raise ConfigError(f"{key}: unknown key '{name}' in [{section}]; known: {', '.join(hints)}")
+    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name]))
+
+
+def _flatten(table: dict[str, Any], where: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, body in table.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: '{section}' must be a [section] table, e.g. [fed] rounds = 3")
+        for name, value in body.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--fed.rounds", "3", "--data.name=digits"]`` -> ``{"fed.rounds": "3", ...}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"{arg}: overrides look like --section.key value, e.g. --fed.rounds 3")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{key}: missing value; write --{key} VALUE")
+            i += 1
+            value = args[i]
+        out[key] = value
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- TOML file <- overrides, then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no file at {path}; pass an existing TOML file, e.g. configs/digits.toml")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
+        for key, value in _flatten(table, str(path)).items():
+            _set(cfg, key, value)
+    for key, value in (overrides or {}).items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(table: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a checkpoint's copy)."""
+    cfg = Config()
+    for key, value in _flatten(table, "saved config").items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every impossible value is caught here, with the key and the fix
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in allowed, key, f"got {value!r}; choose one of {', '.join(allowed)}")
+    for section in _HINTS:  # no NaN/inf anywhere
+        for name, value in asdict(getattr(cfg, section)).items():
+            if isinstance(value, float):
+                _require(math.isfinite(value), f"{section}.{name}", f"must be a finite number, got {value}")
+
+    r, d, m, f, o = cfg.run, cfg.data, cfg.model, cfg.fed, cfg.optim
+    _require(bool(r.name) and "/" not in r.name, "run.name", "must be a non-empty name without '/'")
+    _require(r.threads >= 0, "run.threads", "must be >= 0 (0 = automatic)")
+    _require(d.image_size >= 4, "data.image_size", f"must be >= 4, got {d.image_size}")
+    _require(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
+    _require(d.num_classes >= 1, "data.num_classes", "must be >= 1")
+    _require(d.synthetic_size >= 1, "data.synthetic_size", "must be >= 1")
+    if d.name in ("cifar10", "svhn"):
+        _require(d.channels == 3, "data.channels", f"{d.name} is an RGB set; set data.channels = 3")
+
+    _require(m.base_channels >= 1, "model.base_channels", "must be >= 1")
+    _require(len(m.channel_mults) >= 2 and all(x >= 1 for x in m.channel_mults), "model.channel_mults",
+             "needs at least two multipliers (levels), each >= 1, e.g. [1, 2, 4, 8]")
+    _require(m.blocks_per_level >= 1, "model.blocks_per_level", "must be >= 1")
+    _require(m.mid_blocks >= 2, "model.mid_blocks", "must be >= 2 (one in, one out)")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _require(m.fourier_features >= 2 and m.fourier_features % 2 == 0, "model.fourier_features",
+             "must be an even number >= 2")
+    _require(m.class_embed_dim >= 0, "model.class_embed_dim", "must be >= 0 (0 = unconditional)")
+    levels = len(m.channel_mults)
+    _require(all(0 <= a < levels for a in m.attention_levels), "model.attention_levels",
+             f"levels are 0..{levels - 1} (one per entry of model.channel_mults)")
+    factor = 2 ** (levels - 1)
+    _require(d.image_size % factor == 0, "data.image_size",
+             f"{d.image_size} cannot be halved {levels - 1} times by the U-Net (model.channel_mults has "
+             f"{levels} levels); use a multiple of {factor} or fewer levels")
+
+    df = cfg.diffusion
+    _require(df.timesteps >= 2, "diffusion.timesteps", "must be >= 2")
+    _require(0 < df.beta_start < df.beta_end < 1, "diffusion.beta_start",
+             "need 0 < beta_start < beta_end < 1")
+    _require(df.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
+    _require(0.0 <= df.eta <= 1.0, "diffusion.eta", "must be in [0, 1] (1 = ancestral, 0 = DDIM)")
+
+    _require(f.rounds >= 1, "fed.rounds", f"must be >= 1, got {f.rounds}")
+    _require(f.local_epochs >= 1, "fed.local_epochs", f"must be >= 1, got {f.local_epochs}")
+    _require(f.num_clients >= 1, "fed.num_clients", f"must be >= 1, got {f.num_clients}")
+    _require(1 <= f.clients_per_round <= f.num_clients, "fed.clients_per_round",
+             f"must be between 1 and fed.num_clients ({f.num_clients}), got {f.clients_per_round}")
+    _require(f.alpha > 0, "fed.alpha", f"the Dirichlet concentration must be > 0, got {f.alpha}")
+    _require(f.min_client_size >= 0, "fed.min_client_size", "must be >= 0")
+    _require(f.max_resample >= 1, "fed.max_resample", "must be >= 1")
+    _require(f.server_lr > 0, "fed.server_lr", "must be > 0")
+    _require(0 <= f.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
+    _require(f.max_bad_rounds >= 1, "fed.max_bad_rounds", "must be >= 1")
+
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "Adam betas must be in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+
+    c = cfg.checkpoint
+    _require(c.every >= 1, "checkpoint.every", "must be >= 1")
+    _require(c.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _require(cfg.sample.per_class >= 0, "sample.per_class", "must be >= 0 (0 = no final grid)")
+    _require(cfg.sample.steps >= 0, "sample.steps", "must be >= 0 (0 = diffusion.sample_steps)")
+    e = cfg.eval
+    _require(e.every >= 0, "eval.every", "must be >= 0 (0 = only at the end)")
+    _require(e.num_samples >= 0, "eval.num_samples", "must be >= 0 (0 = size of the test split)")
+    _require(e.steps >= 1, "eval.steps", "must be >= 1")
+    _require(0.0 <= e.eta <= 1.0, "eval.eta", "must be in [0, 1]")
+    _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the resolved config back out (tomllib reads only; this covers our flat value types)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string literal is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(table: dict[str, dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for section, body in table.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        lines.append("")
+    return "\n".join(lines)

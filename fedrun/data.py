@@ -1,0 +1,171 @@
+"""Data sets as in-memory tensors: a registry, the resize/normalise step, on-device augmentation.
+
+Every data set the paper uses is small (at most 73k images of 32x32), so each split is loaded
+once into one float tensor in [-1, 1] and moved to the training device; batches are index
+lookups and the random flip runs on the device. No DataLoader workers, no per-image Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+
+
+class DataError(RuntimeError):
+    """A data set is missing or unusable. The message names the path/key and the fix."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # float32 [N, C, H, W] in [-1, 1]
+    labels: torch.Tensor  # int64 [N]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "ImageSet":
+        return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes)
+
+
+def _finish(images_uint8: np.ndarray | torch.Tensor, labels, num_classes: int, cfg: DataConfig) -> ImageSet:
+    """uint8 NCHW -> float [-1, 1], resized to cfg.image_size, with cfg.channels channels.
+
+    Same order as the authors' ToTensor -> Resize -> Normalize(0.5, 0.5).
+    """
+    x = torch.as_tensor(np.asarray(images_uint8)).float().div_(255.0)
+    if x.shape[1] != cfg.channels:
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        else:  # RGB -> luminance (ITU-R 601), for channels = 1
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
+        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear",
+                          antialias=True, align_corners=False).clamp_(0, 1)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    return ImageSet(x.mul_(2).sub_(1).contiguous(), y, num_classes)
+
+
+def _torchvision(factory: Callable, what: str, folder: str, cfg: DataConfig, **kwargs):
+    root = Path(cfg.root)
+    try:
+        return factory(root=str(root), download=cfg.download, **kwargs)
+    except RuntimeError as exc:
+        if cfg.download:
+            raise DataError(f"data.root: downloading {what} to {root} failed ({exc}); check the "
+                            f"network, or copy the files there by hand") from None
+        raise DataError(f"data.root: {what} not found under {root} (expected {folder}); set "
+                        f"data.download = true on a machine with internet, or copy the files "
+                        f"there and point data.root at them") from None
+
+
+def _cifar10(cfg: DataConfig, split: str) -> ImageSet:
+    from torchvision.datasets import CIFAR10
+    ds = _torchvision(CIFAR10, "CIFAR-10", "cifar-10-batches-py/", cfg, train=split == "train")
+    return _finish(ds.data.transpose(0, 3, 1, 2), ds.targets, 10, cfg)
+
+
+def _fashion_mnist(cfg: DataConfig, split: str) -> ImageSet:
+    from torchvision.datasets import FashionMNIST
+    ds = _torchvision(FashionMNIST, "Fashion-MNIST", "FashionMNIST/raw/", cfg, train=split == "train")
+    return _finish(ds.data.unsqueeze(1), ds.targets, 10, cfg)
+
+
+def _svhn(cfg: DataConfig, split: str) -> ImageSet:
+    from torchvision.datasets import SVHN
+    ds = _torchvision(SVHN, "SVHN", "train_32x32.mat / test_32x32.mat", cfg, split=split)
+    return _finish(ds.data, ds.labels, 10, cfg)
+
+
+def _image_folder(cfg: DataConfig, split: str) -> ImageSet:
+    """One sub-folder per class (e.g. the SARS-CoV-2 CT scans: COVID/, non-COVID/).
+
+    If ``root/train`` and ``root/test`` exist they are the splits; otherwise the whole folder
+    serves as both, as the authors scored the CT model against the whole set.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} is not a folder; point data.root at a folder with "
+                        f"one sub-folder of images per class")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        root = root / split
+    try:
+        ds = ImageFolder(str(root), loader=lambda p: p)  # paths only; decoded below
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"data.root: no images found under {root} ({exc}); expected "
+                        f"{root}/<class>/<image>.png|jpg") from None
+    if len(ds.classes) < 2:
+        raise DataError(f"data.root: {root} holds {len(ds.classes)} class folder(s); a "
+                        f"class-conditional model needs at least 2 (one sub-folder per class)")
+    mode = "L" if cfg.channels == 1 else "RGB"
+    size = (cfg.image_size, cfg.image_size)
+    images = np.empty((len(ds), cfg.channels, *size), dtype=np.uint8)
+    for i, (path, _) in enumerate(ds.samples):
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert(mode).resize(size, Image.BILINEAR))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"data.root: cannot read image {path} ({exc}); remove or replace "
+                            f"the file") from None
+        images[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return _finish(images, ds.targets, len(ds.classes), cfg)
+
+
+def _digits(cfg: DataConfig, split: str) -> ImageSet:
+    """scikit-learn's bundled UCI handwritten digits: 1,797 real 8x8 images, no download.
+
+    A fixed stratified 80/20 split (independent of run.seed, so scores stay comparable).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
+    idx_train, idx_test = train_test_split(np.arange(len(d.target)), test_size=0.2,
+                                           stratify=d.target, random_state=0)
+    idx = idx_train if split == "train" else idx_test
+    return _finish(images[idx], d.target[idx], 10, cfg)
+
+
+def _synthetic(cfg: DataConfig, split: str) -> ImageSet:
+    """Random class-coloured blobs, for benchmarks: the pixels do not matter, the shapes do."""
+    n = cfg.synthetic_size if split == "train" else max(1, cfg.synthetic_size // 5)
+    g = torch.Generator().manual_seed(1234 if split == "train" else 4321)
+    labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
+    base = torch.rand(cfg.num_classes, cfg.channels, 1, 1, generator=g)
+    noise = torch.rand(n, cfg.channels, cfg.image_size, cfg.image_size, generator=g)
+    x = (0.7 * base[labels] + 0.3 * noise) * 255
+    return _finish(x.round().to(torch.uint8).numpy(), labels, cfg.num_classes, cfg)
+
+
+REGISTRY: dict[str, Callable[[DataConfig, str], ImageSet]] = {
+    "cifar10": _cifar10,
+    "fashion_mnist": _fashion_mnist,
+    "svhn": _svhn,
+    "image_folder": _image_folder,
+    "digits": _digits,
+    "synthetic": _synthetic,
+}
+
+
+def load_split(cfg: DataConfig, split: str) -> ImageSet:
+    """The whole ``split`` ("train" or "test") of ``cfg.name`` as float tensors on the CPU."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return REGISTRY[cfg.name](cfg, split)
+
+
+def random_hflip(x: torch.Tensor) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2, on x's device, from the seeded RNG."""
+    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(3), x)

@@ -1,0 +1,98 @@
+"""Diffusion math in one place: noise schedules, the training loss, the sampler.
+
+Notation: a noisy image is z = alpha * x0 + sigma * eps with alpha^2 + sigma^2 = 1, and the
+noise level is log_snr = log(alpha^2 / sigma^2). Two parameterisations:
+
+* ``v`` (the authors' code): continuous t ~ U[0, 1] through the DDPM log-SNR schedule
+  alpha^2 = exp(-1e-4 - 10 t^2); the network predicts v = alpha * eps - sigma * x0; the
+  per-image MSE is weighted by alpha^2.
+* ``eps`` (the paper's equations 2-3): discrete t in {0..T-1} with linear betas, alpha^2 =
+  prod(1 - beta); the network predicts eps with the plain MSE.
+
+Both feed the network log_snr, so one U-Net and one sampler serve both. The sampler is the
+DDIM-form loop with eta: eta = 1 gives ancestral (DDPM-like) sampling, eta = 0 deterministic DDIM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import DiffusionConfig
+
+
+def ddpm_log_snr(t: torch.Tensor) -> torch.Tensor:
+    """Continuous DDPM schedule: alpha^2 = exp(-1e-4 - 10 t^2)  =>  log_snr = -log(expm1(...))."""
+    return -torch.special.expm1(1e-4 + 10 * t**2).log()
+
+
+def alpha_sigma(log_snr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha^2 = sigmoid(log_snr), sigma^2 = sigmoid(-log_snr)."""
+    return log_snr.sigmoid().sqrt(), (-log_snr).sigmoid().sqrt()
+
+
+class Diffusion:
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+        self.objective = cfg.objective
+        if cfg.objective == "eps":
+            betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=torch.float64)
+            alpha_bar = torch.cumprod(1 - betas, 0)
+            self.discrete_log_snr = (alpha_bar.log() - (-alpha_bar).log1p()).float()
+
+    def log_snr(self, u: torch.Tensor) -> torch.Tensor:
+        """Noise level for u in [0, 1) (0 = clean, 1 = pure noise)."""
+        if self.objective == "v":
+            return ddpm_log_snr(u)
+        t = (u * self.cfg.timesteps).long().clamp_(max=self.cfg.timesteps - 1)
+        return self.discrete_log_snr.to(u.device)[t]
+
+    def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Mean training loss of a batch; ``u`` in [0, 1) are the (Sobol) noise-level draws."""
+        log_snr = self.log_snr(u)
+        alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(log_snr))
+        eps = torch.randn_like(x0)
+        z = alpha * x0 + sigma * eps
+        out = model(z, log_snr, labels).float()
+        if self.objective == "v":
+            target = alpha * eps - sigma * x0
+            weight = alpha.view(-1) ** 2
+            return ((out - target).pow(2).mean((1, 2, 3)) * weight).mean()
+        return (out - eps).pow(2).mean()
+
+    def sample_levels(self, steps: int, device: torch.device) -> torch.Tensor:
+        """Decreasing log-SNRs visited by the sampler (noisiest first)."""
+        if self.objective == "v":
+            return ddpm_log_snr(torch.linspace(1, 0, steps + 1, device=device)[:-1])
+        t = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long()
+        return self.discrete_log_snr.to(device)[t]
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, labels: torch.Tensor, shape: tuple[int, int, int],
+               steps: int, eta: float, generator: torch.Generator | None = None,
+               autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Class-conditional samples in [-1, 1]. All noise comes from ``generator``."""
+        device = labels.device
+        x = torch.randn(len(labels), *shape, device=device, generator=generator)
+        levels = self.sample_levels(steps, device)
+        alphas, sigmas = alpha_sigma(levels)
+        pred = x
+        for i in range(steps):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                out = model(x, levels[i].expand(len(x)), labels).float()
+            if self.objective == "v":
+                pred = alphas[i] * x - sigmas[i] * out
+                eps = sigmas[i] * x + alphas[i] * out
+            else:  # as DDPM: predict eps, clip the implied x0 to the data range
+                pred = ((x - sigmas[i] * out) / alphas[i]).clamp(-1, 1)
+                eps = (x - alphas[i] * pred) / sigmas[i]
+            if i < steps - 1:
+                # eta scales the fresh noise between DDIM (0) and ancestral sampling (1)
+                ddim_sigma = eta * (sigmas[i + 1] ** 2 / sigmas[i] ** 2).sqrt() * \
+                    (1 - alphas[i] ** 2 / alphas[i + 1] ** 2).sqrt()
+                adjusted_sigma = (sigmas[i + 1] ** 2 - ddim_sigma**2).clamp(min=0).sqrt()
+                x = pred * alphas[i + 1] + eps * adjusted_sigma
+                if eta:
+                    x = x + torch.randn(x.shape, device=device, generator=generator) * ddim_sigma
+        return pred.clamp(-1, 1)

@@ -1,0 +1,147 @@
+"""Process-group setup and the client-to-rank assignment.
+
+This is the only module that reads launcher environment variables. It understands torchrun
+(RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), SLURM tasks started by ``srun``
+without torchrun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_JOB_NODELIST), and a plain
+single process. NCCL on GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def launch_env(env: dict[str, str] | None = None) -> dict[str, int | str]:
+    """rank / world / local rank and rendezvous address from torchrun, SLURM or nothing."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also inside a SLURM allocation)
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "local_world_size": int(env.get("LOCAL_WORLD_SIZE", 1)),
+            "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
+            "master_port": env.get("MASTER_PORT", "29500"),
+        }
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun, one task per GPU
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": int(env["SLURM_NTASKS"]),
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            "master_addr": env.get("MASTER_ADDR", first_slurm_host(nodelist)),
+            # a port derived from the job id keeps two jobs on one node apart
+            "master_port": env.get("MASTER_PORT", str(20000 + job_id % 20000)),
+        }
+    return {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1,
+            "master_addr": "127.0.0.1", "master_port": "29500"}
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device = 'cuda' but no CUDA device is visible; use --run.device cpu")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)  # pin this rank to its own GPU before NCCL starts
+    return torch.device("cuda", index)
+
+
+def init(device: str = "auto", threads: int = 0) -> DistInfo:
+    """Start the process group (if more than one process) and choose this rank's device."""
+    env = launch_env()
+    dev = pick_device(device, int(env["local_rank"]))
+    if dev.type == "cpu":
+        # torchrun sets OMP_NUM_THREADS=1; otherwise share the cores between local ranks.
+        n = threads or max(1, (os.cpu_count() or 1) // int(env["local_world_size"]))
+        if threads or "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(n)
+    if int(env["world_size"]) > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", str(env["master_addr"]))
+        os.environ.setdefault("MASTER_PORT", str(env["master_port"]))
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            rank=int(env["rank"]),
+            world_size=int(env["world_size"]),
+            timeout=datetime.timedelta(minutes=30),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistInfo(int(env["rank"]), int(env["world_size"]), int(env["local_rank"]),
+                    int(env["local_world_size"]), dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def assign_clients(clients: list[int], sizes: dict[int, int], world_size: int) -> list[list[int]]:
+    """Split the round's clients over ranks, balanced by data size (greedy LPT).
+
+    Deterministic: largest client first (ties by id), each to the least-loaded rank (ties by
+    rank). Every rank computes the same assignment from the same inputs, so no communication is
+    needed.
+    """
+    per_rank: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for c in sorted(clients, key=lambda c: (-sizes[c], c)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        per_rank[r].append(c)
+        load[r] += max(sizes[c], 1)  # count empty clients too, so they spread out
+    return per_rank

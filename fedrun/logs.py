@@ -1,0 +1,60 @@
+"""What a person sees (rich progress and one line per round) and what a program reads
+(metrics.jsonl). Only rank 0 logs; the others stay quiet unless they fail."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool, total_rounds: int, start_round: int = 0):
+        self.enabled = enabled
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self.console = Console(stderr=True)
+        self.progress: Progress | None = None
+        if enabled:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+                disable=not self.console.is_terminal,
+            )
+            self.progress.start()
+            self.rounds_task = self.progress.add_task("rounds", total=total_rounds, completed=start_round)
+            self.inner_task = self.progress.add_task("round", total=None)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.enabled:
+            self.console.print(*args, **kwargs)
+
+    def start_round(self, round_: int, steps: int, description: str = "") -> None:
+        if self.progress is not None:
+            self.progress.reset(self.inner_task, total=steps, description=description or f"round {round_}")
+
+    def step(self, advance: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.inner_task, advance)
+
+    def describe(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.inner_task, description=text)
+
+    def end_round(self, record: dict[str, Any], line: str) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.console.print(line)
+        if self.progress is not None:
+            self.progress.advance(self.rounds_task)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
