@@ -191,8 +191,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Building a Config from TOML text and overrides
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check/convert one value against its dataclass type; the error names the key."""
+def _coerce(key: str, value: Any, hint: Any, from_cli: bool) -> Any:
+    """Check/convert one value against its dataclass type; the error names the key.
+
+    CLI values arrive as text and are parsed; TOML values must already have the right type.
+    """
+    if not from_cli and isinstance(value, str) and hint is not str:
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got the string {value!r}; drop the quotes")
     origin = typing.get_origin(hint)
     if origin in (list, typing.List):
         if isinstance(value, str):  # CLI: "1,2,4" or "[1, 2, 4]"
@@ -201,7 +206,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}; write e.g. {key} = [1, 2]")
         (item,) = typing.get_args(hint)
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return [_coerce(f"{key}[{i}]", v, item, from_cli) for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -237,11 +242,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this file
 
 
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false"}.get(hint, "a list")
+
+
 def _section_hints(section: str) -> dict[str, Any]:
     return typing.get_type_hints(_HINTS[section])
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+def _set(cfg: Config, key: str, value: Any, from_cli: bool = False) -> None:
     parts = key.split(".")
     if len(parts) != 2:
         raise ConfigError(f"{key}: keys have the form section.name, e.g. fed.rounds")
@@ -251,7 +260,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     hints = _section_hints(section)
     if name not in hints:
         raise ConfigError(f"{key}: unknown key '{name}' in [{section}]; known: {', '.join(hints)}")
-    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name]))
+    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name], from_cli))
 
 
 def _flatten(table: dict[str, Any], where: str) -> dict[str, Any]:
@@ -299,7 +308,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for key, value in _flatten(table, str(path)).items():
             _set(cfg, key, value)
     for key, value in (overrides or {}).items():
-        _set(cfg, key, value)
+        _set(cfg, key, value, from_cli=isinstance(value, str))
     validate(cfg)
     return cfg
 
