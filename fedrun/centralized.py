@@ -19,13 +19,14 @@ from . import checkpoint, dist, seeding
 from .config import Config
 from .data import ImageSet, random_hflip
 from .diffusion import Diffusion
+from .evaluate import Evaluator
 from .local import autocast_dtype
 from .logs import RunLogger
 
 
 def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Diffusion,
                     train_set: ImageSet, start_round: int, optimizer_state: dict | None,
-                    log: RunLogger) -> list[dict[str, Any]]:
+                    log: RunLogger, evaluator: Evaluator) -> list[dict[str, Any]]:
     device, o, seed = info.device, cfg.optim, cfg.run.seed
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else model
@@ -87,6 +88,9 @@ def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusio
         record = {"round": r, "epochs": r * E, "loss": float(stats[0] / stats[1]),
                   "images": n * E, "wall_s": round(wall, 4), "img_per_s": round(n * E / wall, 2),
                   "world_size": info.world_size}
+        scores = evaluator.evaluate(model, diffusion, r) if evaluator.due(r) else None
+        if scores is not None:
+            record["scores"] = scores
         history.append(record)
         log.end_round(record, f"epochs {r * E:>5}  loss {record['loss']:.4f}  {wall:6.2f}s  "
                               f"{record['img_per_s']:8.1f} img/s")

@@ -103,6 +103,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp16" | "fp32"
     channels_last: bool = True
     compile: bool = False
+    clients_at_once: int = 1  # clients a rank trains at the same time (torch.func.vmap); see multiclient.py
 
 
 @dataclass
@@ -168,6 +169,7 @@ class Config:
             d.pop(section)
         for key in ("name", "out_dir", "device", "threads"):
             d["run"].pop(key)
+        d["train"].pop("clients_at_once")  # same maths either way (multiclient.py); keeps old hashes valid
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -392,6 +394,15 @@ def validate(cfg: Config) -> None:
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "Adam betas must be in [0, 1)")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+
+    t = cfg.train
+    _require(t.clients_at_once >= 1, "train.clients_at_once", f"must be >= 1 (1 = one client after "
+             f"another), got {t.clients_at_once}")
+    if t.clients_at_once > 1:
+        _require(t.precision != "fp16", "train.precision", "fp16 needs a GradScaler per client, which "
+                 "train.clients_at_once > 1 does not have; use bf16 (or auto), or clients_at_once = 1")
+        _require(not t.compile, "train.compile", "torch.compile is used for one client at a time only; "
+                 "set train.compile = false or train.clients_at_once = 1")
 
     c = cfg.checkpoint
     _require(c.every >= 1, "checkpoint.every", "must be >= 1")

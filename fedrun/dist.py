@@ -36,14 +36,40 @@ class DistInfo:
 
 def first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003'."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    # the optional tail keeps a suffix after the brackets: 'gpu[01-02]-ib' -> 'gpu01-ib'
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?([^,\[]*)", nodelist.strip())
     if not m:
         raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, _, ranges = m.groups()
+    prefix, _, ranges, suffix = m.groups()
     if not ranges:
         return prefix
     first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return prefix + first + suffix
+
+
+def slurm_tasks_on_node(spec: str, node_id: int) -> int:
+    """This node's task count from SLURM's compressed list: '4(x2),3' -> 4, 4, 3 for nodes 0, 1, 2."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise ValueError(f"cannot parse SLURM tasks-per-node value {spec!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[min(node_id, len(counts) - 1)]
+
+
+def _slurm_local_world_size(env: dict[str, str]) -> int:
+    """Tasks on this node: LOCAL_WORLD_SIZE if a wrapper set it, else SLURM's per-node lists.
+
+    The step's own list comes first: an ``srun`` inside the allocation may start fewer tasks.
+    Node lists can be uneven ('2(x3),1'), so the entry of this node (SLURM_NODEID) is taken.
+    """
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        if env.get(key):
+            return slurm_tasks_on_node(env[key], int(env.get("SLURM_NODEID", "0")))
+    return 1
 
 
 def launch_env(env: dict[str, str] | None = None) -> dict[str, int | str]:
@@ -65,7 +91,7 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, int | str]:
             "rank": int(env["SLURM_PROCID"]),
             "world_size": int(env["SLURM_NTASKS"]),
             "local_rank": int(env.get("SLURM_LOCALID", 0)),
-            "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            "local_world_size": _slurm_local_world_size(env),
             "master_addr": env.get("MASTER_ADDR", first_slurm_host(nodelist)),
             # a port derived from the job id keeps two jobs on one node apart
             "master_port": env.get("MASTER_PORT", str(20000 + job_id % 20000)),
@@ -81,6 +107,9 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         raise RuntimeError("run.device = 'cuda' but no CUDA device is visible; use --run.device cpu")
     index = local_rank % torch.cuda.device_count()
     torch.cuda.set_device(index)  # pin this rank to its own GPU before NCCL starts
+    # batch shapes repeat every step (only the last batch of a client differs): let cuDNN time
+    # its convolution algorithms once per shape and keep the fastest
+    torch.backends.cudnn.benchmark = True
     return torch.device("cuda", index)
 
 

@@ -20,12 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, dist, seeding
+from . import checkpoint, dist, faults, seeding
 from .config import Config
 from .data import ImageSet
 from .diffusion import Diffusion
+from .evaluate import Evaluator
 from .local import train_local
 from .logs import RunLogger
+from .multiclient import ClientBatcher
+from .telemetry import memory_record, reset_device_peak
 
 # Tail slots of the aggregation buffer, after the P parameters.
 N_SLOT, LOSS_SLOT, IMAGES_SLOT, SKIPPED_SLOT, TRAINED_SLOT = range(5)
@@ -125,9 +128,15 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> 
 
 def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Diffusion,
                train_set: ImageSet, shards: list[np.ndarray], start_round: int,
-               server: ServerOptimizer, log: RunLogger) -> list[dict[str, Any]]:
-    """Rounds start_round+1 .. fed.rounds. ``model`` holds the global weights on entry and exit."""
+               server: ServerOptimizer, log: RunLogger, evaluator: Evaluator,
+               train_model: nn.Module | None = None) -> list[dict[str, Any]]:
+    """Rounds start_round+1 .. fed.rounds. ``model`` holds the global weights on entry and exit.
+
+    ``train_model``: what local training calls (e.g. torch.compile(model)); it must share
+    ``model``'s parameters, which the flat-buffer code reads and writes.
+    """
     device, f = info.device, cfg.fed
+    net = model if train_model is None else train_model  # what local training calls
     run_dir = cfg.run_dir
     sizes = {k: len(s) for k, s in enumerate(shards)}
     shard_idx = {k: torch.as_tensor(s, dtype=torch.long, device=device) for k, s in enumerate(shards)}
@@ -140,6 +149,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
 
     for r in range(start_round + 1, f.rounds + 1):
         t0 = time.perf_counter()
+        reset_device_peak(device)
         clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
         assignment = dist.assign_clients(clients, sizes, info.world_size)
         mine = assignment[info.rank]
@@ -151,12 +161,18 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         log.start_round(r, sum(steps_of.values()))
 
         buffer.zero_()
+        # train.clients_at_once > 1: K of this rank's clients train together (same maths)
+        batcher = ClientBatcher(model, diffusion, train_set, {k: shard_idx[k] for k in mine if sizes[k]},
+                                cfg, r, on_step=log.step) if cfg.train.clients_at_once > 1 else None
         for k in mine:
             if sizes[k] == 0:
                 continue  # an empty client has nothing to train on and weight zero
             log.describe(f"round {r}/{f.rounds} client {k}")
             load_flat_(model, global_flat)
-            res = train_local(model, diffusion, train_set, shard_idx[k], cfg, r, k, on_step=log.step)
+            res = batcher.result(k) if batcher is not None else \
+                train_local(net, diffusion, train_set, shard_idx[k], cfg, r, k, on_step=log.step)
+            if r in evaluator.client_rounds():  # personalization: what this client's model draws
+                evaluator.client_grid(model, diffusion, r, k)
             loss = float(res.loss_sum) / max(res.steps, 1)  # one host sync per client
             if not (np.isfinite(loss) and bool(torch.isfinite(flatten(model)).all())):
                 warnings.warn(f"round {r}: client {k} produced a non-finite loss or weights; "
@@ -174,6 +190,9 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
 
         t1 = time.perf_counter()
         dist.all_reduce_sum(buffer)  # <- the whole FedAvg communication of the round
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # .tolist() below syncs anyway; this times the collective alone
+        t_allreduce = time.perf_counter() - t1  # includes waiting for the slowest rank
         average, n = weighted_average(buffer)
         stats = buffer[P:].tolist()
         t_agg = time.perf_counter() - t1
@@ -202,9 +221,14 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
                     "config": cfg.to_dict(),
                     "rng": checkpoint.rng_state(),
                 }, keep=cfg.checkpoint.keep)
+                faults.after_checkpoint(r)  # test-only: kill -9 here if FEDRUN_FAULT_AT=ckpt:r
             dist.barrier()  # nobody races ahead of a checkpoint that may be needed to resume
         t_ckpt = time.perf_counter() - t2
+        t_train = time.perf_counter() - t0  # the round without evaluation: the throughput base
 
+        t3 = time.perf_counter()
+        scores = evaluator.evaluate(model, diffusion, r) if evaluator.due(r) else None
+        t_eval = time.perf_counter() - t3
         wall = time.perf_counter() - t0
         images = stats[IMAGES_SLOT]
         record = {
@@ -218,10 +242,15 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
             "local_train_s": round(t_local, 4),
             "aggregate_s": round(t_agg, 4),
             "checkpoint_s": round(t_ckpt, 4),
-            "img_per_s": round(images / wall, 2),
+            "eval_s": round(t_eval, 4),
+            "img_per_s": round(images / t_train, 2),
             "allreduce_bytes": buffer.numel() * buffer.element_size(),
+            "allreduce_ms": round(1e3 * t_allreduce, 3),
             "world_size": info.world_size,
+            **memory_record(device),
         }
+        if scores is not None:
+            record["scores"] = scores
         history.append(record)
         log.end_round(record, f"round {r:>4}/{f.rounds}  loss {record['loss']:.4f}  "
                               f"{wall:6.2f}s  {record['img_per_s']:8.1f} img/s"

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import seeding
+from . import faults, seeding
 from .config import Config
 from .data import ImageSet, random_hflip
 from .diffusion import Diffusion
@@ -73,6 +73,8 @@ def train_local(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices:
             scaler.update()
             loss_sum += loss.detach()  # stays on the device: no host sync per step
             steps += 1
+            if faults.PLAN is not None:  # test-only fault injection (FEDRUN_FAULT_AT); off = one lookup
+                faults.at_step(model, round_, client, steps)
             if on_step is not None:
                 on_step()
     return LocalResult(loss_sum, steps, n * cfg.fed.local_epochs)

@@ -50,6 +50,10 @@ class RunLogger:
         record = {"time": round(time.time(), 3), **record}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if "scores" in record:
+            sc = record["scores"]
+            line += (f"  IS {sc['is_mean']:.2f}  FID train {sc['fid_train']:.2f}  "
+                     f"test {sc['fid_test']:.2f} ({sc['extractor']})")
         self.console.print(line)
         if self.progress is not None:
             self.progress.advance(self.rounds_task)

@@ -22,7 +22,9 @@ from .centralized import run_centralized
 from .config import Config, ConfigError, config_from_dict
 from .data import ImageSet, load_split
 from .diffusion import Diffusion
+from .evaluate import GRID, Evaluator, check_inception_weights, grid_scale, scores_table
 from .federated import ServerOptimizer, run_fedavg
+from .grids import save_class_grid, save_partition_histogram
 from .local import autocast_dtype
 from .logs import RunLogger
 from .models import build_model, count_parameters
@@ -87,17 +89,16 @@ def save_final_grid(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, di
                     num_classes: int) -> Path | None:
     if cfg.sample.per_class == 0:
         return None
-    from torchvision.utils import save_image
     labels = class_balanced_labels([cfg.sample.per_class] * num_classes)
     images = sample_sharded(model, diffusion, labels, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
                             cfg.sample.steps or cfg.diffusion.sample_steps, cfg.diffusion.eta,
-                            (cfg.run.seed, cfg.fed.rounds), info,
+                            (cfg.run.seed, cfg.fed.rounds, GRID), info,
                             autocast_dtype=autocast_dtype(cfg.train.precision, info.device))
     if images is None:
         return None
     path = cfg.run_dir / "samples" / "final.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float() / 255, path, nrow=cfg.sample.per_class, padding=1)  # one row per class
+    save_class_grid(images, labels, path, padding=1, scale=grid_scale(cfg.data.image_size))
     return path
 
 
@@ -105,7 +106,9 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run the job described by ``cfg`` on this process's rank; returns the summary."""
     t_start = time.perf_counter()
     resuming = check_run_dir(cfg)
+    check_inception_weights(cfg)
     train_set = load_split(cfg.data, "train")
+    test_set = load_split(cfg.data, "test") if cfg.eval.enabled else None
     f = cfg.fed
     shards = partition(train_set.labels.numpy(), f.num_clients, f.partition, f.alpha, cfg.run.seed,
                        f.min_client_size, f.max_resample) if cfg.run.mode == "fedavg" else [np.arange(len(train_set))]
@@ -123,6 +126,7 @@ def train(cfg: Config) -> dict[str, Any]:
             if empty and info.is_main:
                 warnings.warn(f"clients {empty} received no images (fed.alpha={f.alpha}); they "
                               f"contribute nothing. Set fed.min_client_size to avoid this.")
+        evaluator = Evaluator(cfg, info, train_set, test_set)  # reference stats before training
         train_set = train_set.to(info.device)
         model, diffusion = build(cfg, train_set, info.device)
         server = ServerOptimizer(f.server_opt, f.server_lr, f.server_momentum)
@@ -147,6 +151,8 @@ def train(cfg: Config) -> dict[str, Any]:
             (cfg.run_dir / "config.toml").write_text(cfg.to_toml())
             (cfg.run_dir / "partition.json").write_text(json.dumps(
                 {"counts": counts.tolist(), "sizes": [len(s) for s in shards]}))
+            if cfg.run.mode == "fedavg":
+                save_partition_histogram(counts, cfg.run_dir / "partition.png")
             log.print(f"fedrun: {cfg.run.mode} on {cfg.data.name}, {info.world_size} rank(s) on "
                       f"{info.device.type}, model {count_parameters(model) / 1e6:.2f}M parameters, "
                       f"run dir {cfg.run_dir}")
@@ -154,25 +160,36 @@ def train(cfg: Config) -> dict[str, Any]:
             log.progress.update(log.rounds_task, completed=start_round)
 
         if cfg.run.mode == "fedavg":
-            history = run_fedavg(cfg, info, model, diffusion, train_set, shards, start_round, server, log)
+            # the compiled module wraps the same parameters: training goes through it, while
+            # aggregation, checkpoints and sampling keep using `model` (plain state_dict keys)
+            net = torch.compile(model) if cfg.train.compile else None
+            run_fedavg(cfg, info, model, diffusion, train_set, shards, start_round, server, log, evaluator,
+                       train_model=net)
         else:
-            history = run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log)
+            run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log, evaluator)
         log.close()
 
         grid = save_final_grid(cfg, info, model, diffusion, train_set.num_classes)
-        summary = {
-            "config": cfg.to_dict(),
-            "rounds": f.rounds,
-            "final_loss": history[-1]["loss"] if history else None,
-            "world_size": info.world_size,
-            "parameters": count_parameters(model),
-            "wall_s": round(time.perf_counter() - t_start, 2),
-            "scores": {},
-        }
         if info.is_main:
+            # from metrics.jsonl, so that a resumed run reports its earlier rounds too
+            rounds = [json.loads(line) for line in log.metrics_path.read_text().splitlines()]
+            scored = [{"round": r["round"], **r["scores"]} for r in rounds if "scores" in r]
+            summary = {
+                "config": cfg.to_dict(),
+                "rounds": f.rounds,
+                "final_loss": rounds[-1]["loss"] if rounds else None,
+                "world_size": info.world_size,
+                "parameters": count_parameters(model),
+                "wall_s": round(time.perf_counter() - t_start, 2),
+                "scores": scored[-1] if scored else {},
+                "score_history": scored,
+            }
+            if scored:
+                log.console.print(scores_table(scored))
             (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log.print(f"done in {summary['wall_s']:.1f}s. outputs in {cfg.run_dir}/: samples/final.png"
                       f"{'' if grid else ' (no grid)'}, metrics.jsonl, checkpoints/, summary.json")
-        return summary
+            return summary
+        return {}
     finally:
         dist.shutdown()

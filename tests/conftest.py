@@ -7,12 +7,17 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Classifiers and reference statistics are cached once per test session, never in ~/.cache;
+# subprocesses inherit this.
+os.environ.setdefault("FEDRUN_CACHE_DIR", tempfile.mkdtemp(prefix="fedrun-test-cache-"))
 
 # digits at 16x16 with a ~10k-parameter U-Net: a round of 4 clients takes well under a second.
 TINY = {

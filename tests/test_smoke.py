@@ -17,8 +17,9 @@ def test_two_round_digits_run_learns_and_writes_its_outputs(tmp_path):
     assert rounds[1]["loss"] < rounds[0]["loss"]
     for r in rounds:
         assert r["images"] == 3 * 1437 and r["local_train_s"] > 0 and r["allreduce_bytes"] > 0
-    # 10 classes x 3 per class, one row per class, 16 px + 1 px padding
-    assert Image.open(run / "samples" / "final.png").size == (3 * 17 + 1, 10 * 17 + 1)
+    # 10 classes x 3 per class, one row per class, 16 px shown at 2x + 1 px padding
+    assert Image.open(run / "samples" / "final.png").size == (3 * 33 + 1, 10 * 33 + 1)
+    assert (run / "partition.png").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"]["fed"]["rounds"] == 2 and summary["final_loss"] == rounds[1]["loss"]
     assert (run / "config.toml").read_text().count("[fed]") == 1

@@ -1,0 +1,115 @@
+"""A crash costs time, never changes the result: kill -9 one rank under
+``torchrun --max-restarts=3``, let torchrun restart every worker, and the resumed job ends
+with the same global model, bit for bit, as an uninterrupted 2-rank run (CPU, gloo).
+
+The kill comes from fedrun/faults.py (FEDRUN_FAULT_AT); FEDRUN_FAULT_MARKER makes it fire once,
+so the restarted job runs through the same point.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import as_args, run_cli, tiny_overrides
+from fedrun import checkpoint, dist
+from fedrun.config import load_config
+from fedrun.data import load_split
+from fedrun.partition import partition
+
+ROUNDS = 3
+WORLD = 2
+# c10d rendezvous (--standalone on one node): with the static --master_port rendezvous a restarted
+# gloo group can fail to connect ("connectFullMesh ... Connection refused") and then hang.
+RESTARTS = ["--standalone", "--max-restarts=3"]
+
+
+def overrides(out_dir: Path, name: str) -> dict[str, str]:
+    return tiny_overrides(out_dir, name, fed__rounds=ROUNDS, checkpoint__keep=ROUNDS)
+
+
+def clients_of_rank() -> list[list[int]]:
+    """Which clients each rank trains (every round: all 4 clients take part)."""
+    cfg = load_config(None, overrides(Path("/unused"), "x"))
+    labels = load_split(cfg.data, "train").labels.numpy()
+    f = cfg.fed
+    shards = partition(labels, f.num_clients, f.partition, f.alpha, cfg.run.seed, f.min_client_size,
+                       f.max_resample)
+    return dist.assign_clients(list(range(f.num_clients)), {k: len(s) for k, s in enumerate(shards)}, WORLD)
+
+
+def all_checkpoints(run_dir: Path) -> dict[int, dict]:
+    return {int(checkpoint.load_verified(p)["round"]): checkpoint.load_verified(p)
+            for p in checkpoint.list_checkpoints(run_dir)}
+
+
+def metric_rounds(run_dir: Path) -> list[int]:
+    return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, dict]:
+    """The uninterrupted 2-rank run, shared by every kill point."""
+    out = tmp_path_factory.mktemp("reference")
+    res = run_cli(as_args(overrides(out, "straight")), nproc=WORLD, extra_torchrun=RESTARTS)
+    assert res.returncode == 0, res.stderr[-3000:]
+    states = all_checkpoints(out / "straight")
+    assert sorted(states) == list(range(1, ROUNDS + 1))
+    return states
+
+
+RANKS = clients_of_rank()
+
+# (FEDRUN_FAULT_AT, rank that dies, round the restarted job resumes from, what the marker says)
+KILL_POINTS = [
+    pytest.param(f"2:{RANKS[1][0]}:3", 1, 1, f"round=2 client={RANKS[1][0]} step=3",
+                 id="rank1-mid-round2"),
+    pytest.param(f"3:{RANKS[0][0]}:1", 0, 2, f"round=3 client={RANKS[0][0]} step=1",
+                 id="rank0-first-step-round3"),
+    pytest.param("ckpt:2", 0, 2, "checkpoint round=2", id="rank0-right-after-checkpoint2"),
+]
+
+
+@pytest.mark.parametrize("spec, dead_rank, resumed_from, fired", KILL_POINTS)
+def test_kill_one_rank_then_resume_is_bit_identical(tmp_path, reference, spec, dead_rank,
+                                                    resumed_from, fired):
+    marker = tmp_path / "fault.marker"
+    env = {"FEDRUN_FAULT_AT": spec, "FEDRUN_FAULT_MARKER": str(marker)}
+    res = run_cli(as_args(overrides(tmp_path, "killed")), nproc=WORLD, env=env, extra_torchrun=RESTARTS)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    # the fault fired exactly where asked, on the rank asked, and torchrun restarted the job
+    assert marker.read_text().startswith(fired + " ")
+    killed = re.findall(r"exitcode: -9\) local_rank: (\d+)", res.stderr)
+    assert killed == [str(dead_rank)], res.stderr[-3000:]
+    assert f"(round {resumed_from})" in res.stderr and "resuming from" in res.stderr
+
+    # every checkpoint, and so the final global model, equals the uninterrupted run's
+    run_dir = tmp_path / "killed"
+    states = all_checkpoints(run_dir)
+    assert sorted(states) == sorted(reference)
+    for r, state in states.items():
+        ref = reference[r]
+        assert state["config_hash"] == ref["config_hash"]
+        assert state["model"].keys() == ref["model"].keys()
+        for k, v in state["model"].items():
+            assert torch.equal(v, ref["model"][k]), f"round {r}: {k} differs after the restart"
+    assert all(torch.isfinite(v).all() for v in states[ROUNDS]["model"].values())
+
+    # metrics.jsonl: one line per round, none lost and none repeated by the replay
+    assert metric_rounds(run_dir) == list(range(1, ROUNDS + 1))
+
+
+def test_without_a_marker_the_fault_fires_every_time_and_restarts_run_out(tmp_path):
+    """The kill hook is real: with no marker, the restarted job dies at the same point again,
+    torchrun gives up after its restarts, and the run directory keeps its round-1 checkpoint."""
+    env = {"FEDRUN_FAULT_AT": f"2:{RANKS[1][0]}:1"}
+    res = run_cli(as_args(overrides(tmp_path, "doomed")), nproc=WORLD, env=env,
+                  extra_torchrun=["--standalone", "--max-restarts=1"])
+    assert res.returncode != 0
+    assert re.findall(r"exitcode: -9\) local_rank: (\d+)", res.stderr) == ["1", "1"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "doomed")] == ["round_0001.pt"]
