@@ -35,21 +35,17 @@ def default_config_path() -> Path | None:
     return path if path.is_file() else None
 
 
+USER_ERRORS = {"config": "ConfigError", "data": "DataError", "partition": "PartitionError",
+               "train": "RunDirError", "checkpoint": "CheckpointError",
+               "federated": "AllClientsFailedError", "metrics": "MetricsError"}
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .federated import AllClientsFailedError
-    from .partition import PartitionError
-    from .train import RunDirError
-    errors: list[type[BaseException]] = [ConfigError, DataError, PartitionError, RunDirError,
-                                          CheckpointError, AllClientsFailedError]
-    try:
-        from .metrics import MetricsError
-        errors.append(MetricsError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    # Only a module already imported can have raised its error. Importing the others here
+    # would load torch (seconds on a busy node) just to print a config error.
+    loaded = [(sys.modules[f"{__package__}.{m}"], name) for m, name in USER_ERRORS.items()
+              if f"{__package__}.{m}" in sys.modules]
+    return tuple(getattr(module, name) for module, name in loaded)
 
 
 def parse_train_args(argv: list[str]) -> tuple[Path | None, dict[str, str], bool]:
@@ -80,12 +76,12 @@ def parse_train_args(argv: list[str]) -> tuple[Path | None, dict[str, str], bool
 
 def train_main(argv: list[str]) -> int:
     from .config import load_config
-    from .train import train
     path, overrides, print_config = parse_train_args(argv)
     cfg = load_config(path, overrides)
     if print_config:
         print(cfg.to_toml())
         return 0
+    from .train import train  # after validation: a config error answers without importing torch
     train(cfg)
     return 0
 

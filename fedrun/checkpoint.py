@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle  # only for its exception type: loading goes through torch.load(weights_only=True)
 import re
 import warnings
 from pathlib import Path
@@ -32,13 +33,17 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     payload = buf.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.write(hashlib.sha256(payload).digest())
-        f.write(MAGIC)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.write(hashlib.sha256(payload).digest())
+            f.write(MAGIC)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave no half-written temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)
@@ -54,7 +59,11 @@ def load_verified(path: Path) -> dict[str, Any]:
     payload, digest = blob[:-40], blob[-40:-8]
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: checksum mismatch (corrupted file)")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a valid checksum over objects other than tensors
+        raise CheckpointError(f"{path}: holds Python objects that weights_only loading refuses; "
+                              f"it is not a fedrun checkpoint") from None
 
 
 def checkpoint_path(run_dir: Path, round_: int) -> Path:

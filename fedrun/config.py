@@ -304,8 +304,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.is_file():
             raise ConfigError(f"--config: no file at {path}; pass an existing TOML file, e.g. configs/digits.toml")
         try:
-            table = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML files are UTF-8
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
         for key, value in _flatten(table, str(path)).items():
             _set(cfg, key, value)
@@ -346,6 +346,7 @@ def validate(cfg: Config) -> None:
     r, d, m, f, o = cfg.run, cfg.data, cfg.model, cfg.fed, cfg.optim
     _require(bool(r.name) and "/" not in r.name, "run.name", "must be a non-empty name without '/'")
     _require(r.threads >= 0, "run.threads", "must be >= 0 (0 = automatic)")
+    _require(r.seed >= 0, "run.seed", f"must be >= 0 (numpy seeds are non-negative), got {r.seed}")
     _require(d.image_size >= 4, "data.image_size", f"must be >= 4, got {d.image_size}")
     _require(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
     _require(d.num_classes >= 1, "data.num_classes", "must be >= 1")

@@ -11,10 +11,13 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("run.device = 'cuda' but no CUDA device is visible; use --run.device cpu")
+        raise ConfigError("run.device: 'cuda' but no CUDA device is visible; use --run.device cpu or auto")
     index = local_rank % torch.cuda.device_count()
     torch.cuda.set_device(index)  # pin this rank to its own GPU before NCCL starts
     # batch shapes repeat every step (only the last batch of a client differs): let cuDNN time
@@ -123,6 +126,10 @@ def init(device: str = "auto", threads: int = 0) -> DistInfo:
         if threads or "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(n)
     if int(env["world_size"]) > 1 and not dist.is_initialized():
+        if restarts_share_agent_store():
+            warnings.warn("torchrun --max-restarts with the agent's shared TCPStore can give the restarted "
+                          "job stale rendezvous keys, so it fails to connect or hangs; launch with "
+                          "--rdzv-backend=c10d (or --standalone) and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
         os.environ.setdefault("MASTER_ADDR", str(env["master_addr"]))
         os.environ.setdefault("MASTER_PORT", str(env["master_port"]))
         dist.init_process_group(
@@ -134,6 +141,19 @@ def init(device: str = "auto", threads: int = 0) -> DistInfo:
         )
     return DistInfo(int(env["rank"]), int(env["world_size"]), int(env["local_rank"]),
                     int(env["local_world_size"]), dev)
+
+
+def restarts_share_agent_store(env: dict[str, str] | None = None) -> bool:
+    """torchrun will restart workers, and they rendezvous through the agent's TCPStore.
+
+    That store outlives a restart and the keys of init_process_group carry no attempt number,
+    so a restarted rank can read a dead peer's address (seen with torch 2.14, gloo: "Gloo
+    connectFullMesh failed ... Connection refused", then a hang). With c10d rendezvous and
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, rank 0 hosts a fresh store on every attempt instead.
+    """
+    env = os.environ if env is None else env
+    return (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and env.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"))
 
 
 def shutdown() -> None:

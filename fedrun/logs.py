@@ -58,7 +58,30 @@ class RunLogger:
         if self.progress is not None:
             self.progress.advance(self.rounds_task)
 
+    def drop_after(self, round_: int) -> None:
+        """Keep only metrics.jsonl lines of rounds <= ``round_`` (the checkpoint we resume from).
+
+        After a crash the rounds past the checkpoint are trained again: without this their old
+        lines (checkpoint.every > 1, or a line torn by kill -9) would appear twice or corrupt it.
+        """
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and _round_of(line) <= round_]
+        if kept != lines:
+            tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.metrics_path)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _round_of(line: str) -> float:
+    """The round of one metrics.jsonl line; infinity for a line that does not parse (torn)."""
+    try:
+        return int(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -183,6 +183,53 @@ def group_clients(clients: list[int], steps: dict[int, int], k: int) -> list[lis
     return [ordered[i:i + k] for i in range(0, len(ordered), k)]
 
 
+def _adam_step(params: dict[str, torch.Tensor], grads: list[torch.Tensor], exp_avg: dict[str, torch.Tensor],
+               exp_avg_sq: dict[str, torch.Tensor], steps: list[int], active: list[bool], cfg: Config) -> None:
+    """torch.optim.Adam's foreach step on stacked tensors [K, ...], one step count per client.
+
+    The same elementwise ops in the same order as torch.optim.Adam(foreach=True), so a client's
+    update equals train_local's for equal gradients. Clients with ``active[i] = False`` (done)
+    keep their weights and moments.
+    """
+    o = cfg.optim
+    names = list(params)
+    ps, ms, vs = [params[n] for n in names], [exp_avg[n] for n in names], [exp_avg_sq[n] for n in names]
+    device = ps[0].device
+    idle = [i for i, a in enumerate(active) if not a]
+    kept = [(t[idle].clone(), t) for t in ps + ms + vs] if idle else []
+
+    def per_client(values: list[float], like: torch.Tensor) -> torch.Tensor:
+        # built on the host and copied without a sync; shaped to broadcast over [K, ...]
+        t = torch.tensor(values, dtype=like.dtype).to(device, non_blocking=True)
+        return t.view(-1, *[1] * (like.dim() - 1))
+
+    if o.grad_clip:  # nn.utils.clip_grad_norm_, per client
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
+        coef = (o.grad_clip / (norms + 1e-6)).clamp(max=1.0)
+        grads = [g * coef.view(-1, *[1] * (g.dim() - 1)) for g in grads]
+    if o.weight_decay:
+        grads = torch._foreach_add(grads, ps, alpha=o.weight_decay)
+    torch._foreach_lerp_(ms, grads, 1 - o.beta1)
+    torch._foreach_mul_(vs, o.beta2)
+    torch._foreach_addcmul_(vs, grads, grads, 1 - o.beta2)
+    steps = [max(s, 1) for s in steps]  # a client that has not started yet is idle anyway
+    step_size = [-(o.lr / (1 - o.beta1 ** s)) for s in steps]
+    bc2_sqrt = [(1 - o.beta2 ** s) ** 0.5 for s in steps]
+    denom = torch._foreach_sqrt(vs)
+    if len(set(steps)) == 1:  # the usual case: every client at the same step, Python scalars
+        torch._foreach_div_(denom, bc2_sqrt[0])
+        torch._foreach_add_(denom, ADAM_EPS)
+        torch._foreach_addcdiv_(ps, ms, denom, step_size[0])
+    else:
+        torch._foreach_div_(denom, [per_client(bc2_sqrt, d) for d in denom])
+        torch._foreach_add_(denom, ADAM_EPS)
+        # addcdiv takes one scalar only; (m * step) / denom is the same arithmetic
+        torch._foreach_add_(ps, torch._foreach_div(torch._foreach_mul(ms, [per_client(step_size, m) for m in ms]),
+                                                   denom))
+    for old, t in kept:  # clients that sat this step out
+        t[idle] = old
+
+
 def train_group(model: nn.Module, diffusion: Diffusion, data: ImageSet,
                 shards: dict[int, torch.Tensor], cfg: Config, round_: int,
                 on_step: Callable[[], None] | None = None
@@ -224,11 +271,10 @@ def train_group(model: nn.Module, diffusion: Diffusion, data: ImageSet,
     objective = diffusion.objective
 
     def loss_fn(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                u: torch.Tensor, eps: torch.Tensor, masks: list[torch.Tensor],
+                log_snr: torch.Tensor, eps: torch.Tensor, masks: list[torch.Tensor],
                 valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # Diffusion.loss with the noise passed in; unpadded batches reduce exactly as it does
         feed.set(masks)
-        log_snr = diffusion.log_snr(u)
         alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(log_snr))
         z = alpha * x + sigma * eps
         out = functional_call(skel, (p, b), (z, log_snr, y)).float()
@@ -245,7 +291,6 @@ def train_group(model: nn.Module, diffusion: Diffusion, data: ImageSet,
     grad_full = vmap(grad(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0, 0, 0, 0, None), randomness="different")
     grad_padded = vmap(grad(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0, 0, 0, 0, 0), randomness="different")
 
-    beta1, beta2 = o.beta1, o.beta2
     names = list(params)
     while not all(c.done for c in clients):
         active = [not c.done for c in clients]
@@ -262,38 +307,17 @@ def train_group(model: nn.Module, diffusion: Diffusion, data: ImageSet,
         x, y, u, eps = (stacked(lambda bt, a=a: getattr(bt, a)) for a in ("x", "y", "u", "eps"))
         masks = [stacked(lambda bt, j=j: bt.masks[j]) for j in range(len(calls))]
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            log_snr = diffusion.log_snr(u)  # elementwise on [K, rows]: no need to vmap it
             if all(s == rows for s in sizes):
-                grads, losses = grad_full(params, buffers, x, y, u, eps, masks, None)
+                grads, losses = grad_full(params, buffers, x, y, log_snr, eps, masks, None)
             else:
                 valid = torch.stack([(torch.arange(rows, device=device) < s).float() for s in sizes])
-                grads, losses = grad_padded(params, buffers, x, y, u, eps, masks, valid)
+                grads, losses = grad_padded(params, buffers, x, y, log_snr, eps, masks, valid)
 
-        # ---- Adam on the stacked tensors, one step count per client (torch.optim.Adam, foreach)
-        grad_list = [grads[name] for name in names]
-        if o.grad_clip:  # nn.utils.clip_grad_norm_, per client
-            norms = torch.stack([g.flatten(1).norm(dim=1) for g in grad_list], dim=1).norm(dim=1)
-            coef = (o.grad_clip / (norms + 1e-6)).clamp(max=1.0)
-            grad_list = [g * coef.view(-1, *[1] * (g.dim() - 1)) for g in grad_list]
         for c, a in zip(clients, active):
-            if a:
-                c.steps += 1
-        steps = [max(c.steps, 1) for c in clients]
-        step_size = torch.tensor([-(o.lr / (1 - beta1 ** s)) for s in steps], device=device)
-        bc2_sqrt = torch.tensor([(1 - beta2 ** s) ** 0.5 for s in steps], device=device)
-        idle = [i for i, a in enumerate(active) if not a]
-        keep = {name: (params[name][idle].clone(), exp_avg[name][idle].clone(), exp_avg_sq[name][idle].clone())
-                for name in names} if idle else {}
-        for name, g in zip(names, grad_list):
-            p, m, v = params[name], exp_avg[name], exp_avg_sq[name]
-            shape = (-1, *[1] * (p.dim() - 1))
-            if o.weight_decay:
-                g = g.add(p, alpha=o.weight_decay)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(ADAM_EPS)
-            p.add_(m * step_size.view(shape) / denom)
-        for name, (p_old, m_old, v_old) in keep.items():  # clients that sat this step out
-            params[name][idle], exp_avg[name][idle], exp_avg_sq[name][idle] = p_old, m_old, v_old
+            c.steps += a
+        _adam_step(params, [grads[name] for name in names], exp_avg, exp_avg_sq,
+                   [c.steps for c in clients], active, cfg)
 
         for i, (c, a) in enumerate(zip(clients, active)):
             if a:

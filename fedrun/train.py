@@ -147,6 +147,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 checkpoint.set_rng_state(state["rng"])
                 start_round = int(state["round"])
                 log.print(f"resuming from {path} (round {start_round})")
+        log.drop_after(start_round)  # rounds after the checkpoint run again: forget their old lines
         if info.is_main:
             (cfg.run_dir / "config.toml").write_text(cfg.to_toml())
             (cfg.run_dir / "partition.json").write_text(json.dumps(

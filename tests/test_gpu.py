@@ -1,0 +1,131 @@
+"""GPU-only checks of the fast path (skipped without CUDA; benchmarks/gpu_check.sh runs them).
+
+bf16 autocast by default, no host sync inside a local epoch, K clients at once equal to one at a
+time on the GPU's random streams, torch.compile sharing the parameters, a rank pinned to its
+GPU with cuDNN autotuning on, and the flat-buffer all_reduce through NCCL (a 1-rank group: one
+GPU cannot hold two NCCL ranks).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import as_args, free_port, run_cli, tiny_overrides
+from fedrun import checkpoint
+from fedrun.config import load_config
+from fedrun.data import load_split
+from fedrun.federated import TAIL, accumulate_, flatten, load_flat_, num_flat
+from fedrun.local import autocast_dtype, train_local
+from fedrun.multiclient import train_group
+from fedrun.train import build
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CUDA = torch.device("cuda", 0)
+
+
+def setup(tmp_path, **extra):
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"data__hflip": "true", "optim__batch_size": 32, **extra}))
+    data = load_split(cfg.data, "train").to(CUDA)
+    model, diffusion = build(cfg, data, CUDA)
+    return cfg, data, model, diffusion
+
+
+def test_pick_device_pins_the_local_gpu_and_autotunes():
+    from fedrun.dist import pick_device
+    dev = pick_device("auto", local_rank=torch.cuda.device_count())  # wraps round to GPU 0
+    assert dev == torch.device("cuda", 0) and torch.cuda.current_device() == 0
+    assert torch.backends.cudnn.benchmark
+    assert autocast_dtype("auto", dev) is torch.bfloat16
+
+
+def test_bf16_local_training_keeps_fp32_weights_and_learns(tmp_path):
+    cfg, data, model, diffusion = setup(tmp_path)
+    start = flatten(model)
+    res = train_local(model, diffusion, data, torch.arange(200, device=CUDA), cfg, 1, 0)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.isfinite(res.loss_sum) and res.steps == 7
+    assert (flatten(model) - start).abs().max() > 1e-4
+
+
+def test_no_host_sync_inside_a_local_epoch(tmp_path):
+    cfg, data, model, diffusion = setup(tmp_path)
+    idx = torch.arange(300, device=CUDA)
+    train_local(model, diffusion, data, idx, cfg, 1, 0)  # warm-up: cuDNN autotuning, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
+    try:
+        train_local(model, diffusion, data, idx, cfg, 1, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_fp16_with_grad_scaler_trains(tmp_path):
+    cfg, data, model, diffusion = setup(tmp_path, train__precision="fp16")
+    res = train_local(model, diffusion, data, torch.arange(200, device=CUDA), cfg, 1, 0)
+    assert torch.isfinite(res.loss_sum) and torch.isfinite(flatten(model)).all()
+
+
+def test_k_clients_at_once_equal_one_at_a_time_on_the_gpu(tmp_path):
+    # fp32 without TF32: then only summation order differs (grouped vs single convolutions)
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cfg, data, model, diffusion = setup(tmp_path, train__precision="fp32", fed__local_epochs=2)
+        shards = {3: torch.arange(0, 70, device=CUDA), 5: torch.arange(100, 150, device=CUDA)}
+        start = flatten(model)
+        sequential = {}
+        for k, idx in shards.items():
+            load_flat_(model, start)
+            train_local(model, diffusion, data, idx, cfg, 2, k)
+            sequential[k] = flatten(model)
+        load_flat_(model, start)
+        params, _, _ = train_group(model, diffusion, data, shards, cfg, 2)
+        names = [n for n, _ in model.named_parameters()]
+        for i, k in enumerate(shards):
+            mine = torch.cat([params[n][i].reshape(-1) for n in names])
+            assert (mine - sequential[k]).abs().max().item() < 1e-5 < 1e-3 < (sequential[k] - start).abs().max().item()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_compiled_training_shares_the_parameters(tmp_path):
+    cfg, data, model, diffusion = setup(tmp_path)
+    net = torch.compile(model)
+    assert {id(p) for p in net.parameters()} == {id(p) for p in model.parameters()}
+    start = flatten(model)
+    res = train_local(net, diffusion, data, torch.arange(128, device=CUDA), cfg, 1, 0)
+    assert torch.isfinite(res.loss_sum)
+    assert (flatten(model) - start).abs().max() > 1e-4  # the flat-buffer view sees the update
+    assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+def test_flat_buffer_all_reduce_through_nccl(tmp_path):
+    import torch.distributed as dist
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=CUDA)
+    try:
+        _, _, model, _ = setup(tmp_path)
+        buffer = torch.zeros(num_flat(model) + TAIL, device=CUDA)
+        accumulate_(buffer, model, 3.0)
+        expected = buffer.clone()
+        dist.all_reduce(buffer)
+        torch.cuda.synchronize()
+        assert torch.equal(buffer, expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torchrun_one_gpu_end_to_end(tmp_path):
+    out = run_cli(as_args(tiny_overrides(tmp_path, "gpu", run__device="cuda")), nproc=1,
+                  extra_torchrun=["--nnodes=1"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()
+    assert '"peak_gpu_mb": null' not in lines[-1]
+    state = checkpoint.load_verified(checkpoint.checkpoint_path(tmp_path / "gpu", 2))["model"]
+    assert all(torch.isfinite(v).all() for v in state.values())
