@@ -95,6 +95,14 @@ def _quiet_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # e.g. `fedrun --print-config | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
     if any(a in ("-h", "--help") for a in argv[:1]) or argv[:1] == ["help"]:
