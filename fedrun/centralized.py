@@ -17,10 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, dist, seeding
 from .config import Config
-from .data import ImageSet, random_hflip
+from .data import ImageSet
 from .diffusion import Diffusion
 from .evaluate import Evaluator
-from .local import autocast_dtype
+from .local import autocast_dtype, train_step
 from .logs import RunLogger
 
 
@@ -55,21 +55,8 @@ def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusio
             for b in range(batches):
                 batch = perm[b * o.batch_size:(b + 1) * o.batch_size]
                 idx = batch[info.rank * per_rank:(info.rank + 1) * per_rank] if info.distributed else batch
-                x, y = train_set.images[idx], train_set.labels[idx]
-                if cfg.data.hflip:
-                    x = random_hflip(x)
-                x = x.contiguous(memory_format=memory_format)
-                u = sobol.draw(len(idx))[:, 0].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = diffusion.loss(net, x, y, u)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if o.grad_clip:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                loss_sum += loss.detach()
+                loss_sum += train_step(net, diffusion, opt, scaler, train_set, idx, sobol, cfg, amp,
+                                       memory_format)
                 log.step()
         stats = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(E * batches), device=device)]))
         wall = time.perf_counter() - t0

@@ -33,6 +33,29 @@ class LocalResult:
     images: int
 
 
+def train_step(model: nn.Module, diffusion: Diffusion, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, data: ImageSet, idx: torch.Tensor,
+               sobol: torch.quasirandom.SobolEngine, cfg: Config, amp: torch.dtype | None,
+               memory_format: torch.memory_format) -> torch.Tensor:
+    """One optimizer step on data[idx] (flip, Sobol noise levels, autocast, clip); the loss
+    is returned detached and on the device. Shared by FedAvg clients and the centralized run."""
+    x, y = data.images[idx], data.labels[idx]
+    if cfg.data.hflip:
+        x = random_hflip(x)
+    x = x.contiguous(memory_format=memory_format)
+    u = sobol.draw(len(idx))[:, 0].to(x.device, non_blocking=True)
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        loss = diffusion.loss(model, x, y, u)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.optim.grad_clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
 def train_local(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices: torch.Tensor,
                 cfg: Config, round_: int, client: int,
                 on_step: Callable[[], None] | None = None) -> LocalResult:
@@ -57,21 +80,8 @@ def train_local(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices:
         order = indices[torch.randperm(n, generator=shuffle).to(device, non_blocking=True)]
         for start in range(0, n, o.batch_size):
             idx = order[start:start + o.batch_size]
-            x, y = data.images[idx], data.labels[idx]
-            if cfg.data.hflip:
-                x = random_hflip(x)
-            x = x.contiguous(memory_format=memory_format)
-            u = sobol.draw(len(idx))[:, 0].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = diffusion.loss(model, x, y, u)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if o.grad_clip:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach()  # stays on the device: no host sync per step
+            loss = train_step(model, diffusion, opt, scaler, data, idx, sobol, cfg, amp, memory_format)
+            loss_sum += loss  # stays on the device: no host sync per step
             steps += 1
             if faults.PLAN is not None:  # test-only fault injection (FEDRUN_FAULT_AT); off = one lookup
                 faults.at_step(model, round_, client, steps)

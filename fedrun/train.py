@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import checkpoint, dist, seeding
 from .centralized import run_centralized
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError
 from .data import ImageSet, load_split
 from .diffusion import Diffusion
 from .evaluate import GRID, Evaluator, check_inception_weights, grid_scale, scores_table
