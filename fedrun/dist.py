@@ -38,16 +38,20 @@ class DistInfo:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003'."""
-    # the optional tail keeps a suffix after the brackets: 'gpu[01-02]-ib' -> 'gpu01-ib'
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?([^,\[]*)", nodelist.strip())
-    if not m:
+    """First host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003',
+    'rack[1-2]-n[07-08]' -> 'rack1-n07', 'gpu[01-02]-ib' -> 'gpu01-ib'."""
+    text = nodelist.strip()
+    depth, end = 0, len(text)
+    for i, ch in enumerate(text):  # the first host expression ends at a comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    expr = text[:end]
+    if not expr or depth < 0 or expr.count("[") != expr.count("]"):
         raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, _, ranges, suffix = m.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first + suffix
+    # each bracket group contributes the start of its first range
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], expr)
 
 
 def slurm_tasks_on_node(spec: str, node_id: int) -> int:
