@@ -62,6 +62,9 @@ def test_node_list_first_host():
     assert first_slurm_host("node7") == "node7"
     assert first_slurm_host("a1,b2") == "a1"
     assert first_slurm_host("gpu[01-02]-ib") == "gpu01-ib"
+    assert first_slurm_host("rack[1-2]-n[07-08],login1") == "rack1-n07"
+    with pytest.raises(ValueError):
+        first_slurm_host("gpu[01")
 
 
 def test_tasks_per_node_formats():
