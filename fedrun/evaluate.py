@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import checkpoint, dist, grids, metrics
+from . import checkpoint, dist, grids, metrics, seeding
 from .config import Config, ConfigError, load_config, parse_overrides
 from .data import ImageSet, load_split
 from .diffusion import Diffusion
@@ -113,8 +113,7 @@ class Evaluator:
         """Called by the rank that trained ``client``, with the client's local model."""
         s = self.cfg.sample
         labels = class_balanced_labels([s.per_class] * self.num_classes).to(self.info.device)
-        g = torch.Generator(self.info.device).manual_seed(
-            _seed(self.cfg.run.seed, round_, CLIENT, client))
+        g = seeding.generator(self.info.device, self.cfg.run.seed, round_, CLIENT, client)
         was_training = model.training
         model.eval()
         x = diffusion.sample(model, labels, self.shape, s.steps or self.cfg.diffusion.sample_steps,
@@ -124,11 +123,6 @@ class Evaluator:
         grids.save_client_grid(x.cpu(), path, nrow=s.per_class, padding=1,
                                scale=grid_scale(self.cfg.data.image_size))
         return path
-
-
-def _seed(*parts: int) -> int:
-    from .seeding import derive_seed
-    return derive_seed(*parts)
 
 
 def scores_table(rows: list[dict[str, Any]], title: str = "FID / IS") -> Table:
