@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedrun import checkpoint, dist  # noqa: E402
 from fedrun.config import load_config  # noqa: E402
 from fedrun.data import load_split  # noqa: E402
-from fedrun.evaluate import Evaluator  # noqa: E402
-from fedrun.train import build  # noqa: E402
+from fedrun.evaluation.evaluator import Evaluator  # noqa: E402
+from fedrun.models import build  # noqa: E402
 
 
 def main() -> int:
@@ -45,8 +45,7 @@ def main() -> int:
 
     results: dict[str, dict] = {}
     results["real_test"] = evaluator.scorer.score(test_set.images, test_set.labels)
-    model, diffusion = build(cfg, train_set, info.device)
-    t0 = time.perf_counter()
+    model, diffusion = build(cfg, train_set.num_classes, info.device)
     results["untrained"] = evaluator.evaluate(model, diffusion, 0) or {}
     state, path = checkpoint.load_latest(args.run_dir) or (None, None)
     if state is None:

@@ -73,7 +73,8 @@ def read_rounds(metrics: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
-def watch(cmd: list[str], metrics: Path, nproc: int, poll_s: float, timeout_s: float) -> tuple[dict[int, float], int, str]:
+def watch(cmd: list[str], metrics: Path, nproc: int, poll_s: float,
+          timeout_s: float) -> tuple[dict[int, float], int, str]:
     """Run ``cmd``; per round, the highest training-process RSS seen while it ran."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryFile("w+") as err:
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "memory_flat",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "setup": {"rounds": args.rounds, "nproc": args.nproc, "overrides": overrides | {"run.out_dir": "<tmp>"}},
+        "setup": {"rounds": args.rounds, "nproc": args.nproc,
+                  "overrides": overrides | {"run.out_dir": "<tmp>"}},
         "returncode": returncode,
         "wall_s": round(wall, 1),
         "rss_mb": rss,  # per round: highest RSS of the largest training process during the round

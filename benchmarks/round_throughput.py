@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 benchmarks/round_throughput.py --rounds 5
 
 What it measures (every rank takes part; rank 0 prints and writes the JSON):
-* R rounds of the real round loop (federated.run_fedavg), each split into local training,
+* R rounds of the real round loop (federated.rounds.run_fedavg), each split into local training,
   aggregation, checkpoint and evaluation (+ the rest: server step, bookkeeping);
 * img/s per rank and in total, over the steady rounds (2..R; round 1 pays for warm-up: cuDNN
   autotuning, torch.compile, allocator growth);
@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 
@@ -48,26 +47,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from fedrun import dist, seeding  # noqa: E402
+from fedrun.checkpoint import Checkpointer  # noqa: E402
 from fedrun.config import Config, load_config, parse_overrides  # noqa: E402
 from fedrun.data import ImageSet, load_split, random_hflip  # noqa: E402
 from fedrun.diffusion import Diffusion  # noqa: E402
-from fedrun.evaluate import Evaluator  # noqa: E402
-from fedrun.federated import TAIL, ServerOptimizer, num_flat, run_fedavg, sample_clients  # noqa: E402
-from fedrun.local import autocast_dtype  # noqa: E402
+from fedrun.evaluation.evaluator import Evaluator  # noqa: E402
+from fedrun.federated.flat import TAIL, num_flat  # noqa: E402
+from fedrun.federated.rounds import RoundHook, run_fedavg, sample_clients  # noqa: E402
+from fedrun.federated.server import build_server_optimizer  # noqa: E402
 from fedrun.logs import RunLogger  # noqa: E402
-from fedrun.models import count_parameters  # noqa: E402
+from fedrun.models import build, count_parameters  # noqa: E402
 from fedrun.partition import partition  # noqa: E402
+from fedrun.precision import autocast_dtype  # noqa: E402
 from fedrun.telemetry import host_peak_rss_mb  # noqa: E402
-from fedrun.train import build  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="fedrun TOML file (default: fedrun's defaults)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="fedrun TOML file (default: fedrun's defaults)")
     p.add_argument("--rounds", type=int, default=3, help="rounds to run (default 3; round 1 is warm-up)")
     p.add_argument("--name", default=None, help="result name (default: from the config and layout)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<name>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default benchmarks/results/<name>.json)")
     p.add_argument("--raw-iters", type=int, default=20, help="timed raw all_reduce repetitions")
     p.add_argument("--no-plain", action="store_true", help="skip the plain-loop baseline")
     p.add_argument("--keep-run", action="store_true", help="keep the run directory (checkpoints, metrics)")
@@ -156,21 +159,20 @@ class PlainLoop:
         self.chunks.append((steps * self.cfg.optim.batch_size, took))
 
 
-class InterleavedLogger(RunLogger):
-    """After each FL round, every rank runs the plain loop on as many images as it just trained.
+class InterleavedPlain:
+    """Round-end hook: after each FL round, every rank runs the plain loop on as many images as
+    it just trained.
 
     Interleaving makes both sides see the same machine: on a shared box the load changes from
     minute to minute, and an FL phase followed by a plain phase would compare two different
-    machines. The round loop itself runs unmodified; this hook runs after a round's record is
-    made (outside its timings). Round 1 (warm-up) gets no plain chunk.
+    machines. The round loop itself runs unmodified; run_fedavg calls this hook (``on_round_end``)
+    after the round is logged, outside its timings. Round 1 (warm-up) gets no plain chunk.
     """
 
-    def __init__(self, *args: Any, plain: PlainLoop, images_of: dict[int, int], **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plain: PlainLoop, images_of: dict[int, int]):
         self.plain, self.images_of = plain, images_of
 
-    def end_round(self, record: dict[str, Any], line: str) -> None:
-        super().end_round(record, line)
+    def __call__(self, record: dict[str, Any]) -> None:
         if record["round"] in self.images_of:
             dist.barrier()  # all ranks train their plain chunk at the same time
             self.plain.run(self.images_of[record["round"]])
@@ -245,7 +247,7 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     sizes = {k: len(s) for k, s in enumerate(shards)}
     evaluator = Evaluator(cfg, info, train_set, test_set)
     train_set = train_set.to(device)
-    model, diffusion = build(cfg, train_set, device)
+    model, diffusion = build(cfg, train_set.num_classes, device)
     numel = num_flat(model) + TAIL
     nbytes = numel * 4
 
@@ -254,16 +256,15 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     steady = list(range(2, f.rounds + 1)) or [1]
     images_of = {r: rank_images(cfg, sizes, world, r)[info.rank] for r in steady}
     plain = None
-    if args.no_plain:
-        log = RunLogger(cfg.run_dir, info.is_main, f.rounds)
-    else:
-        base, _ = build(cfg, train_set, device)  # a second model from the same init
+    hooks: list[RoundHook] = []
+    if not args.no_plain:
+        base, _ = build(cfg, train_set.num_classes, device)  # a second model from the same init
         plain = PlainLoop(cfg, base, diffusion, train_set, device)
-        log = InterleavedLogger(cfg.run_dir, info.is_main, f.rounds, plain=plain, images_of=images_of)
+        hooks.append(InterleavedPlain(plain, images_of))
+    log = RunLogger(cfg.run_dir, info.is_main, f.rounds)
     net = torch.compile(model) if cfg.train.compile else None
-    history = run_fedavg(cfg, info, model, diffusion, train_set, shards, 0,
-                         ServerOptimizer(f.server_opt, f.server_lr, f.server_momentum), log, evaluator,
-                         train_model=net)
+    history = run_fedavg(cfg, info, model, diffusion, train_set, shards, 0, build_server_optimizer(f), log,
+                         evaluator, Checkpointer(cfg, info), train_model=net, on_round_end=hooks)
     log.close()
 
     raw_after = raw_allreduce_ms(numel, device, args.raw_iters)
@@ -273,8 +274,8 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     plain_figures = None if plain is None else {
         "images": plain.images, "wall_s": plain.seconds, "img_per_s": plain.images / plain.seconds,
         "chunks": plain.chunks}
-    mine = {"rank": info.rank, "history": history, "plain": plain_figures, "images_steady": sum(images_of.values()),
-            "peak_rss_mb_end": round(host_peak_rss_mb(), 1)}
+    mine = {"rank": info.rank, "history": history, "plain": plain_figures,
+            "images_steady": sum(images_of.values()), "peak_rss_mb_end": round(host_peak_rss_mb(), 1)}
 
     gathered: list[Any] = [None] * world
     if world > 1:
@@ -282,8 +283,9 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     else:
         gathered = [mine]
     if info.is_main:
-        result = summarize(args, cfg, info, gathered, steady, nbytes, raw, raw_before + raw_after if grouped else [],
-                           count_parameters(model), sum(sizes.values()))
+        result = summarize(args, cfg, info, gathered, steady, nbytes, raw,
+                           raw_before + raw_after if grouped else [], count_parameters(model),
+                           sum(sizes.values()))
         out = args.out or ROOT / "benchmarks" / "results" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
@@ -340,12 +342,12 @@ def summarize(args: argparse.Namespace, cfg: Config, info: dist.DistInfo, ranks:
         "raw_allreduce_ms_all": [round(x, 3) for x in raw_all],
         "raw_allreduce_gb_per_s": round(nbytes / (raw_ms / 1e3) / 1e9, 3) if raw_all and raw_ms > 0 else None,
         "aggregation_over_raw_allreduce": round(agg_ms / raw_ms, 3) if raw_all and raw_ms > 0 else None,
-        "load_imbalance_s": round(statistics.median(max(r["local_train_s_per_rank"]) - min(r["local_train_s_per_rank"])
-                                                    for r in st), 4),
-        "peak_rss_mb_round1_vs_last": [[rk["history"][0].get("peak_rss_mb"), rk["history"][-1].get("peak_rss_mb")]
-                                       for rk in ranks],
-        "peak_gpu_mb_round1_vs_last": [[rk["history"][0].get("peak_gpu_mb"), rk["history"][-1].get("peak_gpu_mb")]
-                                       for rk in ranks],
+        "load_imbalance_s": round(statistics.median(max(r["local_train_s_per_rank"])
+                                                    - min(r["local_train_s_per_rank"]) for r in st), 4),
+        "peak_rss_mb_round1_vs_last": [[rk["history"][0].get("peak_rss_mb"),
+                                        rk["history"][-1].get("peak_rss_mb")] for rk in ranks],
+        "peak_gpu_mb_round1_vs_last": [[rk["history"][0].get("peak_gpu_mb"),
+                                        rk["history"][-1].get("peak_gpu_mb")] for rk in ranks],
     }
     if all(rk["plain"] is not None for rk in ranks):
         plain_total = sum(rk["plain"]["img_per_s"] for rk in ranks)
@@ -380,25 +382,26 @@ def summarize(args: argparse.Namespace, cfg: Config, info: dist.DistInfo, ranks:
 
 def print_summary(result: dict[str, Any], out: Path) -> None:
     s, setup, lay = result["summary"], result["setup"], result["layout"]
-    print(f"\n{result['name']}: {setup['parameters'] / 1e6:.2f}M params, {lay['world_size']} x {lay['device']}, "
-          f"batch {setup['batch_size']}, {setup['precision']}, compile={setup['compile']}, "
-          f"clients_at_once={setup['clients_at_once']}")
+    print(f"\n{result['name']}: {setup['parameters'] / 1e6:.2f}M params, "
+          f"{lay['world_size']} x {lay['device']}, batch {setup['batch_size']}, {setup['precision']}, "
+          f"compile={setup['compile']}, clients_at_once={setup['clients_at_once']}")
     print(f"{'round':>5} {'wall s':>8} {'local':>8} {'agg ms':>8} {'ckpt s':>7} {'eval s':>7} {'img/s':>9} "
           f"{'rss MB':>8} {'gpu MB':>8}")
     for r in result["rounds"]:
         gpu = r["peak_gpu_mb_per_rank"][0]
-        print(f"{r['round']:>5} {r['wall_s']:>8.2f} {r['local_train_s']:>8.2f} {r['aggregation_ms_last_rank']:>8.2f} "
-              f"{r['checkpoint_s']:>7.3f} {r['eval_s']:>7.2f} {r['img_per_s_total']:>9.1f} "
-              f"{r['peak_rss_mb_per_rank'][0]:>8.0f} {'-' if gpu is None else f'{gpu:.0f}':>8}")
-    print(f"FL img/s (rounds {s['steady_rounds'][0]}..{s['steady_rounds'][-1]}): {s['fl_img_per_s_total']:.1f} total, "
-          f"per rank {s['fl_img_per_s_per_rank']}")
+        print(f"{r['round']:>5} {r['wall_s']:>8.2f} {r['local_train_s']:>8.2f} "
+              f"{r['aggregation_ms_last_rank']:>8.2f} {r['checkpoint_s']:>7.3f} {r['eval_s']:>7.2f} "
+              f"{r['img_per_s_total']:>9.1f} {r['peak_rss_mb_per_rank'][0]:>8.0f} "
+              f"{'-' if gpu is None else f'{gpu:.0f}':>8}")
+    print(f"FL img/s (rounds {s['steady_rounds'][0]}..{s['steady_rounds'][-1]}): "
+          f"{s['fl_img_per_s_total']:.1f} total, per rank {s['fl_img_per_s_per_rank']}")
     if "fl_efficiency" in s:
-        print(f"plain loop img/s: {s['plain_img_per_s_total']:.1f}  ->  FL efficiency {s['fl_efficiency']:.3f} "
-              f"(target >= 0.97)")
+        print(f"plain loop img/s: {s['plain_img_per_s_total']:.1f}  ->  "
+              f"FL efficiency {s['fl_efficiency']:.3f} (target >= 0.97)")
     if s["aggregation_over_raw_allreduce"] is not None:
-        print(f"aggregation {s['aggregation_ms']:.2f} ms ({s['aggregation_gb_per_s']} GB/s) vs raw all_reduce "
-              f"{s['raw_allreduce_ms']:.2f} ms ({s['raw_allreduce_gb_per_s']} GB/s)  ->  ratio "
-              f"{s['aggregation_over_raw_allreduce']:.2f} (target <= 1.1)")
+        print(f"aggregation {s['aggregation_ms']:.2f} ms ({s['aggregation_gb_per_s']} GB/s) "
+              f"vs raw all_reduce {s['raw_allreduce_ms']:.2f} ms ({s['raw_allreduce_gb_per_s']} GB/s)  "
+              f"->  ratio {s['aggregation_over_raw_allreduce']:.2f} (target <= 1.1)")
     else:
         print(f"aggregation {s['aggregation_ms']:.2f} ms (1 rank: no collective)")
     print(f"written to {out}")

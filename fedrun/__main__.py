@@ -11,6 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .errors import ConfigError, FedrunError  # no torch: a config error answers in milliseconds
+
 USAGE = """\
 usage: torchrun --nproc_per_node=W -m fedrun [--config FILE] [--section.key VALUE ...]
        fedrun [train] [--config FILE] [--section.key VALUE ...]
@@ -35,21 +37,8 @@ def default_config_path() -> Path | None:
     return path if path.is_file() else None
 
 
-USER_ERRORS = {"config": "ConfigError", "data": "DataError", "partition": "PartitionError",
-               "train": "RunDirError", "checkpoint": "CheckpointError",
-               "federated": "AllClientsFailedError", "metrics": "MetricsError"}
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    # Only a module already imported can have raised its error. Importing the others here
-    # would load torch (seconds on a busy node) just to print a config error.
-    loaded = [(sys.modules[f"{__package__}.{m}"], name) for m, name in USER_ERRORS.items()
-              if f"{__package__}.{m}" in sys.modules]
-    return tuple(getattr(module, name) for module, name in loaded)
-
-
 def parse_train_args(argv: list[str]) -> tuple[Path | None, dict[str, str], bool]:
-    from .config import ConfigError, parse_overrides
+    from .config import parse_overrides
     config_path: Path | None = None
     rest: list[str] = []
     print_config = False
@@ -115,20 +104,20 @@ def _main(argv: list[str] | None = None) -> int:
         if command == "train":
             return train_main(argv)
         if command == "eval":
-            from .evaluate import eval_main
+            from .evaluation.cli import eval_main
             return eval_main(argv)
         if command == "report":
-            from .report import main as report_main
+            from .evaluation.report import main as report_main
             return report_main(argv)
         print(f"fedrun: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    except user_errors() as exc:
-        from .config import ConfigError
+    except FedrunError as exc:
+        # One line, no traceback; a config error is the same on every rank, so rank 0 says it.
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
         if rank == 0 or not isinstance(exc, ConfigError):
             prefix = f"[rank {rank}] " if rank else ""
             print(f"fedrun: error: {prefix}{exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

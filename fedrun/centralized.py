@@ -1,8 +1,12 @@
 """The centralized baseline: one model on the whole train split for R x E epochs.
 
 Data-parallel over ranks with DistributedDataParallel: each global batch of optim.batch_size
-images (one seeded permutation per epoch, the same on every rank) is cut into world_size equal
-slices, so the effective batch and the order of images do not depend on the number of ranks.
+images (one seeded permutation per epoch, the same on every rank) is dealt out to the ranks
+(image i of the batch to rank i % world_size), so the effective batch and the order of images
+do not depend on the number of ranks. DDP averages gradients over ranks with equal weights, so
+each rank scales its loss by its share of the batch: a short last batch (or an empty slice on
+a rank) still gives the full batch's mean gradient. Noise and noise levels come from each
+rank's own (seed, epoch, rank) stream, so 1 and N ranks train statistically alike, not bit-alike.
 A "round" here is E epochs, so checkpoints, resume and metrics.jsonl work as in FedAvg.
 """
 
@@ -15,18 +19,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, dist, seeding
+from . import dist, seeding
+from .checkpoint import Checkpointer
 from .config import Config
 from .data import ImageSet
 from .diffusion import Diffusion
-from .evaluate import Evaluator
-from .local import autocast_dtype, train_step
+from .evaluation.evaluator import Evaluator
+from .federated.client import local_steps, train_step
 from .logs import RunLogger
+from .precision import autocast_dtype
 
 
 def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Diffusion,
                     train_set: ImageSet, start_round: int, optimizer_state: dict | None,
-                    log: RunLogger, evaluator: Evaluator) -> list[dict[str, Any]]:
+                    log: RunLogger, evaluator: Evaluator, checkpointer: Checkpointer) -> list[dict[str, Any]]:
     device, o, seed = info.device, cfg.optim, cfg.run.seed
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else model
@@ -39,8 +45,7 @@ def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusio
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     n, E = len(train_set), cfg.fed.local_epochs
-    per_rank = o.batch_size // info.world_size
-    batches = -(-n // o.batch_size)
+    batches = local_steps(n, o.batch_size, 1)
     history: list[dict[str, Any]] = []
 
     for r in range(start_round + 1, cfg.fed.rounds + 1):
@@ -54,25 +59,17 @@ def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusio
             sobol = seeding.sobol_engine(seed, e, info.rank)
             for b in range(batches):
                 batch = perm[b * o.batch_size:(b + 1) * o.batch_size]
-                idx = batch[info.rank * per_rank:(info.rank + 1) * per_rank] if info.distributed else batch
-                loss_sum += train_step(net, diffusion, opt, scaler, train_set, idx, sobol, cfg, amp,
-                                       memory_format)
+                idx = batch[info.rank::info.world_size]
+                share = len(idx) * info.world_size / len(batch)  # 1.0 on one rank: unchanged maths
+                loss = train_step(net, diffusion, opt, scaler, train_set, idx, sobol, cfg, amp,
+                                  memory_format, loss_scale=share)
+                if len(idx):  # the batch's mean loss, summed over ranks by the all_reduce below
+                    loss_sum += loss if not info.distributed else loss * (len(idx) / len(batch))
                 log.step()
-        stats = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(E * batches), device=device)]))
+        loss_sum = dist.all_reduce_sum(loss_sum)
         wall = time.perf_counter() - t0
-        if r % cfg.checkpoint.every == 0 or r == cfg.fed.rounds:
-            if info.is_main:
-                checkpoint.save_checkpoint(cfg.run_dir, r, {
-                    "round": r,
-                    "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                    "server": {},
-                    "optimizer": opt.state_dict(),
-                    "config_hash": cfg.hash(),
-                    "config": cfg.to_dict(),
-                    "rng": checkpoint.rng_state(),
-                }, keep=cfg.checkpoint.keep)
-            dist.barrier()
-        record = {"round": r, "epochs": r * E, "loss": float(stats[0] / stats[1]),
+        checkpointer.save(r, model, optimizer=opt.state_dict(), last_round=r == cfg.fed.rounds)
+        record = {"round": r, "epochs": r * E, "loss": float(loss_sum) / (E * batches),
                   "images": n * E, "wall_s": round(wall, 4), "img_per_s": round(n * E / wall, 2),
                   "world_size": info.world_size}
         scores = evaluator.evaluate(model, diffusion, r) if evaluator.due(r) else None

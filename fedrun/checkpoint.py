@@ -1,4 +1,10 @@
-"""Checkpoints: atomic, checksummed, loaded with weights_only=True.
+"""Checkpoints: when they are written, what they hold, and how a run resumes from them.
+
+``Checkpointer`` owns all three for both training modes: ``save(round_, ..., last_round=...)``
+decides whether this round is due (every ``checkpoint.every`` rounds, and always the last),
+builds the payload (round, model, server and optimizer state, config and its hash, RNG state),
+writes it on rank 0 and holds every rank at a barrier until it is on disk; ``load()`` returns the
+newest usable checkpoint of the run (or None) on every rank.
 
 File layout: ``torch.save`` payload | sha256(payload) (32 bytes) | MAGIC (8 bytes). A file cut
 short by a crash or a full disk fails the checksum and is skipped in favour of the previous one.
@@ -14,17 +20,20 @@ import os
 import pickle  # only for its exception type: loading goes through torch.load(weights_only=True)
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import dist, faults
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .config import Config
+
 MAGIC = b"FEDRUN01"
 _NAME = re.compile(r"round_(\d+)\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or one from another configuration. The message says what to do."""
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -112,3 +121,69 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Cadence and contents
+
+
+@dataclass
+class Resumed:
+    """What a run continues from: the round it completed and the state saved after it."""
+
+    round: int
+    model: dict[str, torch.Tensor]
+    server: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    rng: dict[str, torch.Tensor]
+    path: Path
+
+
+class Checkpointer:
+    """Writes and finds the checkpoints of one run. Every rank holds one; rank 0 writes."""
+
+    def __init__(self, cfg: Config, info: dist.DistInfo):
+        self.run_dir = cfg.run_dir
+        self.every, self.keep = cfg.checkpoint.every, cfg.checkpoint.keep
+        self.force = cfg.checkpoint.resume == "force"
+        self.config_hash, self.config = cfg.hash(), cfg.to_dict()
+        self.is_main = info.is_main
+
+    def due(self, round_: int, last_round: bool = False) -> bool:
+        return last_round or round_ % self.every == 0
+
+    def save(self, round_: int, model: torch.nn.Module, *, last_round: bool,
+             server: dict[str, torch.Tensor] | None = None,
+             optimizer: dict[str, Any] | None = None) -> bool:
+        """Checkpoint round ``round_`` if it is due; True if one was written. All ranks call it."""
+        if not self.due(round_, last_round):
+            return False
+        if self.is_main:
+            save_checkpoint(self.run_dir, round_, {
+                "round": round_,
+                "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                "server": server or {},
+                **({"optimizer": optimizer} if optimizer is not None else {}),
+                "config_hash": self.config_hash,
+                "config": self.config,
+                "rng": rng_state(),
+            }, keep=self.keep)
+            faults.after_checkpoint(round_)  # test-only: kill -9 here if FEDRUN_FAULT_AT=ckpt:R
+        dist.barrier()  # nobody races ahead of a checkpoint that may be needed to resume
+        return True
+
+    def load(self) -> Resumed | None:
+        """The newest usable checkpoint (read by rank 0, sent to all), or None if there is none.
+
+        Raises CheckpointError if it was written by a different config (unless resume = force).
+        """
+        found = load_latest(self.run_dir) if self.is_main else None
+        found = dist.broadcast_object(found)
+        if found is None:
+            return None
+        state, path = found
+        if state["config_hash"] != self.config_hash and not self.force:
+            raise CheckpointError(f"{path}: written by a different config; pass --checkpoint.resume "
+                                  f"force, or use another --run.name")
+        return Resumed(int(state["round"]), state["model"], state.get("server", {}),
+                       state.get("optimizer"), state["rng"], path)

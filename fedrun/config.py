@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """A user error in the configuration. The message names the key and the fix."""
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "config_from_dict"]
 
 
 @dataclass
@@ -82,9 +82,11 @@ class FedConfig:
     alpha: float = 0.5
     min_client_size: int = 0  # resample the Dirichlet draw until every client has this many
     max_resample: int = 100
-    server_opt: str = "fedavg"  # "fedavg" | "fedavgm" | "fedadam"
-    server_lr: float = 1.0
-    server_momentum: float = 0.9
+    server_opt: str = "fedavg"  # "fedavg" | "fedavgm" | "fedadam" | "fedyogi" | "fedadagrad"
+    server_lr: float = 1.0  # all but fedavg
+    server_momentum: float = 0.9  # fedavgm's momentum; beta1 of fedadam / fedyogi / fedadagrad
+    server_beta2: float = 0.99  # second-moment decay of fedadam / fedyogi
+    server_tau: float = 1e-3  # adaptivity of fedadam / fedyogi / fedadagrad (added to sqrt(v))
     max_bad_rounds: int = 3  # stop after this many rounds in a row where every client failed
 
 
@@ -103,7 +105,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp16" | "fp32"
     channels_last: bool = True
     compile: bool = False
-    clients_at_once: int = 1  # clients a rank trains at the same time (torch.func.vmap); see multiclient.py
+    clients_at_once: int = 1  # experimental: K clients of a rank at once (fedrun/experimental/multiclient.py)
 
 
 @dataclass
@@ -182,7 +184,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": DATASETS,
     "diffusion.objective": ("v", "eps"),
     "fed.partition": ("dirichlet", "iid"),
-    "fed.server_opt": ("fedavg", "fedavgm", "fedadam"),
+    "fed.server_opt": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "checkpoint.resume": ("auto", "never", "force"),
     "eval.feature_extractor": ("inception", "classifier"),
@@ -201,7 +203,7 @@ def _coerce(key: str, value: Any, hint: Any, from_cli: bool) -> Any:
     if not from_cli and isinstance(value, str) and hint is not str:
         raise ConfigError(f"{key}: expected {_type_name(hint)}, got the string {value!r}; drop the quotes")
     origin = typing.get_origin(hint)
-    if origin in (list, typing.List):
+    if origin in (list, list):
         if isinstance(value, str):  # CLI: "1,2,4" or "[1, 2, 4]"
             text = value.strip().strip("[]")
             value = [v.strip() for v in text.split(",") if v.strip()]
@@ -388,6 +390,8 @@ def validate(cfg: Config) -> None:
     _require(f.max_resample >= 1, "fed.max_resample", "must be >= 1")
     _require(f.server_lr > 0, "fed.server_lr", "must be > 0")
     _require(0 <= f.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
+    _require(0 <= f.server_beta2 < 1, "fed.server_beta2", "must be in [0, 1)")
+    _require(f.server_tau > 0, "fed.server_tau", "must be > 0 (it keeps 1 / (sqrt(v) + tau) finite)")
     _require(f.max_bad_rounds >= 1, "fed.max_bad_rounds", "must be >= 1")
 
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

@@ -7,19 +7,17 @@ lookups and the random flip runs on the device. No DataLoader workers, no per-im
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .config import DataConfig
-
-
-class DataError(RuntimeError):
-    """A data set is missing or unusable. The message names the path/key and the fix."""
+from .errors import DataError
 
 
 @dataclass
@@ -31,7 +29,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device: torch.device) -> "ImageSet":
+    def to(self, device: torch.device) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes)
 
 
@@ -163,6 +161,31 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return REGISTRY[cfg.name](cfg, split)
+
+
+def dataset_key(cfg: DataConfig) -> str:
+    """Cache key of a data set's pixels: the set's name, plus a short hash of what else makes
+    them differ (``image_folder``'s root, ``synthetic``'s size and classes), so two different
+    folders never share cached reference statistics or classifiers."""
+    detail = {"image_folder": lambda: str(Path(cfg.root).resolve()),
+              "synthetic": lambda: f"{cfg.synthetic_size}-{cfg.num_classes}"}.get(cfg.name)
+    if detail is None:
+        return cfg.name
+    return f"{cfg.name}-{hashlib.sha256(detail().encode()).hexdigest()[:8]}"
+
+
+def to_uint8(images: torch.Tensor, rgb: bool = False) -> torch.Tensor:
+    """float [-1, 1] (or uint8) NCHW -> uint8 [0, 255], the inverse of loading; ``rgb`` repeats
+    one channel to three. Rounds half up, as torchvision's ``save_image`` does, so scored images
+    are exactly the pixels a PNG of them would hold.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected images [N, C, H, W], got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        images = images.detach().float().add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8)
+    if rgb and images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return images
 
 
 def random_hflip(x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 ENV_AT, ENV_MARKER = "FEDRUN_FAULT_AT", "FEDRUN_FAULT_MARKER"
 ANY = -1  # "*" in the spec

@@ -14,7 +14,9 @@ import math
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from . import seeding
+from .config import Config, ModelConfig
+from .diffusion import Diffusion
 
 
 class ResBlock(nn.Module):
@@ -128,3 +130,13 @@ def build_model(cfg: ModelConfig, image_channels: int, num_classes: int) -> UNet
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build(cfg: Config, num_classes: int, device: torch.device) -> tuple[UNet, Diffusion]:
+    """The model and its diffusion as training, evaluation and benchmarks all use them: seeded
+    init (the same weights on every rank), on ``device``, in ``train.channels_last`` layout."""
+    torch.manual_seed(seeding.derive_seed(seeding.INIT, cfg.run.seed))
+    model = build_model(cfg.model, cfg.data.channels, num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, Diffusion(cfg.diffusion)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-class PartitionError(ValueError):
-    """The requested partition cannot be made; the message names the key to change."""
+from .errors import PartitionError
 
 
 def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float,

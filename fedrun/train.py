@@ -10,30 +10,24 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.table import Table
 
-from . import checkpoint, dist, seeding
+from . import checkpoint, dist
 from .centralized import run_centralized
-from .config import Config, ConfigError
-from .data import ImageSet, load_split
-from .diffusion import Diffusion
-from .evaluate import GRID, Evaluator, check_inception_weights, grid_scale, scores_table
-from .federated import ServerOptimizer, run_fedavg
-from .grids import save_class_grid, save_partition_histogram
-from .local import autocast_dtype
+from .config import Config, load_config
+from .data import load_split
+from .errors import ConfigError, RunDirError
+from .evaluation.evaluator import Evaluator, check_inception_weights, scores_table
+from .evaluation.grids import save_partition_histogram
+from .federated.rounds import RoundHook, run_fedavg
+from .federated.server import build_server_optimizer
 from .logs import RunLogger
-from .models import build_model, count_parameters
+from .models import build, count_parameters
 from .partition import class_counts, partition
-from .sampling import class_balanced_labels, sample_sharded
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked; the message says how to fix it."""
 
 
 def check_run_dir(cfg: Config) -> bool:
@@ -42,7 +36,6 @@ def check_run_dir(cfg: Config) -> bool:
     saved = run_dir / "config.toml"
     has_ckpt = bool(checkpoint.list_checkpoints(run_dir))
     if saved.exists():
-        from .config import load_config
         try:
             old = load_config(saved)
         except ConfigError as exc:
@@ -77,33 +70,11 @@ def partition_table(counts: np.ndarray) -> Table:
     return table
 
 
-def build(cfg: Config, train_set: ImageSet, device: torch.device) -> tuple[torch.nn.Module, Diffusion]:
-    torch.manual_seed(seeding.derive_seed(seeding.INIT, cfg.run.seed))  # same init on every rank
-    model = build_model(cfg.model, cfg.data.channels, train_set.num_classes).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, Diffusion(cfg.diffusion)
+def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str, Any]:
+    """Run the job described by ``cfg`` on this process's rank; returns the summary (rank 0).
 
-
-def save_final_grid(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, diffusion: Diffusion,
-                    num_classes: int) -> Path | None:
-    if cfg.sample.per_class == 0:
-        return None
-    labels = class_balanced_labels([cfg.sample.per_class] * num_classes)
-    images = sample_sharded(model, diffusion, labels, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                            cfg.sample.steps or cfg.diffusion.sample_steps, cfg.diffusion.eta,
-                            (cfg.run.seed, cfg.fed.rounds, GRID), info,
-                            autocast_dtype=autocast_dtype(cfg.train.precision, info.device))
-    if images is None:
-        return None
-    path = cfg.run_dir / "samples" / "final.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_class_grid(images, labels, path, padding=1, scale=grid_scale(cfg.data.image_size))
-    return path
-
-
-def train(cfg: Config) -> dict[str, Any]:
-    """Run the job described by ``cfg`` on this process's rank; returns the summary."""
+    ``on_round_end``: hooks called on every rank with each FedAvg round's record (benchmarks).
+    """
     t_start = time.perf_counter()
     resuming = check_run_dir(cfg)
     check_inception_weights(cfg)
@@ -128,25 +99,19 @@ def train(cfg: Config) -> dict[str, Any]:
                               f"contribute nothing. Set fed.min_client_size to avoid this.")
         evaluator = Evaluator(cfg, info, train_set, test_set)  # reference stats before training
         train_set = train_set.to(info.device)
-        model, diffusion = build(cfg, train_set, info.device)
-        server = ServerOptimizer(f.server_opt, f.server_lr, f.server_momentum)
+        model, diffusion = build(cfg, train_set.num_classes, info.device)
+        server = build_server_optimizer(f)
+        checkpointer = checkpoint.Checkpointer(cfg, info)
 
         start_round, optimizer_state = 0, None
-        if resuming:
-            found = checkpoint.load_latest(cfg.run_dir) if info.is_main else None
-            found = dist.broadcast_object(found)
-            if found is not None:
-                state, path = found
-                if state["config_hash"] != cfg.hash() and cfg.checkpoint.resume != "force":
-                    raise checkpoint.CheckpointError(
-                        f"{path}: written by a different config; pass --checkpoint.resume force, "
-                        f"or use another --run.name")
-                model.load_state_dict(state["model"])
-                server.load_state_dict(state["server"], info.device)
-                optimizer_state = state.get("optimizer")
-                checkpoint.set_rng_state(state["rng"])
-                start_round = int(state["round"])
-                log.print(f"resuming from {path} (round {start_round})")
+        resumed = checkpointer.load() if resuming else None
+        if resumed is not None:
+            model.load_state_dict(resumed.model)
+            server.load_state_dict(resumed.server, info.device)
+            optimizer_state = resumed.optimizer
+            checkpoint.set_rng_state(resumed.rng)
+            start_round = resumed.round
+            log.print(f"resuming from {resumed.path} (round {start_round})")
         log.drop_after(start_round)  # rounds after the checkpoint run again: forget their old lines
         if info.is_main:
             (cfg.run_dir / "config.toml").write_text(cfg.to_toml())
@@ -165,12 +130,13 @@ def train(cfg: Config) -> dict[str, Any]:
             # aggregation, checkpoints and sampling keep using `model` (plain state_dict keys)
             net = torch.compile(model) if cfg.train.compile else None
             run_fedavg(cfg, info, model, diffusion, train_set, shards, start_round, server, log, evaluator,
-                       train_model=net)
+                       checkpointer, train_model=net, on_round_end=on_round_end)
         else:
-            run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log, evaluator)
+            run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log, evaluator,
+                            checkpointer)
         log.close()
 
-        grid = save_final_grid(cfg, info, model, diffusion, train_set.num_classes)
+        grid = evaluator.final_grid(model, diffusion)
         if info.is_main:
             # from metrics.jsonl, so that a resumed run reports its earlier rounds too
             rounds = [json.loads(line) for line in log.metrics_path.read_text().splitlines()]

@@ -26,7 +26,8 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedrun.config import ConfigError, load_config, parse_overrides  # noqa: E402
+from fedrun.config import load_config, parse_overrides  # noqa: E402
+from fedrun.errors import ConfigError  # noqa: E402
 
 
 def plan(sweep_path: Path, extra: list[str]) -> list[tuple[str, list[str]]]:

@@ -1,0 +1,13 @@
+"""Evaluation and scoring: what the trained generator draws, and how good it is.
+
+* ``sampling``    images drawn sharded over ranks, identical on 1 or N ranks;
+* ``scores``      FID and IS as pure functions of features / class probabilities;
+* ``extractors``  feature networks (clean-fid's Inception, the proxy classifier) as modules;
+* ``classifier``  the proxy classifier itself (seeded, cached);
+* ``scorer``      scoring against cached reference statistics of a data set;
+* ``evaluator``   when and what a training run evaluates (scores, sample and client grids);
+* ``grids``       PNG figures; ``report`` the paper's tables over finished runs;
+* ``cli``         ``fedrun eval RUN_DIR``.
+
+Nothing here imports training code (``fedrun.federated``, ``fedrun.train``).
+"""

@@ -1,0 +1,90 @@
+"""One client's local training: fresh Adam, E epochs over its own shard, nothing else.
+
+Everything random here (shuffling, Sobol noise levels, Gaussian noise, dropout, flips) is
+seeded by (seed, round, client), so the result does not depend on which rank trains the client
+or on what that rank did before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import faults, seeding
+from ..config import Config
+from ..data import ImageSet, random_hflip
+from ..diffusion import Diffusion
+from ..precision import autocast_dtype
+
+
+def local_steps(num_images: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``num_images`` (the last batch may be short)."""
+    return epochs * -(-num_images // batch_size)
+
+
+@dataclass
+class LocalResult:
+    loss_sum: torch.Tensor  # on the device: summed batch losses, read once per client
+    steps: int
+    images: int
+
+
+def train_step(model: nn.Module, diffusion: Diffusion, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, data: ImageSet, idx: torch.Tensor,
+               sobol: torch.quasirandom.SobolEngine, cfg: Config, amp: torch.dtype | None,
+               memory_format: torch.memory_format, loss_scale: float = 1.0) -> torch.Tensor:
+    """One optimizer step on data[idx] (flip, Sobol noise levels, autocast, clip); the loss
+    is returned detached and on the device. Shared by FedAvg clients and the centralized run.
+    ``loss_scale`` multiplies the loss before backward (DDP: this rank's share of the batch)."""
+    x, y = data.images[idx], data.labels[idx]
+    if cfg.data.hflip:
+        x = random_hflip(x)
+    x = x.contiguous(memory_format=memory_format)
+    u = sobol.draw(len(idx))[:, 0].to(x.device, non_blocking=True)
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        loss = diffusion.loss(model, x, y, u)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss if loss_scale == 1.0 else loss * loss_scale).backward()
+    if cfg.optim.grad_clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
+def train_local(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices: torch.Tensor,
+                cfg: Config, round_: int, client: int,
+                on_step: Callable[[], None] | None = None) -> LocalResult:
+    """Train ``model`` in place on ``data[indices]`` for ``cfg.fed.local_epochs`` epochs."""
+    device = data.images.device
+    o, seed = cfg.optim, cfg.run.seed
+    torch.manual_seed(seeding.derive_seed(seeding.CLIENT, seed, round_, client))
+    shuffle = seeding.generator("cpu", seeding.SHUFFLE, seed, round_, client)
+    sobol = seeding.sobol_engine(seed, round_, client)  # one engine, kept across all steps
+    # Re-created for every client and round, as the authors do: no optimizer state travels.
+    opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                           weight_decay=o.weight_decay, foreach=True)
+    amp = autocast_dtype(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+    model.train()
+    n = len(indices)
+    loss_sum = torch.zeros((), device=device)
+    steps = 0
+    for _ in range(cfg.fed.local_epochs):
+        order = indices[torch.randperm(n, generator=shuffle).to(device, non_blocking=True)]
+        for start in range(0, n, o.batch_size):
+            idx = order[start:start + o.batch_size]
+            loss = train_step(model, diffusion, opt, scaler, data, idx, sobol, cfg, amp, memory_format)
+            loss_sum += loss  # stays on the device: no host sync per step
+            steps += 1
+            if faults.PLAN is not None:  # test-only fault injection (FEDRUN_FAULT_AT); off = one lookup
+                faults.at_step(model, round_, client, steps)
+            if on_step is not None:
+                on_step()
+    return LocalResult(loss_sum, steps, n * cfg.fed.local_epochs)

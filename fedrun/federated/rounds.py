@@ -1,0 +1,191 @@
+"""The FedAvg round loop: client sampling, local training, one all_reduce, the server step.
+
+One round, on every rank at once:
+  1. the round's clients are drawn from (seed, round): the same list everywhere;
+  2. they are split over ranks by data size (dist.assign_clients);
+  3. each rank trains its clients one after another, starting each from the global weights,
+     and adds n_k * theta_k into ONE flat fp32 buffer (n_k and a few statistics in its tail);
+  4. one all_reduce(SUM) of that buffer is the whole communication of the round;
+  5. theta = buffer / n, passed through the server rule (plain FedAvg by default);
+  6. the checkpointer writes the round if it is due, the evaluator scores it if it is due,
+     rank 0 logs one line, and the round-end hooks run (benchmarks use them).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import dist, seeding
+from ..checkpoint import Checkpointer
+from ..config import Config
+from ..data import ImageSet
+from ..diffusion import Diffusion
+from ..errors import TrainingDivergedError
+from ..evaluation.evaluator import Evaluator
+from ..logs import RunLogger
+from ..telemetry import memory_record, reset_device_peak
+from .client import local_steps, train_local
+from .flat import (
+    IMAGES_SLOT,
+    LOSS_SLOT,
+    N_SLOT,
+    SKIPPED_SLOT,
+    TAIL,
+    TRAINED_SLOT,
+    accumulate_,
+    all_finite,
+    flatten,
+    load_flat_,
+    weighted_average,
+)
+from .server import ServerOptimizer
+
+RoundHook = Callable[[dict[str, Any]], None]
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> list[int]:
+    """Uniform without replacement, from (seed, round): identical on every rank."""
+    if per_round >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(seeding.derive_seed(seeding.SELECT, seed, round_))
+    return sorted(int(c) for c in rng.choice(num_clients, per_round, replace=False))
+
+
+# --------------------------------------------------------------------------------------------
+# The round loop
+
+
+def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Diffusion,
+               train_set: ImageSet, shards: list[np.ndarray], start_round: int,
+               server: ServerOptimizer, log: RunLogger, evaluator: Evaluator,
+               checkpointer: Checkpointer, train_model: nn.Module | None = None,
+               on_round_end: list[RoundHook] | None = None) -> list[dict[str, Any]]:
+    """Rounds start_round+1 .. fed.rounds. ``model`` holds the global weights on entry and exit.
+
+    ``train_model``: what local training calls (e.g. torch.compile(model)); it must share
+    ``model``'s parameters, which the flat-buffer code reads and writes. ``on_round_end``: called
+    on every rank with the round's record, after it is logged and outside its timings.
+    """
+    device, f = info.device, cfg.fed
+    net = model if train_model is None else train_model  # what local training calls
+    sizes = {k: len(s) for k, s in enumerate(shards)}
+    shard_idx = {k: torch.as_tensor(s, dtype=torch.long, device=device) for k, s in enumerate(shards)}
+    global_flat = flatten(model)
+    P = global_flat.numel()
+    buffer = torch.zeros(P + TAIL, device=device)
+    bad_rounds = 0
+    warned_idle = False
+    history: list[dict[str, Any]] = []
+    hooks = list(on_round_end or [])
+
+    for r in range(start_round + 1, f.rounds + 1):
+        t0 = time.perf_counter()
+        reset_device_peak(device)
+        clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
+        assignment = dist.assign_clients(clients, sizes, info.world_size)
+        mine = assignment[info.rank]
+        if info.is_main and not warned_idle and not all(assignment):
+            warnings.warn(f"round {r}: {sum(not a for a in assignment)} rank(s) have no client: more "
+                          f"ranks ({info.world_size}) than clients per round ({len(clients)}); they add zeros")
+            warned_idle = True
+        log.start_round(r, sum(local_steps(sizes[k], cfg.optim.batch_size, f.local_epochs) for k in mine))
+
+        buffer.zero_()
+        t_grids = 0.0  # client grids are evaluation, not training: timed apart
+        grouped = None
+        if cfg.train.clients_at_once > 1:  # experimental: K of this rank's clients at once (same maths)
+            from ..experimental.multiclient import GroupedClientTrainer
+            grouped = GroupedClientTrainer(model, diffusion, train_set, {k: shard_idx[k] for k in mine if sizes[k]},
+                                    cfg, r, on_step=log.step)
+        for k in mine:
+            if sizes[k] == 0:
+                continue  # an empty client has nothing to train on and weight zero
+            log.describe(f"round {r}/{f.rounds} client {k}")
+            load_flat_(model, global_flat)
+            res = grouped.result(k) if grouped is not None else \
+                train_local(net, diffusion, train_set, shard_idx[k], cfg, r, k, on_step=log.step)
+            if r in evaluator.client_rounds():  # personalization: what this client's model draws
+                t_grid = time.perf_counter()
+                evaluator.client_grid(model, diffusion, r, k)
+                t_grids += time.perf_counter() - t_grid
+            loss = float(res.loss_sum) / max(res.steps, 1)  # one host sync per client
+            if not (np.isfinite(loss) and all_finite(model)):
+                warnings.warn(f"round {r}: client {k} produced a non-finite loss or weights; "
+                              f"it is left out of this round's average")
+                buffer[P + SKIPPED_SLOT] += 1
+                continue
+            accumulate_(buffer, model, float(sizes[k]))
+            buffer[P + N_SLOT] += sizes[k]
+            buffer[P + LOSS_SLOT] += loss * sizes[k]
+            buffer[P + IMAGES_SLOT] += res.images
+            buffer[P + TRAINED_SLOT] += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_local = time.perf_counter() - t0 - t_grids
+
+        t1 = time.perf_counter()
+        dist.all_reduce_sum(buffer)  # <- the whole FedAvg communication of the round
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # .tolist() below syncs anyway; this times the collective alone
+        t_allreduce = time.perf_counter() - t1  # includes waiting for the slowest rank
+        average, n = weighted_average(buffer)
+        stats = buffer[P:].tolist()
+        t_agg = time.perf_counter() - t1
+
+        if n > 0:
+            global_flat = server.step(global_flat, average)
+            bad_rounds = 0
+        else:  # every client failed: keep the global model as it was
+            bad_rounds += 1
+            warnings.warn(f"round {r}: no usable client update; the global model is unchanged")
+            if bad_rounds >= f.max_bad_rounds:
+                raise TrainingDivergedError(
+                    f"fed.max_bad_rounds: {bad_rounds} rounds in a row without a usable client "
+                    f"update (non-finite losses or weights); lower optim.lr, set optim.grad_clip, or "
+                    f"check the data")
+        load_flat_(model, global_flat)
+
+        t2 = time.perf_counter()
+        checkpointer.save(r, model, server=server.state_dict(), last_round=r == f.rounds)
+        t_ckpt = time.perf_counter() - t2
+        t_train = time.perf_counter() - t0 - t_grids  # the round without evaluation: the throughput base
+
+        t3 = time.perf_counter()
+        scores = evaluator.evaluate(model, diffusion, r) if evaluator.due(r) else None
+        t_eval = time.perf_counter() - t3 + t_grids
+        wall = time.perf_counter() - t0
+        images = stats[IMAGES_SLOT]
+        record = {
+            "round": r,
+            "loss": stats[LOSS_SLOT] / n if n > 0 else float("nan"),
+            "clients": clients,
+            "clients_trained": int(stats[TRAINED_SLOT]),
+            "clients_skipped": int(stats[SKIPPED_SLOT]),
+            "images": int(images),
+            "wall_s": round(wall, 4),
+            "local_train_s": round(t_local, 4),
+            "aggregate_s": round(t_agg, 4),
+            "checkpoint_s": round(t_ckpt, 4),
+            "eval_s": round(t_eval, 4),
+            "img_per_s": round(images / t_train, 2),
+            "allreduce_bytes": buffer.numel() * buffer.element_size(),
+            "allreduce_ms": round(1e3 * t_allreduce, 3),
+            "world_size": info.world_size,
+            **memory_record(device),
+        }
+        if scores is not None:
+            record["scores"] = scores
+        history.append(record)
+        log.end_round(record, f"round {r:>4}/{f.rounds}  loss {record['loss']:.4f}  "
+                              f"{wall:6.2f}s  {record['img_per_s']:8.1f} img/s"
+                              + (f"  skipped {record['clients_skipped']}" if record["clients_skipped"] else ""))
+        for hook in hooks:
+            hook(record)
+    return history

@@ -1,0 +1,216 @@
+"""Bad-input catalogue: what users get wrong, run through the CLI's own entry point in-process.
+
+Every case goes through ``fedrun.__main__.main(argv)`` exactly as ``python -m fedrun`` does and
+must return the exit code of its error kind (fedrun/errors.py), print exactly one
+``fedrun: error:`` line that names the key or path and says what to do, raise nothing (an
+escaping exception is a traceback for the user), and leave an existing run directory
+byte-for-byte as it was. Config cases fail while the config is validated; the data, partition,
+run-directory and checkpoint cases fail before the first training step. The cases that need
+two ranks run under torchrun in tests/integration_tests/test_bad_inputs_torchrun.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrun import checkpoint
+from fedrun.__main__ import main
+
+from helpers import as_args, tiny_overrides
+
+Setup = Callable[[Path], None]  # gets the case's work folder (the existing run is under runs/)
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]  # "{work}" is replaced by the case's work folder
+    expect: tuple[str, ...]  # all must appear in the error line: the key/path and the fix
+    code: int = 2  # exit code: 2 config, 3 data, 4 run directory, 5 checkpoint, 6 metrics
+    base: bool = True  # start from the tiny config aimed at the existing run directory
+    setup: Setup | None = None
+    when: bool = True  # False: the case cannot happen on this machine
+    why_not: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Files the cases need
+
+
+def write(rel: str, text: str | bytes) -> Setup:
+    def setup(work: Path) -> None:
+        path = work / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return setup
+
+
+def png(path: Path, value: int) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (8, 8), value).save(path)
+
+
+def image_folder(classes: dict[str, int], broken: str = "") -> Setup:
+    """work/imgs/<class>/ with n small PNGs each; ``broken`` adds a file that is not an image."""
+    def setup(work: Path) -> None:
+        for name, n in classes.items():
+            (work / "imgs" / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                png(work / "imgs" / name / f"{i}.png", 40 * i % 256)
+        if broken:
+            (work / "imgs" / broken).write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    return setup
+
+
+def existing(rel: str) -> Path:
+    return Path("runs") / "existing" / rel
+
+
+def truncate_checkpoint(work: Path) -> None:
+    (path,) = checkpoint.list_checkpoints(work / "runs" / "existing")
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def lose_saved_config(work: Path) -> None:
+    (work / existing("config.toml")).unlink()
+
+
+IMAGE_FOLDER = ["--data.name", "image_folder", "--data.root", "{work}/imgs", "--run.name", "fresh"]
+
+CASES = [
+    # ---- command line and TOML -------------------------------------------------------------
+    Case("unknown-key", ["--fed.roundz", "3"], ("fed.roundz", "unknown key", "known:")),
+    Case("unknown-section", ["--feds.rounds", "3"], ("feds.rounds", "unknown section", "known:")),
+    Case("key-without-section", ["--rounds", "3"], ("rounds", "section.name", "fed.rounds")),
+    Case("wrong-type-cli", ["--fed.rounds", "three"], ("fed.rounds", "expected an integer")),
+    Case("wrong-type-toml", ["--config", "{work}/job.toml"], ("fed.rounds", "drop the quotes"),
+         base=False, setup=write("job.toml", '[fed]\nrounds = "3"\n')),
+    Case("float-for-int-toml", ["--config", "{work}/job.toml"], ("fed.local_epochs", "integer"),
+         base=False, setup=write("job.toml", "[fed]\nlocal_epochs = 2.5\n")),
+    Case("key-outside-section-toml", ["--config", "{work}/job.toml"], ("rounds", "[section]"),
+         base=False, setup=write("job.toml", "rounds = 3\n")),
+    Case("invalid-toml", ["--config", "{work}/job.toml"], ("job.toml", "not valid TOML"),
+         base=False, setup=write("job.toml", "[fed\nrounds = 3\n")),
+    Case("toml-not-utf8", ["--config", "{work}/job.toml"], ("job.toml", "not valid TOML"),
+         base=False, setup=write("job.toml", b"[fed]\nrounds = 3  # \xff\xfe\n")),
+    Case("missing-config-file", ["--config", "{work}/nope.toml"], ("--config", "nope.toml", "existing TOML")),
+    Case("config-without-file-name", ["--config"], ("--config", "missing file name")),
+    Case("override-without-value", ["--fed.rounds"], ("fed.rounds", "missing value", "--fed.rounds VALUE")),
+    Case("stray-positional-value", ["--fed.rounds", "3", "4"], ("4", "--section.key value")),
+    Case("bad-list-value", ["--model.channel_mults", "1,x"], ("model.channel_mults[1]", "integer")),
+    Case("bad-bool", ["--data.hflip", "maybe"], ("data.hflip", "true or false")),
+    Case("unknown-choice", ["--run.mode", "fedprox"], ("run.mode", "choose one of", "centralized")),
+    Case("unknown-dataset", ["--data.name", "imagenet"], ("data.name", "choose one of", "image_folder")),
+    # ---- impossible values -----------------------------------------------------------------
+    Case("negative-rounds", ["--fed.rounds", "-1"], ("fed.rounds", ">= 1")),
+    Case("zero-local-epochs", ["--fed.local_epochs", "0"], ("fed.local_epochs", ">= 1")),
+    Case("alpha-zero", ["--fed.alpha", "0"], ("fed.alpha", "> 0")),
+    Case("alpha-negative", ["--fed.alpha", "-0.5"], ("fed.alpha", "> 0")),
+    Case("clients-per-round-above-clients", ["--fed.clients_per_round", "5"],
+         ("fed.clients_per_round", "between 1 and fed.num_clients (4)")),
+    Case("nan-learning-rate", ["--optim.lr", "nan"], ("optim.lr", "finite")),
+    Case("inf-learning-rate-toml", ["--config", "{work}/job.toml"], ("optim.lr", "finite"),
+         base=False, setup=write("job.toml", "[optim]\nlr = inf\n")),
+    Case("zero-batch", ["--optim.batch_size", "0"], ("optim.batch_size", ">= 1")),
+    Case("negative-seed", ["--run.seed", "-1"], ("run.seed", ">= 0")),
+    Case("image-size-unet-cannot-halve", ["--data.image_size", "17"],
+         ("data.image_size", "cannot be halved", "multiple of 2")),
+    Case("image-size-too-deep", ["--data.image_size", "20", "--model.channel_mults", "1,2,2,2"],
+         ("data.image_size", "multiple of 8")),
+    Case("attention-level-out-of-range", ["--model.attention_levels", "2"], ("model.attention_levels", "0..1")),
+    Case("channels-1-for-cifar10", ["--data.name", "cifar10", "--data.channels", "1"],
+         ("data.channels", "cifar10", "data.channels = 3")),
+    Case("run-name-with-slash", ["--run.name", "a/b"], ("run.name", "without '/'")),
+    Case("cuda-on-a-cpu-machine", ["--run.device", "cuda", "--run.name", "fresh"], ("run.device", "--run.device cpu"),
+         when=not torch.cuda.is_available(), why_not="a CUDA device is visible here"),
+    # ---- partitions --------------------------------------------------------------------------
+    Case("min-client-size-above-data", ["--fed.min_client_size", "400", "--run.name", "fresh"],
+         ("fed.min_client_size", "exceeds", "lower fed.min_client_size")),
+    Case("min-client-size-never-drawn", ["--fed.min_client_size", "300", "--fed.alpha", "0.05",
+                                         "--fed.max_resample", "3", "--run.name", "fresh"],
+         ("fed.min_client_size", "raise fed.alpha")),
+    # ---- data sets ---------------------------------------------------------------------------
+    Case("image-folder-root-missing", IMAGE_FOLDER, ("data.root", "imgs", "is not a folder"), code=3),
+    Case("image-folder-without-images", IMAGE_FOLDER, ("data.root", "no images found"), code=3,
+         setup=image_folder({"a": 0, "b": 0})),
+    Case("image-folder-one-class", IMAGE_FOLDER, ("data.root", "1 class folder", "at least 2"), code=3,
+         setup=image_folder({"only": 3})),
+    Case("image-folder-unreadable-image", IMAGE_FOLDER, ("data.root", "broken.png", "remove or replace"), code=3,
+         setup=image_folder({"a": 2, "b": 2}, broken="b/broken.png")),
+    Case("cifar10-absent-download-off", ["--data.name", "cifar10", "--data.channels", "3", "--data.root",
+                                         "{work}/empty", "--run.name", "fresh"],
+         ("data.root", "CIFAR-10 not found", "data.download = true"), code=3,
+         setup=lambda w: (w / "empty").mkdir()),
+    # ---- run directory and checkpoints -------------------------------------------------------
+    Case("run-dir-under-a-file", ["--run.out_dir", "{work}/file.txt/sub"], ("run.out_dir", "file.txt", "writable"),
+         code=4, setup=write("file.txt", "a file, not a folder\n")),
+    Case("existing-run-dir-other-config", ["--model.base_channels", "16"],
+         ("run.name", "different config", "--checkpoint.resume force"), code=4),
+    Case("checkpoint-from-other-config", ["--optim.lr", "5e-4"], ("round_0001.pt", "different config",
+                                                                  "--checkpoint.resume force"),
+         code=5, setup=lose_saved_config),
+    Case("only-checkpoint-truncated", [], ("checkpoint", "unusable", "delete the folder"), code=5,
+         setup=truncate_checkpoint),
+    Case("saved-config-unreadable", [], ("config.toml", "unreadable saved config", "another run.name"), code=4,
+         setup=write(str(existing("config.toml")), "[fed\n")),
+    Case("resume-never-but-checkpoints", ["--checkpoint.resume", "never"],
+         ("checkpoint.resume", "already holds checkpoints", "another --run.name"), code=4),
+    # ---- evaluation --------------------------------------------------------------------------
+    Case("inception-weights-missing", ["--eval.enabled", "true", "--eval.feature_extractor", "inception",
+                                       "--eval.inception_weights", "{work}/inception-2015-12-05.pt"],
+         ("inception-2015-12-05.pt", "eval.inception_weights", "classifier"), code=6),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Running the catalogue: each case in its own work folder with a copy of one finished run
+
+
+def base_overrides(out_dir: Path) -> dict[str, str]:
+    return tiny_overrides(out_dir, "existing", fed__rounds=1, eval__enabled="false")
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One finished one-round run, copied into every case's work folder."""
+    out = tmp_path_factory.mktemp("finished") / "runs"
+    assert main(as_args(base_overrides(out))) == 0
+    return out / "existing"
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_bad_input_fails_cleanly(case: Case, finished: Path, tmp_path: Path, capfd):
+    if not case.when:
+        pytest.skip(case.why_not)
+    work = tmp_path
+    run_dir = work / "runs" / "existing"
+    shutil.copytree(finished, run_dir)  # copy2: mtimes travel too
+    if case.setup is not None:
+        case.setup(work)
+    before = snapshot(run_dir)
+    args = [a.replace("{work}", str(work)) for a in case.args]
+    if case.base:
+        args = as_args(base_overrides(work / "runs")) + args
+    capfd.readouterr()  # forget what the setup printed
+
+    code = main(args)  # an exception escaping here would be a traceback for the user
+
+    err = capfd.readouterr().err
+    assert code == case.code, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("fedrun: error:")]
+    assert len(errors) == 1, err[-3000:]  # one message, said once
+    for text in case.expect:
+        assert text in errors[0], f"{text!r} missing from: {errors[0]}"
+    assert snapshot(run_dir) == before  # nothing in the existing run directory was rewritten
