@@ -304,7 +304,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"--config: no file at {path}; pass an existing TOML file, e.g. configs/digits.toml")
+            raise ConfigError(f"--config: no file at {path}; pass an existing TOML file, "
+                              f"e.g. configs/digits.toml")
         try:
             table = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML files are UTF-8
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -133,7 +133,8 @@ def init(device: str = "auto", threads: int = 0) -> DistInfo:
         if restarts_share_agent_store():
             warnings.warn("torchrun --max-restarts with the agent's shared TCPStore can give the restarted "
                           "job stale rendezvous keys, so it fails to connect or hangs; launch with "
-                          "--rdzv-backend=c10d (or --standalone) and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+                          "--rdzv-backend=c10d (or --standalone) and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                          stacklevel=2)
         os.environ.setdefault("MASTER_ADDR", str(env["master_addr"]))
         os.environ.setdefault("MASTER_PORT", str(env["master_port"]))
         dist.init_process_group(

@@ -94,7 +94,8 @@ class UNet(nn.Module):
             prev = w
         # Bottleneck: widths[-2] -> widths[-1] ... -> widths[-2], cfg.mid_blocks blocks in all.
         w = widths[-1]
-        self.mid = stage([(prev, w, w)] + [(w, w, w)] * (cfg.mid_blocks - 2) + [(w, w, prev)], len(widths) - 1)
+        mid = [(prev, w, w)] + [(w, w, w)] * (cfg.mid_blocks - 2) + [(w, w, prev)]
+        self.mid = stage(mid, len(widths) - 1)
         # Decoder level i takes [upsampled, skip] = 2 * widths[i] channels and ends at
         # widths[i-1] (or the image channels at level 0).
         self.up = nn.ModuleList()

@@ -12,7 +12,8 @@ import torch
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
 
 
 # Tags that keep streams apart when the other parts coincide.

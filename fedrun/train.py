@@ -82,7 +82,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
     test_set = load_split(cfg.data, "test") if cfg.eval.enabled else None
     f = cfg.fed
     shards = partition(train_set.labels.numpy(), f.num_clients, f.partition, f.alpha, cfg.run.seed,
-                       f.min_client_size, f.max_resample) if cfg.run.mode == "fedavg" else [np.arange(len(train_set))]
+                       f.min_client_size, f.max_resample) if cfg.run.mode == "fedavg" \
+        else [np.arange(len(train_set))]
 
     info = dist.init(cfg.run.device, cfg.run.threads)
     try:
@@ -96,7 +97,7 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             empty = [k for k, s in enumerate(shards) if len(s) == 0]
             if empty and info.is_main:
                 warnings.warn(f"clients {empty} received no images (fed.alpha={f.alpha}); they "
-                              f"contribute nothing. Set fed.min_client_size to avoid this.")
+                              f"contribute nothing. Set fed.min_client_size to avoid this.", stacklevel=2)
         evaluator = Evaluator(cfg, info, train_set, test_set)  # reference stats before training
         train_set = train_set.to(info.device)
         model, diffusion = build(cfg, train_set.num_classes, info.device)
@@ -132,8 +133,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             run_fedavg(cfg, info, model, diffusion, train_set, shards, start_round, server, log, evaluator,
                        checkpointer, train_model=net, on_round_end=on_round_end)
         else:
-            run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log, evaluator,
-                            checkpointer)
+            run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log,
+                            evaluator, checkpointer)
         log.close()
 
         grid = evaluator.final_grid(model, diffusion)

@@ -49,7 +49,8 @@ class SmallCNN(nn.Module):
 
 
 def classifier_path(cache_dir: Path, key: str, image_size: int, channels: int, seed: int) -> Path:
-    return cache_dir / "classifiers" / f"{key}_{image_size}px_{channels}ch_seed{seed}_v{CLASSIFIER_VERSION}.pt"
+    name = f"{key}_{image_size}px_{channels}ch_seed{seed}_v{CLASSIFIER_VERSION}.pt"
+    return cache_dir / "classifiers" / name
 
 
 def train_classifier(train_set: ImageSet, seed: int = 0, device: str | torch.device = "cpu",
@@ -115,6 +116,7 @@ def load_or_train_classifier(key: str, train_set: ImageSet, test_set: ImageSet |
     test_acc = classifier_accuracy(model, test_set) if test_set is not None else float("nan")
     log.info("classifier: test accuracy %.3f, saved to %s", test_acc, path)
     blob = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-            "test_acc": float(test_acc), "num_classes": int(train_set.num_classes), "version": CLASSIFIER_VERSION}
+            "test_acc": float(test_acc), "num_classes": int(train_set.num_classes),
+            "version": CLASSIFIER_VERSION}
     atomic_save(lambda tmp: torch.save(blob, tmp), path)
     return model, {"path": str(path), "test_acc": float(test_acc)}

@@ -89,7 +89,8 @@ class Evaluator:
         scores = self.scorer.score(images, self.labels)
         per_class = self.cfg.sample.per_class or 10
         keep = torch.cat([torch.nonzero(self.labels == c)[:per_class, 0] for c in range(self.num_classes)])
-        grids.save_class_grid(images[keep], self.labels[keep], self.cfg.run_dir / "samples" / f"round_{round_:04d}.png",
+        path = self.cfg.run_dir / "samples" / f"round_{round_:04d}.png"
+        grids.save_class_grid(images[keep], self.labels[keep], path,
                               padding=1, scale=grid_scale(self.cfg.data.image_size))
         return {**scores, "sample_s": round(t_sample, 3), "eval_s": round(time.perf_counter() - t0, 3)}
 

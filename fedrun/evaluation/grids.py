@@ -139,7 +139,7 @@ def save_client_grid(images: torch.Tensor, path: str | Path, k: int = 5, nrow: i
     strip_h = strip_height or max(6, width // 10)
     strip = torch.empty(3, strip_h, width)
     left = 0
-    for colour, w in zip(palette.colours, bar_widths(palette.shares, width)):
+    for colour, w in zip(palette.colours, bar_widths(palette.shares, width), strict=True):
         strip[:, :, left:left + w] = torch.from_numpy(colour.astype(np.float32) / 255).view(3, 1, 1)
         left += w
     gap = torch.full((3, padding, width), WHITE)

@@ -228,7 +228,8 @@ def write_markdown(table: Table, path: Path) -> None:
     for label in table.labels:
         row = [label] + [_cell(table, label, d, k) for d in table.datasets for k, _ in SCORES]
         lines.append("| " + " | ".join(row) + " |")
-    extractors = sorted({str(r.scores.get("extractor")) for r in table.cells.values() if r.scores.get("extractor")})
+    extractors = sorted({str(r.scores.get("extractor")) for r in table.cells.values()
+                         if r.scores.get("extractor")})
     lines.append("")
     if extractors:
         lines.append(f"Features: {', '.join(extractors)}." + (
@@ -313,7 +314,8 @@ def print_table(table: Table) -> None:
 # Entry points
 
 
-def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> tuple[Table, dict[str, Path]]:
+def make_report(run_dirs: Sequence[str | Path],
+                out_dir: str | Path | None = None) -> tuple[Table, dict[str, Path]]:
     """Write report.md/.csv/.png for ``run_dirs``; returns the table and the three paths."""
     if not run_dirs:
         raise ReportError("no run dirs given; usage: fedrun report RUN_DIR... [--out DIR]")

@@ -42,7 +42,8 @@ def sample_sharded(model: nn.Module, diffusion: Diffusion, labels: torch.Tensor,
         mine.append((j, to_uint8(x).cpu()))
     model.train(was_training)
     if info.world_size > 1:
-        gathered: list[list[tuple[int, torch.Tensor]]] | None = [None] * info.world_size if info.is_main else None  # type: ignore[list-item]
+        gathered: list[list[tuple[int, torch.Tensor]]] | None = (
+            [None] * info.world_size if info.is_main else None)  # type: ignore[list-item]
         torch_dist.gather_object(mine, gathered, dst=0)
         if not info.is_main:
             return None

@@ -42,14 +42,16 @@ class Scorer:
                  inception_weights: str | os.PathLike = "", batch_size: int = 500,
                  classifier_seed: int = 0):
         if extractor not in EXTRACTORS:
-            raise MetricsError(f"eval.feature_extractor: got {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
+            raise MetricsError(f"eval.feature_extractor: got {extractor!r}; choose one of "
+                               f"{', '.join(EXTRACTORS)}")
         self.key, self.batch_size = key, batch_size
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.sets = {"train": train_set, "test": test_set}
         if extractor == "inception":
             self.extractor = inception_extractor(inception_weights, device)
         else:
-            self.extractor = classifier_extractor(key, train_set, test_set, self.cache_dir, classifier_seed, device)
+            self.extractor = classifier_extractor(key, train_set, test_set, self.cache_dir, classifier_seed,
+                                                  device)
         self._stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def stats_path(self, split: str) -> Path:

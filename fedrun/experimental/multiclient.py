@@ -184,7 +184,8 @@ def group_clients(clients: list[int], steps: dict[int, int], k: int) -> list[lis
 
 
 def _adam_step(params: dict[str, torch.Tensor], grads: list[torch.Tensor], exp_avg: dict[str, torch.Tensor],
-               exp_avg_sq: dict[str, torch.Tensor], steps: list[int], active: list[bool], cfg: Config) -> None:
+               exp_avg_sq: dict[str, torch.Tensor], steps: list[int], active: list[bool],
+               cfg: Config) -> None:
     """torch.optim.Adam's foreach step on stacked tensors [K, ...], one step count per client.
 
     The same elementwise ops in the same order as torch.optim.Adam(foreach=True), so a client's
@@ -224,7 +225,8 @@ def _adam_step(params: dict[str, torch.Tensor], grads: list[torch.Tensor], exp_a
         torch._foreach_div_(denom, [per_client(bc2_sqrt, d) for d in denom])
         torch._foreach_add_(denom, ADAM_EPS)
         # addcdiv takes one scalar only; (m * step) / denom is the same arithmetic
-        torch._foreach_add_(ps, torch._foreach_div(torch._foreach_mul(ms, [per_client(step_size, m) for m in ms]),
+        steps_scaled = torch._foreach_mul(ms, [per_client(step_size, m) for m in ms])
+        torch._foreach_add_(ps, torch._foreach_div(steps_scaled,
                                                    denom))
     for old, t in kept:  # clients that sat this step out
         t[idle] = old
@@ -295,12 +297,14 @@ def train_group(model: nn.Module, diffusion: Diffusion, data: ImageSet,
     while not all(c.done for c in clients):
         active = [not c.done for c in clients]
         batches = [_next_batch(c, data, cfg, calls, memory_format) if a else None
-                   for c, a in zip(clients, active)]
+                   for c, a in zip(clients, active, strict=True)]
         sizes = [len(bt.y) if bt is not None else 0 for bt in batches]
         rows = max(sizes)
         template = next(bt for bt in batches if bt is not None)
 
-        def stacked(get: Callable[[_Batch], torch.Tensor]) -> torch.Tensor:
+        def stacked(get: Callable[[_Batch], torch.Tensor], batches: list[_Batch | None] = batches,
+                    rows: int = rows, template: _Batch = template) -> torch.Tensor:
+            # bound as defaults: this step's batches, not the loop's later ones
             return torch.stack([_pad(get(bt), rows) if bt is not None else _pad(get(template)[:0], rows)
                                 for bt in batches])
 
@@ -314,12 +318,12 @@ def train_group(model: nn.Module, diffusion: Diffusion, data: ImageSet,
                 valid = torch.stack([(torch.arange(rows, device=device) < s).float() for s in sizes])
                 grads, losses = grad_padded(params, buffers, x, y, log_snr, eps, masks, valid)
 
-        for c, a in zip(clients, active):
+        for c, a in zip(clients, active, strict=True):
             c.steps += a
         _adam_step(params, [grads[name] for name in names], exp_avg, exp_avg_sq,
                    [c.steps for c in clients], active, cfg)
 
-        for i, (c, a) in enumerate(zip(clients, active)):
+        for i, (c, a) in enumerate(zip(clients, active, strict=True)):
             if a:
                 c.loss_sum += losses[i]
                 if on_step is not None:
@@ -344,9 +348,11 @@ class GroupedClientTrainer:
         self.shards, self.on_step = shards, on_step
         # the start of every client: the weights the model holds now (the global model)
         self.start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        steps = {k: local_steps(len(s), cfg.optim.batch_size, cfg.fed.local_epochs) for k, s in shards.items()}
+        steps = {k: local_steps(len(s), cfg.optim.batch_size, cfg.fed.local_epochs)
+                 for k, s in shards.items()}
         self.groups = group_clients(list(shards), steps, cfg.train.clients_at_once)
-        self._trained: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, LocalResult]] = {}
+        Trained = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, LocalResult]
+        self._trained: dict[int, Trained] = {}
 
     @torch.no_grad()
     def result(self, client: int) -> LocalResult:

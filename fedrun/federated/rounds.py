@@ -93,7 +93,8 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         mine = assignment[info.rank]
         if info.is_main and not warned_idle and not all(assignment):
             warnings.warn(f"round {r}: {sum(not a for a in assignment)} rank(s) have no client: more "
-                          f"ranks ({info.world_size}) than clients per round ({len(clients)}); they add zeros")
+                          f"ranks ({info.world_size}) than clients per round ({len(clients)}); "
+                          f"they add zeros", stacklevel=2)
             warned_idle = True
         log.start_round(r, sum(local_steps(sizes[k], cfg.optim.batch_size, f.local_epochs) for k in mine))
 
@@ -102,8 +103,9 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         grouped = None
         if cfg.train.clients_at_once > 1:  # experimental: K of this rank's clients at once (same maths)
             from ..experimental.multiclient import GroupedClientTrainer
-            grouped = GroupedClientTrainer(model, diffusion, train_set, {k: shard_idx[k] for k in mine if sizes[k]},
-                                    cfg, r, on_step=log.step)
+            grouped = GroupedClientTrainer(model, diffusion, train_set,
+                                           {k: shard_idx[k] for k in mine if sizes[k]}, cfg, r,
+                                           on_step=log.step)
         for k in mine:
             if sizes[k] == 0:
                 continue  # an empty client has nothing to train on and weight zero
@@ -118,7 +120,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
             loss = float(res.loss_sum) / max(res.steps, 1)  # one host sync per client
             if not (np.isfinite(loss) and all_finite(model)):
                 warnings.warn(f"round {r}: client {k} produced a non-finite loss or weights; "
-                              f"it is left out of this round's average")
+                              f"it is left out of this round's average", stacklevel=2)
                 buffer[P + SKIPPED_SLOT] += 1
                 continue
             accumulate_(buffer, model, float(sizes[k]))
@@ -144,7 +146,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
             bad_rounds = 0
         else:  # every client failed: keep the global model as it was
             bad_rounds += 1
-            warnings.warn(f"round {r}: no usable client update; the global model is unchanged")
+            warnings.warn(f"round {r}: no usable client update; the global model is unchanged", stacklevel=2)
             if bad_rounds >= f.max_bad_rounds:
                 raise TrainingDivergedError(
                     f"fed.max_bad_rounds: {bad_rounds} rounds in a row without a usable client "
@@ -183,9 +185,9 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         if scores is not None:
             record["scores"] = scores
         history.append(record)
+        skipped = f"  skipped {record['clients_skipped']}" if record["clients_skipped"] else ""
         log.end_round(record, f"round {r:>4}/{f.rounds}  loss {record['loss']:.4f}  "
-                              f"{wall:6.2f}s  {record['img_per_s']:8.1f} img/s"
-                              + (f"  skipped {record['clients_skipped']}" if record["clients_skipped"] else ""))
+                              f"{wall:6.2f}s  {record['img_per_s']:8.1f} img/s{skipped}")
         for hook in hooks:
             hook(record)
     return history

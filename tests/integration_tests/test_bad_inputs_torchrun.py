@@ -17,7 +17,8 @@ def worker_stderr(log_dir: Path) -> str:
 
 @pytest.mark.parametrize("args, expect", [
     pytest.param(["--run.mode", "centralized", "--optim.batch_size", "63"],
-                 ("optim.batch_size", "2 ranks", "multiple of 2"), id="centralized-batch-not-divisible-by-ranks"),
+                 ("optim.batch_size", "2 ranks", "multiple of 2"),
+                 id="centralized-batch-not-divisible-by-ranks"),
     pytest.param(["--fed.alpha", "0"], ("fed.alpha", "> 0"), id="config-error-is-said-once"),
 ])
 def test_bad_input_under_torchrun_fails_cleanly(tmp_path, args, expect):

@@ -19,7 +19,8 @@ def test_two_rank_benchmark_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
     overrides = {**TINY, "data.name": "synthetic", "data.synthetic_size": "300", "data.num_classes": "4",
                  "fed.rounds": "99"}  # --rounds wins over fed.rounds
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}",
            "benchmarks/round_throughput.py", "--rounds", "2", "--raw-iters", "3", "--out", str(out),
            *[f"--{k}={v}" for k, v in overrides.items()]]
     run = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
@@ -39,6 +40,7 @@ def test_two_rank_benchmark_writes_consistent_json(tmp_path):
     # the same bytes on both sides of the ratio: P parameters + 5 tail slots, fp32
     assert r["setup"]["allreduce_bytes"] == 4 * (r["setup"]["parameters"] + 5)
     assert len(s["raw_allreduce_ms_all"]) == 6 and s["raw_allreduce_ms"] > 0
-    assert s["aggregation_over_raw_allreduce"] == pytest.approx(s["aggregation_ms"] / s["raw_allreduce_ms"], rel=0.01)
+    ratio = s["aggregation_ms"] / s["raw_allreduce_ms"]
+    assert s["aggregation_over_raw_allreduce"] == pytest.approx(ratio, rel=0.01)
     assert len(s["plain_img_per_s_per_rank"]) == 2 and 0 < s["fl_efficiency"]
     assert abs(sum(s["fl_img_per_s_per_rank"]) - s["fl_img_per_s_total"]) < 0.05 * s["fl_img_per_s_total"]

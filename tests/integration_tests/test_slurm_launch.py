@@ -14,7 +14,8 @@ from helpers import ROOT, as_args, clean_env, free_port_in, tiny_overrides
 
 def test_sbatch_builds_both_launch_shapes(tmp_path):
     # a stand-in scontrol that expands the node list as SLURM's does
-    (tmp_path / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
+    (tmp_path / "scontrol").write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
     (tmp_path / "scontrol").chmod(0o755)
     env = {**clean_env(), "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "6",
            "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "42", "FEDRUN_DRY_RUN": "1",
@@ -46,7 +47,8 @@ def test_two_nodes_meet_through_the_c10d_rendezvous(tmp_path):
            "HEAD_PORT": str(port), "JOB_ID": f"test{port}", "PYTHON": sys.executable}
     cmd = ["bash", "launch/torchrun_multinode.sh",
            *as_args(tiny_overrides(tmp_path, "nodes", fed__num_clients=2, fed__clients_per_round=2))]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for _ in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errs[0][-2000:] + errs[1][-2000:]

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from helpers import ROOT, TINY, run_cli
+from fedrun.__main__ import main
+
+from helpers import ROOT, TINY
 
 SWEEPS = sorted((ROOT / "configs" / "paper").glob("*.toml"))
 
@@ -35,8 +37,7 @@ def test_tiny_alpha_sweep_then_report(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted((tmp_path / "runs").iterdir())
     assert [p.name for p in runs] == ["t_digits_a0.1", "t_digits_a5"]
-    rep = run_cli(["report", *map(str, runs), "--out", str(tmp_path / "report")])
-    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "report")]) == 0
     rows = list(csv.reader((tmp_path / "report" / "report.csv").open()))
     labels = [r[0] for r in rows[1:]]
     assert any("fed.alpha=0.1" in l for l in labels) and any("fed.alpha=5" in l for l in labels)

@@ -69,7 +69,8 @@ def test_no_good_checkpoint_is_a_clear_error(tmp_path):
     save_rounds(tmp_path, [1, 2])
     for p in checkpoint.list_checkpoints(tmp_path):
         flip_byte(p)
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="every checkpoint in .* is unusable"):
+    with pytest.warns(UserWarning), \
+            pytest.raises(CheckpointError, match="every checkpoint in .* is unusable"):
         checkpoint.load_latest(tmp_path)
     assert checkpoint.load_latest(tmp_path / "fresh") is None  # no checkpoints at all: a fresh start
 

@@ -5,15 +5,18 @@ from fedrun.config import Config, ConfigError, config_from_dict, load_config, pa
 
 def test_defaults_are_the_authors_settings():
     cfg = Config()
-    assert (cfg.fed.rounds, cfg.fed.local_epochs, cfg.fed.num_clients, cfg.fed.clients_per_round) == (300, 5, 10, 10)
+    f = cfg.fed
+    assert (f.rounds, f.local_epochs, f.num_clients, f.clients_per_round) == (300, 5, 10, 10)
     assert cfg.fed.alpha == 0.5 and cfg.optim.lr == 2e-4 and cfg.optim.batch_size == 512
     assert cfg.data.image_size == 32 and cfg.run.seed == 0 and cfg.train.precision == "auto"
 
 
 def test_toml_then_overrides(tmp_path):
     path = tmp_path / "job.toml"
-    path.write_text('[fed]\nrounds = 7\nalpha = 0.1\n[model]\nchannel_mults = [1, 2]\n[data]\nimage_size = 16\n')
-    cfg = load_config(path, parse_overrides(["--fed.rounds", "3", "--optim.lr=1e-3", "--data.hflip", "false"]))
+    path.write_text('[fed]\nrounds = 7\nalpha = 0.1\n[model]\nchannel_mults = [1, 2]\n'
+                    '[data]\nimage_size = 16\n')
+    overrides = parse_overrides(["--fed.rounds", "3", "--optim.lr=1e-3", "--data.hflip", "false"])
+    cfg = load_config(path, overrides)
     assert cfg.fed.rounds == 3 and cfg.fed.alpha == 0.1 and cfg.optim.lr == 1e-3
     assert cfg.model.channel_mults == [1, 2] and cfg.data.hflip is False
 

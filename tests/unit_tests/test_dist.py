@@ -45,7 +45,8 @@ def test_launch_env_srun_task_variables():
 
 
 def test_restarts_with_the_agent_store_are_detected():
-    assert restarts_share_agent_store({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"})
-    assert not restarts_share_agent_store({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "0"})
+    agent = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert restarts_share_agent_store({**agent, "TORCHELASTIC_MAX_RESTARTS": "3"})
+    assert not restarts_share_agent_store({**agent, "TORCHELASTIC_MAX_RESTARTS": "0"})
     assert not restarts_share_agent_store({"TORCHELASTIC_USE_AGENT_STORE": "False",
                                            "TORCHELASTIC_MAX_RESTARTS": "3"})

@@ -42,7 +42,8 @@ def test_a_bad_fault_spec_is_a_clear_error(spec):
 
 
 def test_a_nan_plan_poisons_only_its_round_client_and_first_step(monkeypatch):
-    model = build_model(ModelConfig(base_channels=4, channel_mults=[1, 2], blocks_per_level=1, mid_blocks=2), 1, 3)
+    small = ModelConfig(base_channels=4, channel_mults=[1, 2], blocks_per_level=1, mid_blocks=2)
+    model = build_model(small, 1, 3)
     first = next(model.parameters())
     monkeypatch.setattr(faults, "PLAN", faults.parse("nan:2:1"))
     for round_, client, step in [(1, 1, 1), (2, 0, 1), (2, 1, 2), (3, 1, 1)]:

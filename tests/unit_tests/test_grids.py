@@ -45,13 +45,14 @@ def test_bar_widths_sum_to_width_and_follow_shares():
     for width in (7, 50, 173):
         w = grids.bar_widths(shares, width)
         assert sum(w) == width
-        assert all(abs(a - s * width) < 1 for a, s in zip(w, shares))
+        assert all(abs(a - s * width) < 1 for a, s in zip(w, shares, strict=True))
 
 
 def test_client_grid_strip_matches_cluster_shares(tmp_path):
     # 10 images of 3 pure colours: pixel shares exactly 0.5 red, 0.3 green, 0.2 blue
     colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]])
-    which = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)[torch.randperm(10, generator=torch.Generator().manual_seed(0))]
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    which = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)[order]
     images = colours[which].view(10, 3, 1, 1).expand(10, 3, 6, 6).contiguous()
     path = tmp_path / "client.png"
     palette = grids.save_client_grid(images, path, k=3, nrow=5, padding=2, strip_height=7)
@@ -71,7 +72,7 @@ def test_client_grid_strip_matches_cluster_shares(tmp_path):
     assert [c for c, _ in runs] == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
     widths = [n for _, n in runs]
     assert widths == grids.bar_widths(palette.shares, grid_w)
-    assert all(abs(n - s * grid_w) < 1 for n, s in zip(widths, [0.5, 0.3, 0.2]))
+    assert all(abs(n - s * grid_w) < 1 for n, s in zip(widths, [0.5, 0.3, 0.2], strict=True))
     assert (png[7:9] == 255).all()  # white gap between strip and grid
 
 

@@ -60,7 +60,7 @@ def test_k_clients_at_once_equal_train_local_client_by_client(tmp_path, extra):
         diff = (mine - theirs).abs().max().item()
         moved = (theirs - start).abs().max().item()
         print(f"client {k}: max |K-at-once - sequential| = {diff:.3g}, update size {moved:.3g}")
-        assert diff < 1e-6 < 1e-3 < moved
+        assert diff < 1e-6 and moved > 1e-3  # rounding only, against a real update
         assert (results[k].steps, results[k].images) == (steps, images)
         assert float(results[k].loss_sum) == pytest.approx(loss, rel=1e-5)
     # the clients really differ from each other (their own data and random streams)
@@ -87,7 +87,7 @@ def test_a_round_with_clients_at_once_equals_the_sequential_round(tmp_path):
     diff = max((one[k] - three[k]).abs().max().item() for k in one)
     moved = max((one[k] - v).abs().max().item() for k, v in init.state_dict().items())
     print(f"max |theta_K=3 - theta_K=1| after one round = {diff:.3g} (update size {moved:.3g})")
-    assert diff < 1e-6 < 1e-3 < moved
+    assert diff < 1e-6 and moved > 1e-3  # rounding only, against a real update
 
 
 def test_clients_at_once_config_checks(tmp_path):

@@ -18,8 +18,8 @@ def test_same_seed_same_partition_other_seed_other_partition():
     a = partition(LABELS, 10, "dirichlet", 0.5, seed=3)
     b = partition(LABELS, 10, "dirichlet", 0.5, seed=3)
     c = partition(LABELS, 10, "dirichlet", 0.5, seed=4)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def skew(alpha: float) -> float:

@@ -66,7 +66,8 @@ def test_centralized_run_is_not_labelled_with_federated_settings(tmp_path):
 def test_runs_of_two_data_sets_share_rows_and_missing_scores_show_a_dash(tmp_path):
     dirs = [_run(tmp_path, f"{ds}_{mode}", None if (ds, mode) == ("synthetic", "centralized") else _scores(i),
                  run__mode=mode, data__name=ds, data__channels=3 if ds == "synthetic" else 1)
-            for i, (ds, mode) in enumerate([(d, m) for d in ("digits", "synthetic") for m in ("fedavg", "centralized")], 1)]
+            for i, (ds, mode) in enumerate([(d, m) for d in ("digits", "synthetic")
+                                            for m in ("fedavg", "centralized")], 1)]
     table, paths = report.make_report(dirs)
     assert paths["md"].parent == tmp_path  # default: next to the runs
     assert table.datasets == ["digits", "synthetic"]

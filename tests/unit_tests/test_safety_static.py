@@ -24,7 +24,8 @@ def violations(source: str, where: str = "<src>") -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-            bad = {n.split(".")[0] for n in names if n} & {"marshal", "shelve", "dill", "cloudpickle", "joblib"}
+            unsafe = {"marshal", "shelve", "dill", "cloudpickle", "joblib"}
+            bad = {n.split(".")[0] for n in names if n} & unsafe
             found += [f"{where}:{node.lineno}: imports {b}" for b in sorted(bad)]
             if isinstance(node, ast.ImportFrom) and node.module == "pickle":
                 found.append(f"{where}:{node.lineno}: from pickle import ...")

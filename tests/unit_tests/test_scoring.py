@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +27,7 @@ def test_frechet_distance_is_zero_on_itself_and_grows_with_noise():
     noise = rng.normal(size=feats.shape)
     dists = [scores.frechet_distance(feats, feats + s * noise) for s in (0.1, 0.3, 1.0, 3.0, 10.0)]
     assert dists[0] > 1e-3
-    assert all(a < b for a, b in zip(dists, dists[1:])), dists
+    assert all(a < b for a, b in zip(dists, dists[1:], strict=False)), dists
 
 
 def test_frechet_distance_of_shifted_mean_is_squared_shift():
@@ -76,7 +78,8 @@ def test_missing_inception_weights_raise_with_the_fix(tmp_path, monkeypatch):
     assert not missing.exists()  # nothing fetched or created
 
     # the Scorer fails the same way, before any reference statistics are computed
-    fake = SimpleNamespace(images=torch.zeros(4, 1, 8, 8), labels=torch.zeros(4, dtype=torch.long), num_classes=2)
+    fake = SimpleNamespace(images=torch.zeros(4, 1, 8, 8), labels=torch.zeros(4, dtype=torch.long),
+                           num_classes=2)
     with pytest.raises(MetricsError, match="FEDRUN_INCEPTION_WEIGHTS"):
         scorer.Scorer("inception", "toy", fake, fake, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
@@ -128,11 +131,12 @@ def _digits():
 
 
 @pytest.fixture(scope="module")
-def digits_scorer(tmp_path_factory):
+def digits_scorer():
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # module scope: the autouse one-thread fixture is per test
     train, test = _digits()
-    cache = tmp_path_factory.mktemp("cache")
+    # the session's cache (conftest.py): the classifier trained here serves every later test
+    cache = Path(os.environ["FEDRUN_CACHE_DIR"])
     made = scorer.Scorer("classifier", "digits", train, test, cache_dir=cache, batch_size=256)
     torch.set_num_threads(before)
     return SimpleNamespace(scorer=made, train=train, test=test, cache=cache)

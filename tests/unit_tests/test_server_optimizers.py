@@ -92,7 +92,8 @@ def test_fedadagrad_by_hand():
 
 @pytest.mark.parametrize("name", sorted(SERVER_OPTIMIZERS))
 def test_a_resumed_rule_continues_bit_for_bit(name):
-    cfg = load_config(None, {"fed.server_opt": name, "fed.server_lr": "0.3", "fed.server_momentum": "0.7"}).fed
+    cfg = load_config(None, {"fed.server_opt": name, "fed.server_lr": "0.3",
+                             "fed.server_momentum": "0.7"}).fed
     g = torch.Generator().manual_seed(0)
     x0, averages = torch.randn(50, generator=g), [torch.randn(50, generator=g) for _ in range(3)]
 
@@ -111,8 +112,10 @@ def test_a_resumed_rule_continues_bit_for_bit(name):
 
 
 def test_config_keys_reach_the_rule():
-    cfg = load_config(None, {"fed.server_opt": "fedyogi", "fed.server_lr": "0.01", "fed.server_momentum": "0.8",
+    cfg = load_config(None, {"fed.server_opt": "fedyogi", "fed.server_lr": "0.01",
+                             "fed.server_momentum": "0.8",
                              "fed.server_beta2": "0.95", "fed.server_tau": "1e-4"}).fed
     assert build_server_optimizer(cfg) == FedYogi(lr=0.01, beta1=0.8, beta2=0.95, tau=1e-4)
-    cfg = load_config(None, {"fed.server_opt": "fedavgm", "fed.server_lr": "0.5", "fed.server_momentum": "0.3"}).fed
+    cfg = load_config(None, {"fed.server_opt": "fedavgm", "fed.server_lr": "0.5",
+                             "fed.server_momentum": "0.3"}).fed
     assert build_server_optimizer(cfg) == FedAvgM(lr=0.5, momentum=0.3)
