@@ -52,7 +52,7 @@ from fedrun.config import Config, load_config, parse_overrides  # noqa: E402
 from fedrun.data import ImageSet, load_split, random_hflip  # noqa: E402
 from fedrun.diffusion import Diffusion  # noqa: E402
 from fedrun.evaluation.evaluator import Evaluator  # noqa: E402
-from fedrun.federated.flat import TAIL, num_flat  # noqa: E402
+from fedrun.federated.flat import buffer_size, num_flat  # noqa: E402
 from fedrun.federated.rounds import RoundHook, run_fedavg, sample_clients  # noqa: E402
 from fedrun.federated.server import build_server_optimizer  # noqa: E402
 from fedrun.logs import RunLogger  # noqa: E402
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     evaluator = Evaluator(cfg, info, train_set, test_set)
     train_set = train_set.to(device)
     model, diffusion = build(cfg, train_set.num_classes, device)
-    numel = num_flat(model) + TAIL
+    numel = buffer_size(num_flat(model), world)
     nbytes = numel * 4
 
     raw_before = raw_allreduce_ms(numel, device, args.raw_iters)
@@ -313,6 +313,7 @@ def summarize(args: argparse.Namespace, cfg: Config, info: dist.DistInfo, ranks:
             "local_train_s": rec["local_train_s"],
             "local_train_s_per_rank": [h["local_train_s"] for h in per_rank],
             "aggregate_s": rec["aggregate_s"],
+            "wait_s_per_rank": [h.get("wait_s") for h in per_rank],  # inside aggregate_s
             "checkpoint_s": rec["checkpoint_s"],
             "eval_s": rec.get("eval_s", 0.0),
             "other_s": round(rec["wall_s"] - rec["local_train_s"] - rec["aggregate_s"] - rec["checkpoint_s"]
@@ -342,6 +343,9 @@ def summarize(args: argparse.Namespace, cfg: Config, info: dist.DistInfo, ranks:
         "raw_allreduce_ms_all": [round(x, 3) for x in raw_all],
         "raw_allreduce_gb_per_s": round(nbytes / (raw_ms / 1e3) / 1e9, 3) if raw_all and raw_ms > 0 else None,
         "aggregation_over_raw_allreduce": round(agg_ms / raw_ms, 3) if raw_all and raw_ms > 0 else None,
+        # share of all ranks' round time spent waiting for the slowest rank (imbalance as imbalance)
+        "wait_share_of_rank_time": round(sum(sum(r["wait_s_per_rank"]) for r in st)
+                                         / (world * sum(r["wall_s"] for r in st)), 4),
         "load_imbalance_s": round(statistics.median(max(r["local_train_s_per_rank"])
                                                     - min(r["local_train_s_per_rank"]) for r in st), 4),
         "peak_rss_mb_round1_vs_last": [[rk["history"][0].get("peak_rss_mb"),

@@ -2,11 +2,14 @@
 
 One round's whole communication is one all_reduce(SUM) of one buffer laid out as
 
-    [ n_1 theta_1 + ... + n_K theta_K  (P floats) | n | loss * n | images | skipped | trained ]
+    [ n_1 theta_1 + ... + n_K theta_K  (P floats) | n | loss * n | images | skipped | trained |
+      local training seconds of rank 0 | ... | of rank W-1 ]
 
-where the tail (``TAIL`` slots) carries the statistics the server needs, so nothing else has to
-travel. Each rank adds its own clients into the buffer tensor by tensor (no flat copy of a
-model), and ``weighted_average`` turns the summed buffer into the FedAvg average.
+where the tail (``TAIL`` statistics, then one timing slot per rank, each written only by its
+rank) carries what the server and the telemetry need, so nothing else has to travel: after the
+sum every rank knows how long every rank trained, hence how long it waited for the slowest.
+Each rank adds its own clients into the buffer tensor by tensor (no flat copy of a model), and
+``weighted_average`` turns the summed buffer into the FedAvg average.
 """
 
 from __future__ import annotations
@@ -54,7 +57,12 @@ def all_finite(model: nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in float_tensors(model)]).all())
 
 
-def weighted_average(buffer: torch.Tensor) -> tuple[torch.Tensor, float]:
+def buffer_size(num_params: int, world_size: int) -> int:
+    """Floats in the aggregation buffer: parameters, statistics, one timing slot per rank."""
+    return num_params + TAIL + world_size
+
+
+def weighted_average(buffer: torch.Tensor, num_params: int) -> tuple[torch.Tensor, float]:
     """After the all_reduce: (sum_k n_k theta_k / sum_k n_k, sum_k n_k)."""
-    n = float(buffer[-TAIL + N_SLOT])
-    return buffer[:-TAIL] / max(n, 1.0), n
+    n = float(buffer[num_params + N_SLOT])
+    return buffer[:num_params] / max(n, 1.0), n

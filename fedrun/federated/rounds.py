@@ -41,6 +41,7 @@ from .flat import (
     TRAINED_SLOT,
     accumulate_,
     all_finite,
+    buffer_size,
     flatten,
     load_flat_,
     weighted_average,
@@ -79,7 +80,8 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
     shard_idx = {k: torch.as_tensor(s, dtype=torch.long, device=device) for k, s in enumerate(shards)}
     global_flat = flatten(model)
     P = global_flat.numel()
-    buffer = torch.zeros(P + TAIL, device=device)
+    buffer = torch.zeros(buffer_size(P, info.world_size), device=device)
+    TIMES = P + TAIL  # first of the per-rank timing slots
     bad_rounds = 0
     warned_idle = False
     history: list[dict[str, Any]] = []
@@ -131,14 +133,16 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_local = time.perf_counter() - t0 - t_grids
+        buffer[TIMES + info.rank] = t_local  # every rank learns every rank's training time
 
         t1 = time.perf_counter()
         dist.all_reduce_sum(buffer)  # <- the whole FedAvg communication of the round
         if device.type == "cuda":
             torch.cuda.synchronize()  # .tolist() below syncs anyway; this times the collective alone
         t_allreduce = time.perf_counter() - t1  # includes waiting for the slowest rank
-        average, n = weighted_average(buffer)
-        stats = buffer[P:].tolist()
+        average, n = weighted_average(buffer, P)
+        stats = buffer[P:TIMES].tolist()
+        per_rank = buffer[TIMES:].tolist()
         t_agg = time.perf_counter() - t1
 
         if n > 0:
@@ -173,7 +177,9 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
             "images": int(images),
             "wall_s": round(wall, 4),
             "local_train_s": round(t_local, 4),
-            "aggregate_s": round(t_agg, 4),
+            "aggregate_s": round(t_agg, 4),  # includes wait_s
+            "wait_s": round(max(per_rank) - t_local, 4),  # this rank idle, waiting for the slowest
+            "local_train_s_per_rank": [round(t, 4) for t in per_rank],
             "checkpoint_s": round(t_ckpt, 4),
             "eval_s": round(t_eval, 4),
             "img_per_s": round(images / t_train, 2),
@@ -186,8 +192,9 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
             record["scores"] = scores
         history.append(record)
         skipped = f"  skipped {record['clients_skipped']}" if record["clients_skipped"] else ""
+        waited = f"  waited {record['wait_s']:.2f}s" if info.distributed else ""  # for the slowest rank
         log.end_round(record, f"round {r:>4}/{f.rounds}  loss {record['loss']:.4f}  "
-                              f"{wall:6.2f}s  {record['img_per_s']:8.1f} img/s{skipped}")
+                              f"{wall:6.2f}s  {record['img_per_s']:8.1f} img/s{waited}{skipped}")
         for hook in hooks:
             hook(record)
     return history

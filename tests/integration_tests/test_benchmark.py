@@ -37,8 +37,8 @@ def test_two_rank_benchmark_writes_consistent_json(tmp_path):
         assert abs(parts - x["wall_s"]) < 1e-3 and min(x["local_train_s"], x["other_s"] + 1e-3) > 0
         assert x["images"] == 300  # 4 clients x 1 epoch: every image once
         assert len(x["peak_rss_mb_per_rank"]) == 2 and all(m > 0 for m in x["peak_rss_mb_per_rank"])
-    # the same bytes on both sides of the ratio: P parameters + 5 tail slots, fp32
-    assert r["setup"]["allreduce_bytes"] == 4 * (r["setup"]["parameters"] + 5)
+    # the same bytes on both sides of the ratio: P parameters + 5 statistics + a timing slot per rank
+    assert r["setup"]["allreduce_bytes"] == 4 * (r["setup"]["parameters"] + 5 + 2)
     assert len(s["raw_allreduce_ms_all"]) == 6 and s["raw_allreduce_ms"] > 0
     ratio = s["aggregation_ms"] / s["raw_allreduce_ms"]
     assert s["aggregation_over_raw_allreduce"] == pytest.approx(ratio, rel=0.01)

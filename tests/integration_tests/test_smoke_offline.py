@@ -38,6 +38,7 @@ def test_two_round_digits_run_learns_and_writes_its_outputs_offline(tmp_path):
     assert Image.open(run / "samples" / "final.png").size == (3 * 33 + 1, 10 * 33 + 1)
     assert (run / "partition.png").exists()
     # the last round's client grids are evaluation, not training: timed as such
+    assert rounds[0]["eval_s"] == 0 and rounds[1]["eval_s"] > 0
     assert sorted(p.name for p in (run / "clients" / "round_0002").iterdir()) == \
         [f"client_{k:02d}.png" for k in rounds[-1]["clients"]]
     summary = json.loads((run / "summary.json").read_text())

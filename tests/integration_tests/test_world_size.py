@@ -81,6 +81,12 @@ def test_torchrun_two_ranks_over_loopback_only(one_process, tmp_path):
     res = run_cli(as_args(tiny_overrides(tmp_path, "two", sample__per_class=1, **LAYOUT)), nproc=2, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert guarded_processes(env) == 3 and network_attempts(env) == ""  # torchrun and both ranks
+    # telemetry: each rank's training time crossed the all_reduce; rank 0's wait is the gap to the slowest
+    for rec in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()):
+        times = rec["local_train_s_per_rank"]
+        assert len(times) == 2 and min(times) > 0
+        assert times[0] == pytest.approx(rec["local_train_s"], abs=1e-3)
+        assert rec["wait_s"] == pytest.approx(max(times) - times[0], abs=2e-3) and rec["wait_s"] >= -1e-3
     assert world_sizes(tmp_path / "two") == [2, 2]  # a real 2-rank group; rank 0 alone logs
     assert (tmp_path / "two" / "samples" / "final.png").exists()
     assert_same_model(one_process, tmp_path / "two")

@@ -5,7 +5,15 @@ import torch
 from fedrun import checkpoint
 from fedrun.config import load_config
 from fedrun.dist import assign_clients
-from fedrun.federated.flat import N_SLOT, TAIL, accumulate_, flatten, load_flat_, num_flat, weighted_average
+from fedrun.federated.flat import (
+    N_SLOT,
+    accumulate_,
+    buffer_size,
+    flatten,
+    load_flat_,
+    num_flat,
+    weighted_average,
+)
 from fedrun.federated.rounds import sample_clients
 from fedrun.models import build, build_model
 from fedrun.train import train
@@ -23,11 +31,12 @@ def small_model(seed: int) -> torch.nn.Module:
 def test_flat_buffer_weighted_average_is_exact():
     a, b = small_model(1), small_model(2)
     n1, n2 = 3.0, 17.0
-    buffer = torch.zeros(num_flat(a) + TAIL)
+    P = num_flat(a)
+    buffer = torch.zeros(buffer_size(P, world_size=2))
     for model, n in ((a, n1), (b, n2)):
         accumulate_(buffer, model, n)
-        buffer[-TAIL + N_SLOT] += n
-    average, n = weighted_average(buffer)
+        buffer[P + N_SLOT] += n
+    average, n = weighted_average(buffer, P)
     expected = (n1 * flatten(a).double() + n2 * flatten(b).double()) / (n1 + n2)
     assert n == n1 + n2
     # fp32: two products, one sum and one division, each rounded once, so the error is at most
