@@ -26,16 +26,17 @@ NODE="$(hostname -s)"
 PARTITION=local
 CONF="$STATE/slurm.conf"
 export SLURM_CONF="$CONF"
-DAEMONS=(slurmd slurmctld munged)  # the order `down` stops them in
+export PATH="$PATH:/usr/sbin:/sbin"  # slurmctld, slurmd, munged
+DAEMONS=(munged slurmctld slurmd)
 
 die() { echo "slurm_local_cluster: $*" >&2; exit 1; }
 say() { echo "slurm_local_cluster: $*" >&2; }
 
-pid_of() {  # the live pid recorded for daemon $1, or nothing
+pid_of() {  # the live pid recorded for daemon $1, or nothing (a stale file's pid may be reused)
   local f="$STATE/$1.pid" pid
   [[ -s "$f" ]] || return 0
   pid=$(<"$f")
-  if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
+  if [[ "$pid" =~ ^[0-9]+$ ]] && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1" ]]; then echo "$pid"; fi
 }
 
 installed() { command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
@@ -91,7 +92,8 @@ ReturnToService=2
 SlurmdTimeout=60
 KillWait=5
 InactiveLimit=0
-MinJobAge=300
+# sbatch --wait polls every 2 s only while MinJobAge <= 5 (else 2 s, then 8 s, then 32 s)
+MinJobAge=5
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -131,8 +133,19 @@ cmd_up() {
     start_daemon slurmctld
     start_daemon slurmd
   fi
-  local deadline=$((SECONDS + WAIT)) state=""
+  if ! getent hosts "$NODE" >/dev/null; then  # jobs get it in SLURM_JOB_NODELIST and connect to it
+    say "warning: this node's name '$NODE' does not resolve; launch/slurm.sbatch uses it as the" \
+        "rendezvous address. Add '127.0.0.1 $NODE' to /etc/hosts."
+  fi
+  local deadline=$((SECONDS + WAIT)) state="" d
   while [[ $SECONDS -lt $deadline ]]; do
+    for d in "${DAEMONS[@]}"; do
+      if [[ -z "$(pid_of "$d")" ]]; then  # e.g. its port is taken
+        echo "--- $STATE/$d.log" >&2; tail -n 15 "$STATE/$d.log" >&2 2>/dev/null || true
+        cmd_down
+        die "$d exited while starting (log above)"
+      fi
+    done
     state=$(node_state)
     case "$state" in
       idle|mixed|allocated) say "node $NODE is $state; export SLURM_CONF=$CONF"; return 0 ;;
@@ -148,16 +161,29 @@ cmd_up() {
   die "node $NODE not idle after ${WAIT}s (state: '${state:-no answer from slurmctld}')"
 }
 
-stop_pid() {  # $1 name, $2 pid: TERM, wait up to 10 s, then KILL
-  local i
-  kill "$2" 2>/dev/null || return 0
-  for i in $(seq 100); do kill -0 "$2" 2>/dev/null || return 0; sleep 0.1; done
-  say "$1 ($2) ignored SIGTERM; killing it"
-  kill -KILL "$2" 2>/dev/null || true
+stop_all() {  # SIGTERM to every daemon at once (each takes 1-2 s to exit), wait 15 s, then SIGKILL
+  local d pid i pids=() names=()
+  for d in "${DAEMONS[@]}"; do
+    pid=$(pid_of "$d")
+    if [[ -n "$pid" ]] && kill "$pid" 2>/dev/null; then pids+=("$pid"); names+=("$d"); fi
+  done
+  for i in $(seq 150); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [[ $alive == 0 ]] && break
+    sleep 0.1
+  done
+  for i in "${!pids[@]}"; do
+    if kill -0 "${pids[$i]}" 2>/dev/null; then
+      say "${names[$i]} (${pids[$i]}) ignored SIGTERM; killing it"
+      kill -KILL "${pids[$i]}" 2>/dev/null || true
+    fi
+  done
+  for d in "${DAEMONS[@]}"; do rm -f "$STATE/$d.pid"; done
 }
 
 cmd_down() {
-  local d pid i
+  local i
   if [[ -n "$(pid_of slurmctld)" && -f "$CONF" ]]; then
     # end the jobs first, so that no slurmstepd or task outlives the cluster
     scancel --partition="$PARTITION" >/dev/null 2>&1 || true
@@ -166,11 +192,7 @@ cmd_down() {
       sleep 0.1
     done
   fi
-  for d in "${DAEMONS[@]}"; do
-    pid=$(pid_of "$d")
-    [[ -n "$pid" ]] && stop_pid "$d" "$pid"
-    rm -f "$STATE/$d.pid"
-  done
+  stop_all
   say "stopped"
 }
 
