@@ -132,7 +132,13 @@ class EvalConfig:
     inception_weights: str = ""  # "" = $FEDRUN_INCEPTION_WEIGHTS, then clean-fid's location
     batch_size: int = 500
     cache_dir: str = ""  # "" = $FEDRUN_CACHE_DIR or ~/.cache/fedrun
-    local_models_at: list[int] = field(default_factory=list)  # rounds with per-client grids
+    local_models_at: list[int] = field(default_factory=list)  # rounds with per-client grids and scores
+    kid: bool = True  # KID against the test split (and per class)
+    kid_subsets: int = 100  # KID: random subsets averaged (clean-fid's default)
+    kid_subset_size: int = 1000  # KID: vectors per subset, capped by both set sizes (clean-fid's default)
+    prdc_k: int = 5  # k of precision/recall/density/coverage against the test split; 0 = off
+    per_class: bool = True  # FID/KID of the samples of class c against the test images of class c
+    client_samples: int = 0  # per-client scores: samples of each local model at local_models_at; 0 = off
 
 
 @dataclass
@@ -421,6 +427,12 @@ def validate(cfg: Config) -> None:
     _require(e.steps >= 1, "eval.steps", "must be >= 1")
     _require(0.0 <= e.eta <= 1.0, "eval.eta", "must be in [0, 1]")
     _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _require(e.kid_subsets >= 1, "eval.kid_subsets", f"must be >= 1, got {e.kid_subsets}")
+    _require(e.kid_subset_size >= 2, "eval.kid_subset_size",
+             f"KID's unbiased estimate needs subsets of >= 2 vectors, got {e.kid_subset_size}")
+    _require(e.prdc_k >= 0, "eval.prdc_k", f"must be >= 0 (0 = no precision/recall), got {e.prdc_k}")
+    _require(e.client_samples >= 0, "eval.client_samples",
+             f"must be >= 0 (0 = no per-client scores), got {e.client_samples}")
 
 
 # --------------------------------------------------------------------------------------------

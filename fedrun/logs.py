@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,19 @@ class RunLogger:
         if "scores" in record:
             sc = record["scores"]
             line += (f"  IS {sc['is_mean']:.2f}  FID train {sc['fid_train']:.2f}  "
-                     f"test {sc['fid_test']:.2f} ({sc['extractor']})")
+                     f"test {sc['fid_test']:.2f}")
+            if sc.get("kid_test") is not None:
+                line += f"  KID {1e3 * sc['kid_test']:.2f}e-3"
+            if sc.get("precision") is not None:
+                line += f"  P {sc['precision']:.2f} R {sc['recall']:.2f}"
+            fid, is_ = sc["extractor"], sc.get("is_extractor", sc["extractor"])
+            line += f" ({fid})" if fid == is_ else f" ({fid}; IS {is_})"
+        if record.get("client_scores"):
+            own = [r["fid_own"] for r in record["client_scores"] if r.get("fid_own") is not None]
+            test = [r["fid_test"] for r in record["client_scores"] if r.get("fid_test") is not None]
+            if own and test:
+                line += (f"  local FID own/test (median of {len(own)}) "
+                         f"{statistics.median(own):.2f}/{statistics.median(test):.2f}")
         self.console.print(line)
         if self.progress is not None:
             self.progress.advance(self.rounds_task)

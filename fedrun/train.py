@@ -21,7 +21,13 @@ from .centralized import run_centralized
 from .config import Config, load_config
 from .data import load_split
 from .errors import ConfigError, RunDirError
-from .evaluation.evaluator import Evaluator, check_inception_weights, scores_table
+from .evaluation.evaluator import (
+    Evaluator,
+    check_eval_sizes,
+    check_inception_weights,
+    clients_table,
+    scores_table,
+)
 from .evaluation.grids import save_partition_histogram
 from .federated.rounds import RoundHook, run_fedavg
 from .federated.server import build_server_optimizer
@@ -80,6 +86,7 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
     check_inception_weights(cfg)
     train_set = load_split(cfg.data, "train")
     test_set = load_split(cfg.data, "test") if cfg.eval.enabled else None
+    check_eval_sizes(cfg, test_set)
     f = cfg.fed
     shards = partition(train_set.labels.numpy(), f.num_clients, f.partition, f.alpha, cfg.run.seed,
                        f.min_client_size, f.max_resample) if cfg.run.mode == "fedavg" \
@@ -98,7 +105,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             if empty and info.is_main:
                 warnings.warn(f"clients {empty} received no images (fed.alpha={f.alpha}); they "
                               f"contribute nothing. Set fed.min_client_size to avoid this.", stacklevel=2)
-        evaluator = Evaluator(cfg, info, train_set, test_set)  # reference stats before training
+        evaluator = Evaluator(cfg, info, train_set, test_set,  # reference stats before training
+                              shards=shards if cfg.run.mode == "fedavg" else None)
         train_set = train_set.to(info.device)
         model, diffusion = build(cfg, train_set.num_classes, info.device)
         server = build_server_optimizer(f)
@@ -142,6 +150,7 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             # from metrics.jsonl, so that a resumed run reports its earlier rounds too
             rounds = [json.loads(line) for line in log.metrics_path.read_text().splitlines()]
             scored = [{"round": r["round"], **r["scores"]} for r in rounds if "scores" in r]
+            client_scores = {str(r["round"]): r["client_scores"] for r in rounds if "client_scores" in r}
             summary = {
                 "config": cfg.to_dict(),
                 "rounds": f.rounds,
@@ -151,9 +160,17 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
                 "wall_s": round(time.perf_counter() - t_start, 2),
                 "scores": scored[-1] if scored else {},
                 "score_history": scored,
+                "client_scores": client_scores,  # round -> one row per client scored then
             }
             if scored:
                 log.console.print(scores_table(scored))
+            if client_scores:
+                last = max(client_scores, key=int)
+                final = scored[-1] if scored else {}
+                log.console.print(clients_table(
+                    client_scores[last], final.get("clients"),
+                    title=f"per client: local models at round {last}, global model at round "
+                          f"{final.get('round', '-')}"))
             (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log.print(f"done in {summary['wall_s']:.1f}s. outputs in {cfg.run_dir}/: samples/final.png"
                       f"{'' if grid else ' (no grid)'}, metrics.jsonl, checkpoints/, summary.json")

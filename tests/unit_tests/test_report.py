@@ -97,3 +97,34 @@ def test_a_data_setting_varied_within_one_data_set_is_a_label(tmp_path):
     dirs = [_run(tmp_path, n, _scores(1), data__hflip=flip) for n, flip in (("f", False), ("t", True))]
     table = report.build_table([report.load_run(d) for d in dirs])
     assert table.labels == ["data.hflip=false", "data.hflip=true"]
+
+
+def test_new_scores_per_client_table_and_heat_map(tmp_path, capsys):
+    scores = {**_scores(1), "kid_test": 0.0123, "precision": 0.8, "recall": 0.6, "density": 0.9,
+              "coverage": 0.7, "is_extractor": "classifier", "extractor": "inception",
+              "per_class": {"fid_test": [5.0, 7.0, 9.0], "kid_test": [0.001, 0.002, 0.003],
+                            "count": [3, 3, 3]},
+              "clients": [{"client": 0, "images": 50, "fid_own": 4.0, "kid_own": 0.004},
+                          {"client": 1, "images": 20, "fid_own": 6.0, "kid_own": 0.006}]}
+    run = _run(tmp_path / "runs", "a", scores)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["client_scores"] = {"2": [
+        {"client": 1, "images": 20, "fid_own": 3.0, "kid_own": 0.003, "fid_test": 30.0, "kid_test": 0.03,
+         "per_class_fid_test": [40.0, 2.0, None], "per_class_kid_test": [0.04, 0.002, None]}]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "out"
+    assert report.main([str(run), "--out", str(out)]) == 0
+
+    md = (out / "report.md").read_text()
+    assert "digits KID x1e3 (test) | digits precision | digits recall" in md
+    assert "| 12.30 | 0.800 | 0.600 | 0.900 | 0.700 |" in md
+    assert "inception (IS: classifier)" in md
+    assert "| 1 | 20 | 3.00 | 30.00 | 6.00 | 3.00 | 30.00 | 6.00 |" in md  # local own/test, global own
+    assert "| 0 | 50 | – | – | 4.00 |" in md  # not sampled in that round: global only
+    assert "| FID | 5.00 | 7.00 | 9.00 |" in md
+    rows = list(csv.reader((out / "report_clients.csv").open()))
+    assert rows[0][:5] == ["run", "setting", "data set", "round", "client"] and len(rows) == 3
+    assert rows[2][4] == "1" and float(rows[2][-3]) == 40.0 and rows[2][-1] == ""
+    with Image.open(out / "report_clients.png") as im:
+        assert im.size[0] > 150 and im.size[1] > 100
+    assert "report_clients.png" in capsys.readouterr().out
