@@ -60,15 +60,16 @@ def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusio
             for b in range(batches):
                 batch = perm[b * o.batch_size:(b + 1) * o.batch_size]
                 idx = batch[info.rank::info.world_size]
-                share = len(idx) * info.world_size / len(batch)  # 1.0 on one rank: unchanged maths
+                share = len(idx) / len(batch)  # this rank's part of the batch (1.0 on one rank)
+                # DDP averages over ranks: scaled by world * share, each image weighs the same
                 loss = train_step(net, diffusion, opt, scaler, train_set, idx, sobol, cfg, amp,
-                                  memory_format, loss_scale=share)
-                if len(idx):  # the batch's mean loss, summed over ranks by the all_reduce below
-                    loss_sum += loss if not info.distributed else loss * (len(idx) / len(batch))
+                                  memory_format, loss_scale=share * info.world_size)
+                if len(idx):  # (an empty slice's mean is NaN) the batch mean, summed by the all_reduce
+                    loss_sum += loss * share
                 log.step()
         loss_sum = dist.all_reduce_sum(loss_sum)
         wall = time.perf_counter() - t0
-        checkpointer.save(r, model, optimizer=opt.state_dict(), last_round=r == cfg.fed.rounds)
+        checkpointer.save(r, model, optimizer=opt, last_round=r == cfg.fed.rounds)
         record = {"round": r, "epochs": r * E, "loss": float(loss_sum) / (E * batches),
                   "images": n * E, "wall_s": round(wall, 4), "img_per_s": round(n * E / wall, 2),
                   "world_size": info.world_size}

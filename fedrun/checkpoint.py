@@ -22,7 +22,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -31,6 +31,12 @@ from .errors import CheckpointError
 
 if TYPE_CHECKING:
     from .config import Config
+
+
+class HasState(Protocol):
+    """A server rule or a torch optimizer: anything whose state goes into a checkpoint."""
+
+    def state_dict(self) -> dict[str, Any]: ...
 
 MAGIC = b"FEDRUN01"
 _NAME = re.compile(r"round_(\d+)\.pt$")
@@ -153,17 +159,20 @@ class Checkpointer:
         return last_round or round_ % self.every == 0
 
     def save(self, round_: int, model: torch.nn.Module, *, last_round: bool,
-             server: dict[str, torch.Tensor] | None = None,
-             optimizer: dict[str, Any] | None = None) -> bool:
-        """Checkpoint round ``round_`` if it is due; True if one was written. All ranks call it."""
+             server: HasState | None = None, optimizer: HasState | None = None) -> bool:
+        """Checkpoint round ``round_`` if it is due; True if one was written. All ranks call it.
+
+        ``server`` / ``optimizer`` are read (``state_dict()``, a copy to the host) only when a
+        checkpoint is due, and only on rank 0, the rank that writes it.
+        """
         if not self.due(round_, last_round):
             return False
         if self.is_main:
             save_checkpoint(self.run_dir, round_, {
                 "round": round_,
                 "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                "server": server or {},
-                **({"optimizer": optimizer} if optimizer is not None else {}),
+                "server": server.state_dict() if server is not None else {},
+                **({"optimizer": optimizer.state_dict()} if optimizer is not None else {}),
                 "config_hash": self.config_hash,
                 "config": self.config,
                 "rng": rng_state(),

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cache import atomic_save, resolve_cache_dir
 from ..data import ImageSet
-from .cache import atomic_save, resolve_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -172,19 +172,18 @@ class Evaluator:
         grids.save_class_grid(images, labels, path, padding=1, scale=grid_scale(cfg.data.image_size))
         return path
 
-    def client_rounds(self) -> set[int]:
-        """Rounds whose clients draw a grid: eval.local_models_at, else the last (none if
-        sample.per_class = 0)."""
-        if self.cfg.sample.per_class == 0:
-            return set()
+    def _local_model_rounds(self) -> set[int]:
+        """Rounds whose clients' local models are looked at: eval.local_models_at, else the last."""
         return set(self.cfg.eval.local_models_at) or {self.cfg.fed.rounds}
 
+    def client_rounds(self) -> set[int]:
+        """Rounds whose clients draw a grid (none if sample.per_class = 0)."""
+        return set() if self.cfg.sample.per_class == 0 else self._local_model_rounds()
+
     def client_score_rounds(self) -> set[int]:
-        """Rounds whose clients are scored: eval.local_models_at, else the last (none without
-        eval.client_samples). The same set on every rank."""
-        if self.shards is None:
-            return set()
-        return set(self.cfg.eval.local_models_at) or {self.cfg.fed.rounds}
+        """Rounds whose clients are scored (none without eval.client_samples). The same set on
+        every rank."""
+        return set() if self.shards is None else self._local_model_rounds()
 
     @torch.no_grad()
     def sample_client(self, model: torch.nn.Module, diffusion: Diffusion, round_: int, client: int) -> None:

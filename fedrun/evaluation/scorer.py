@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cache import atomic_save, resolve_cache_dir
 from ..data import ImageSet
 from ..errors import MetricsError
-from .cache import atomic_save, resolve_cache_dir
 from .extractors import (
     EXTRACTORS,
     Extractor,

@@ -86,6 +86,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
     warned_idle = False
     history: list[dict[str, Any]] = []
     hooks = list(on_round_end or [])
+    client_grid_rounds = evaluator.client_rounds()
     client_score_rounds = evaluator.client_score_rounds()
 
     for r in range(start_round + 1, f.rounds + 1):
@@ -117,15 +118,16 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
             load_flat_(model, global_flat)
             res = grouped.result(k) if grouped is not None else \
                 train_local(net, diffusion, train_set, shard_idx[k], cfg, r, k, on_step=log.step)
-            if r in evaluator.client_rounds():  # personalization: what this client's model draws
+            if r in client_grid_rounds:  # personalization: what this client's model draws
                 t_grid = time.perf_counter()
                 evaluator.client_grid(model, diffusion, r, k)
                 t_grids += time.perf_counter() - t_grid
             if r in client_score_rounds:  # ... and how well: samples scored on rank 0 below
-                t_grid = time.perf_counter()
+                t_sample = time.perf_counter()
                 evaluator.sample_client(model, diffusion, r, k)
-                t_client_sample += time.perf_counter() - t_grid
-                t_grids += time.perf_counter() - t_grid
+                t_sample = time.perf_counter() - t_sample
+                t_client_sample += t_sample
+                t_grids += t_sample
             loss = float(res.loss_sum) / max(res.steps, 1)  # one host sync per client
             if not (np.isfinite(loss) and all_finite(model)):
                 warnings.warn(f"round {r}: client {k} produced a non-finite loss or weights; "
@@ -166,7 +168,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         load_flat_(model, global_flat)
 
         t2 = time.perf_counter()
-        checkpointer.save(r, model, server=server.state_dict(), last_round=r == f.rounds)
+        checkpointer.save(r, model, server=server, last_round=r == f.rounds)
         t_ckpt = time.perf_counter() - t2
         t_train = time.perf_counter() - t0 - t_grids  # the round without evaluation: the throughput base
 
