@@ -51,7 +51,9 @@ from fedrun.checkpoint import Checkpointer  # noqa: E402
 from fedrun.config import Config, load_config, parse_overrides  # noqa: E402
 from fedrun.data import ImageSet, load_split, random_hflip  # noqa: E402
 from fedrun.diffusion import Diffusion  # noqa: E402
+from fedrun.ema import PowerEMA  # noqa: E402
 from fedrun.evaluation.evaluator import Evaluator  # noqa: E402
+from fedrun.federated.client_state import ClientStates  # noqa: E402
 from fedrun.federated.flat import buffer_size, num_flat  # noqa: E402
 from fedrun.federated.rounds import RoundHook, run_fedavg, sample_clients  # noqa: E402
 from fedrun.federated.server import build_server_optimizer  # noqa: E402
@@ -264,7 +266,8 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     log = RunLogger(cfg.run_dir, info.is_main, f.rounds)
     net = torch.compile(model) if cfg.train.compile else None
     history = run_fedavg(cfg, info, model, diffusion, train_set, shards, 0, build_server_optimizer(f), log,
-                         evaluator, Checkpointer(cfg, info), train_model=net, on_round_end=hooks)
+                         evaluator, Checkpointer(cfg, info), PowerEMA(cfg.ema, model),
+                         ClientStates(cfg, num_flat(model), device), train_model=net, on_round_end=hooks)
     log.close()
 
     raw_after = raw_allreduce_ms(numel, device, args.raw_iters)

@@ -7,7 +7,9 @@ do not depend on the number of ranks. DDP averages gradients over ranks with equ
 each rank scales its loss by its share of the batch: a short last batch (or an empty slice on
 a rank) still gives the full batch's mean gradient. Noise and noise levels come from each
 rank's own (seed, epoch, rank) stream, so 1 and N ranks train statistically alike, not bit-alike.
-A "round" here is E epochs, so checkpoints, resume and metrics.jsonl work as in FedAvg.
+A "round" here is E epochs, so checkpoints, resume and metrics.jsonl work as in FedAvg; the
+learning-rate schedule and the EMA (fedrun.ema) advance once per round too, exactly as in a
+federated run of the same rounds, so the two stay comparable.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from .checkpoint import Checkpointer
 from .config import Config
 from .data import ImageSet
 from .diffusion import Diffusion
+from .ema import PowerEMA
 from .evaluation.evaluator import Evaluator
-from .federated.client import local_steps, train_step
+from .federated.client import local_steps, lr_at_round, train_step
+from .federated.flat import flatten
 from .logs import RunLogger
 from .precision import autocast_dtype
 
 
 def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Diffusion,
                     train_set: ImageSet, start_round: int, optimizer_state: dict | None,
-                    log: RunLogger, evaluator: Evaluator, checkpointer: Checkpointer) -> list[dict[str, Any]]:
+                    log: RunLogger, evaluator: Evaluator, checkpointer: Checkpointer,
+                    ema: PowerEMA) -> list[dict[str, Any]]:
     device, o, seed = info.device, cfg.optim, cfg.run.seed
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else model
@@ -52,6 +57,8 @@ def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusio
         t0 = time.perf_counter()
         log.start_round(r, E * batches)
         loss_sum = torch.zeros((), device=device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at_round(o, r, cfg.fed.rounds)
         net.train()
         for e in range((r - 1) * E, r * E):
             torch.manual_seed(seeding.derive_seed(seeding.CLIENT, seed, e, info.rank))
@@ -69,11 +76,13 @@ def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusio
                 log.step()
         loss_sum = dist.all_reduce_sum(loss_sum)
         wall = time.perf_counter() - t0
-        checkpointer.save(r, model, optimizer=opt, last_round=r == cfg.fed.rounds)
+        if ema.enabled:
+            ema.update(flatten(model), r)
+        checkpointer.save(r, model, optimizer=opt, ema=ema, last_round=r == cfg.fed.rounds)
         record = {"round": r, "epochs": r * E, "loss": float(loss_sum) / (E * batches),
                   "images": n * E, "wall_s": round(wall, 4), "img_per_s": round(n * E / wall, 2),
                   "world_size": info.world_size}
-        scores = evaluator.evaluate(model, diffusion, r) if evaluator.due(r) else None
+        scores = evaluator.evaluate(ema.module(), diffusion, r) if evaluator.due(r) else None
         if scores is not None:
             record["scores"] = scores
         history.append(record)

@@ -2,7 +2,8 @@
 
 ``Checkpointer`` owns all three for both training modes: ``save(round_, ..., last_round=...)``
 decides whether this round is due (every ``checkpoint.every`` rounds, and always the last),
-builds the payload (round, model, server and optimizer state, config and its hash, RNG state),
+builds the payload (round, model, server and optimizer state, the EMA, what clients keep
+between rounds, config and its hash, RNG state),
 writes it on rank 0 and holds every rank at a barrier until it is on disk; ``load()`` returns the
 newest usable checkpoint of the run (or None) on every rank.
 
@@ -143,6 +144,9 @@ class Resumed:
     optimizer: dict[str, Any] | None
     rng: dict[str, torch.Tensor]
     path: Path
+    ema: dict[str, torch.Tensor]
+    clients: dict[str, Any] | None
+    extra: dict[str, Any]
 
 
 class Checkpointer:
@@ -159,20 +163,27 @@ class Checkpointer:
         return last_round or round_ % self.every == 0
 
     def save(self, round_: int, model: torch.nn.Module, *, last_round: bool,
-             server: HasState | None = None, optimizer: HasState | None = None) -> bool:
+             server: HasState | None = None, optimizer: HasState | None = None,
+             ema: HasState | None = None, clients: Any = None,
+             extra: dict[str, HasState] | None = None) -> bool:
         """Checkpoint round ``round_`` if it is due; True if one was written. All ranks call it.
 
-        ``server`` / ``optimizer`` are read (``state_dict()``, a copy to the host) only when a
-        checkpoint is due, and only on rank 0, the rank that writes it.
+        ``server`` / ``optimizer`` / ``ema`` / ``extra`` values are read (``state_dict()``, a copy
+        to the host) only when a checkpoint is due, and only on rank 0, the rank that writes it.
+        ``clients`` (federated.client_state.ClientStates) is gathered from every rank when due.
         """
         if not self.due(round_, last_round):
             return False
+        client_state = clients.gather() if clients is not None and clients.active else None
         if self.is_main:
             save_checkpoint(self.run_dir, round_, {
                 "round": round_,
                 "model": {k: v.cpu() for k, v in model.state_dict().items()},
                 "server": server.state_dict() if server is not None else {},
                 **({"optimizer": optimizer.state_dict()} if optimizer is not None else {}),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                **({"clients": client_state} if client_state is not None else {}),
+                **({"extra": {k: v.state_dict() for k, v in extra.items()}} if extra else {}),
                 "config_hash": self.config_hash,
                 "config": self.config,
                 "rng": rng_state(),
@@ -195,4 +206,5 @@ class Checkpointer:
             raise CheckpointError(f"{path}: written by a different config; pass --checkpoint.resume "
                                   f"force, or use another --run.name")
         return Resumed(int(state["round"]), state["model"], state.get("server", {}),
-                       state.get("optimizer"), state["rng"], path)
+                       state.get("optimizer"), state["rng"], path, state.get("ema", {}),
+                       state.get("clients"), state.get("extra", {}))

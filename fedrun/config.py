@@ -60,6 +60,7 @@ class ModelConfig:
     attention_levels: list[int] = field(default_factory=list)  # e.g. [2, 3]; authors: none
     fourier_features: int = 16
     class_embed_dim: int = 4
+    label_dropout: float = 0.0  # classifier-free guidance: share of labels replaced by a null class (0 = off)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class DiffusionConfig:
     beta_end: float = 0.02
     sample_steps: int = 300
     eta: float = 1.0  # 1 = ancestral (authors), 0 = DDIM
+    guidance: float = 0.0  # classifier-free guidance w: (1 + w) cond - w uncond; needs label_dropout
 
 
 @dataclass
@@ -88,6 +90,9 @@ class FedConfig:
     server_beta2: float = 0.99  # second-moment decay of fedadam / fedyogi
     server_tau: float = 1e-3  # adaptivity of fedadam / fedyogi / fedadagrad (added to sqrt(v))
     max_bad_rounds: int = 3  # stop after this many rounds in a row where every client failed
+    drift: str = "none"  # client drift correction: "none" | "fedprox" | "scaffold"
+    prox_mu: float = 0.01  # FedProx: weight of (mu / 2) ||theta - theta_global||^2
+    client_optimizer: str = "reset"  # "reset": fresh Adam per client per round (authors) | "keep"
 
 
 @dataclass
@@ -98,6 +103,35 @@ class OptimConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 = off
+    lr_schedule: str = "constant"  # "constant" | "cosine" (over rounds, down to lr * min_lr_ratio)
+    min_lr_ratio: float = 0.1  # cosine: the last round's lr / optim.lr
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the global model, updated once per round on the server."""
+
+    sigma_rel: float = 0.0
+    """0 = off. Else the power-function EMA of Karras et al. (2024): beta_t = (1 - 1/t)^(gamma + 1)
+    at round t, gamma set by this relative width of the averaging profile, in (0, 0.288)."""
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy: per image (DP-SGD in every client) or per client (DP-FedAvg)."""
+
+    level: str = "none"
+    """"none" | "sample" (DP-SGD with Opacus: the image is the unit) | "client" (DP-FedAvg: the site)"""
+    clip: float = 1.0
+    """sample: L2 bound of each per-sample gradient; client: L2 bound of each client's update"""
+    noise_multiplier: float = 1.0
+    """Gaussian noise std divided by the sensitivity (clip)"""
+    delta: float = 1e-5
+    """the delta of (epsilon, delta)-DP; should be well below 1 / (number of units protected)"""
+    target_epsilon: float = 0.0
+    """0 = no budget; else a run whose planned epsilon exceeds it is refused before training"""
+    accountant: str = "rdp"
+    """Opacus accountant: "rdp" (Renyi DP, Mironov 2017) | "prv" (Gopi et al. 2021)"""
 
 
 @dataclass
@@ -150,6 +184,8 @@ class Config:
     fed: FedConfig = field(default_factory=FedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -178,10 +214,22 @@ class Config:
         for key in ("name", "out_dir", "device", "threads"):
             d["run"].pop(key)
         d["train"].pop("clients_at_once")  # same maths either way (multiclient.py); keeps old hashes valid
+        d["diffusion"].pop("guidance")  # a sampling setting: the trained model is the same
+        # keys added after runs existed count only when set, so that older run dirs still resume
+        defaults = Config().to_dict()
+        for key in _HASHED_WHEN_SET:
+            section, _, name = key.partition(".")
+            if name and d[section][name] == defaults[section][name]:
+                d[section].pop(name)
+            elif not name and d[section] == defaults[section]:
+                d.pop(section)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _HINTS = typing.get_type_hints(Config)
+_HASHED_WHEN_SET = ("model.label_dropout", "fed.drift", "fed.prox_mu", "fed.client_optimizer",
+                    "optim.lr_schedule", "optim.min_lr_ratio", "ema", "privacy")
+EMA_SIGMA_REL_MAX = 0.5 / math.sqrt(3)  # the power-function EMA's widest profile (gamma -> 0)
 
 DATASETS = ("cifar10", "fashion_mnist", "svhn", "image_folder", "digits", "synthetic")
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -191,6 +239,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.objective": ("v", "eps"),
     "fed.partition": ("dirichlet", "iid"),
     "fed.server_opt": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    "fed.drift": ("none", "fedprox", "scaffold"),
+    "fed.client_optimizer": ("reset", "keep"),
+    "optim.lr_schedule": ("constant", "cosine"),
+    "privacy.level": ("none", "sample", "client"),
+    "privacy.accountant": ("rdp", "prv"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "checkpoint.resume": ("auto", "never", "force"),
     "eval.feature_extractor": ("inception", "classifier"),
@@ -407,21 +460,72 @@ def validate(cfg: Config) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
 
-    t = cfg.train
+    t, e = cfg.train, cfg.eval
     _require(t.clients_at_once >= 1, "train.clients_at_once", f"must be >= 1 (1 = one client after "
              f"another), got {t.clients_at_once}")
     if t.clients_at_once > 1:
+        _require(m.label_dropout == 0 and f.drift == "none" and o.lr_schedule == "constant",
+                 "train.clients_at_once", "the experimental grouped trainer has no label dropout, drift "
+                 "term or learning-rate schedule; set train.clients_at_once = 1")
         _require(t.precision != "fp16", "train.precision", "fp16 needs a GradScaler per client, which "
                  "train.clients_at_once > 1 does not have; use bf16 (or auto), or clients_at_once = 1")
         _require(not t.compile, "train.compile", "torch.compile is used for one client at a time only; "
                  "set train.compile = false or train.clients_at_once = 1")
+
+    _require(0.0 <= m.label_dropout < 1.0, "model.label_dropout",
+             f"must be in [0, 1) (0 = no classifier-free guidance training), got {m.label_dropout}")
+    _require(df.guidance >= 0, "diffusion.guidance", f"must be >= 0 (0 = off), got {df.guidance}")
+    if df.guidance > 0:
+        _require(m.label_dropout > 0 and m.class_embed_dim > 0, "diffusion.guidance",
+                 "classifier-free guidance needs a model trained with a null class: set "
+                 "model.label_dropout (e.g. 0.1) and model.class_embed_dim > 0, or guidance = 0")
+    _require(f.prox_mu >= 0, "fed.prox_mu", f"must be >= 0 (the proximal weight), got {f.prox_mu}")
+    if f.drift == "scaffold" or f.client_optimizer == "keep":
+        key = "fed.drift" if f.drift == "scaffold" else "fed.client_optimizer"
+        _require(t.clients_at_once == 1, "train.clients_at_once",
+                 f"{key} = {getattr(f, key.split('.')[1])!r} keeps per-client state, which the experimental "
+                 f"grouped trainer does not; set train.clients_at_once = 1")
+    if f.drift == "scaffold":
+        _require(t.precision != "fp16", "train.precision", "SCAFFOLD corrects unscaled gradients; fp16's "
+                 "GradScaler scales them: use bf16 (or auto), or another fed.drift")
+    if cfg.run.mode == "centralized":
+        _require(f.drift == "none", "fed.drift", "client drift correction is a federated setting; "
+                 "set fed.drift = \"none\" for the centralized run")
+        _require(f.client_optimizer == "reset", "fed.client_optimizer", "the centralized run keeps its "
+                 "one Adam for the whole run already; set fed.client_optimizer = \"reset\"")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    s_rel = cfg.ema.sigma_rel
+    _require(s_rel == 0 or 0 < s_rel < EMA_SIGMA_REL_MAX, "ema.sigma_rel",
+             f"must be 0 (off) or in (0, {EMA_SIGMA_REL_MAX:.4f}), e.g. 0.05 to 0.15; got {s_rel}")
+
+    pv = cfg.privacy
+    _require(pv.clip > 0, "privacy.clip", f"must be > 0 (an L2 norm bound), got {pv.clip}")
+    _require(pv.noise_multiplier > 0, "privacy.noise_multiplier",
+             f"must be > 0 (no noise, no privacy); got {pv.noise_multiplier}")
+    _require(0 < pv.delta < 1, "privacy.delta", f"must be in (0, 1), e.g. 1e-5; got {pv.delta}")
+    _require(pv.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0 (0 = no budget)")
+    if pv.level != "none":
+        _require(cfg.run.mode == "fedavg", "privacy.level", "differential privacy is implemented for "
+                 "federated runs; use run.mode = \"fedavg\" or privacy.level = \"none\"")
+        _require(f.drift != "scaffold", "fed.drift", "SCAFFOLD's control variates travel without noise and "
+                 "would leak what DP protects; use fed.drift = \"none\" or \"fedprox\" with privacy")
+        _require(t.clients_at_once == 1, "train.clients_at_once", "DP training runs one client at a time; "
+                 "set train.clients_at_once = 1")
+    if pv.level == "sample":
+        _require(t.precision != "fp16", "train.precision", "DP-SGD clips per-sample gradients that fp16's "
+                 "GradScaler would scale; use bf16 (or auto) or fp32")
+        _require(not t.compile, "train.compile", "Opacus's per-sample gradient hooks do not go through "
+                 "torch.compile; set train.compile = false")
+    if pv.level == "client":
+        _require(not e.local_models_at and e.client_samples == 0, "eval.local_models_at",
+                 "client-level DP protects only the noised global model; local models and their samples "
+                 "are not private: set eval.local_models_at = [] and eval.client_samples = 0")
 
     c = cfg.checkpoint
     _require(c.every >= 1, "checkpoint.every", "must be >= 1")
     _require(c.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(cfg.sample.per_class >= 0, "sample.per_class", "must be >= 0 (0 = no final grid)")
     _require(cfg.sample.steps >= 0, "sample.steps", "must be >= 0 (0 = diffusion.sample_steps)")
-    e = cfg.eval
     _require(e.every >= 0, "eval.every", "must be >= 0 (0 = only at the end)")
     _require(e.num_samples >= 0, "eval.num_samples", "must be >= 0 (0 = size of the test split)")
     _require(e.steps >= 1, "eval.steps", "must be >= 1")

@@ -11,6 +11,11 @@ noise level is log_snr = log(alpha^2 / sigma^2). Two parameterisations:
 
 Both feed the network log_snr, so one U-Net and one sampler serve both. The sampler is the
 DDIM-form loop with eta: eta = 1 gives ancestral (DDPM-like) sampling, eta = 0 deterministic DDIM.
+
+Classifier-free guidance (Ho & Salimans 2022): a model trained with label dropout also knows
+the null class; with ``guidance`` w > 0 the sampler evaluates it with and without the label in
+one batch and uses (1 + w) * out(label) - w * out(null). The output (v or eps) is linear in the
+noise estimate at fixed z, so guiding v is guiding eps.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ def alpha_sigma(log_snr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Diffusion:
-    def __init__(self, cfg: DiffusionConfig):
+    def __init__(self, cfg: DiffusionConfig, null_class: int | None = None):
+        """``null_class``: the label id of "no label" (models trained with label dropout)."""
         self.cfg = cfg
+        self.null_class = null_class
+        self.guidance = cfg.guidance if null_class is not None else 0.0
         self.objective = cfg.objective
         if cfg.objective == "eps":
             betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=torch.float64)
@@ -80,7 +88,14 @@ class Diffusion:
         for i in range(steps):
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                out = model(x, levels[i].expand(len(x)), labels).float()
+                if self.guidance:  # conditional and unconditional in one batch
+                    null = torch.full_like(labels, self.null_class)
+                    both = model(torch.cat([x, x]), levels[i].expand(2 * len(x)),
+                                 torch.cat([labels, null])).float()
+                    cond, uncond = both.chunk(2)
+                    out = cond + self.guidance * (cond - uncond)
+                else:
+                    out = model(x, levels[i].expand(len(x)), labels).float()
             if self.objective == "v":
                 pred = alphas[i] * x - sigmas[i] * out
                 eps = sigmas[i] * x + alphas[i] * out

@@ -185,6 +185,22 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def gather_object_to_main(obj: object) -> list[object] | None:
+    """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere); [obj] on one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def home_ranks(sizes: dict[int, int], world_size: int) -> dict[int, int]:
+    """A fixed rank for every client (LPT over all clients): where a client's kept state lives.
+
+    With every client in every round this is the same split as ``assign_clients``."""
+    return {k: r for r, ks in enumerate(assign_clients(list(sizes), sizes, world_size)) for k in ks}
+
+
 def assign_clients(clients: list[int], sizes: dict[int, int], world_size: int) -> list[list[int]]:
     """Split the round's clients over ranks, balanced by data size (greedy LPT).
 

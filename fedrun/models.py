@@ -75,7 +75,10 @@ class UNet(nn.Module):
         widths = [cfg.base_channels * m for m in cfg.channel_mults]
         n, p, att = cfg.blocks_per_level, cfg.dropout, set(cfg.attention_levels)
         self.noise_embed = FourierFeatures(cfg.fourier_features, std=0.2)
-        self.class_embed = nn.Embedding(num_classes, cfg.class_embed_dim) if cfg.class_embed_dim else None
+        # with label dropout (classifier-free guidance) one more row: the null class, id num_classes
+        self.null_class = num_classes if cfg.label_dropout > 0 else None
+        rows = num_classes + (self.null_class is not None)
+        self.class_embed = nn.Embedding(rows, cfg.class_embed_dim) if cfg.class_embed_dim else None
         c_in = image_channels + cfg.fourier_features + cfg.class_embed_dim
 
         def stage(channels: list[tuple[int, int, int]], level: int, last: bool = False) -> nn.Sequential:
@@ -140,4 +143,4 @@ def build(cfg: Config, num_classes: int, device: torch.device) -> tuple[UNet, Di
     model = build_model(cfg.model, cfg.data.channels, num_classes).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, Diffusion(cfg.diffusion)
+    return model, Diffusion(cfg.diffusion, null_class=model.null_class)

@@ -17,7 +17,7 @@ def derive_seed(*parts: int) -> int:
 
 
 # Tags that keep streams apart when the other parts coincide.
-INIT, CLIENT, SOBOL, SHUFFLE, SAMPLE, SELECT = range(6)
+INIT, CLIENT, SOBOL, SHUFFLE, SAMPLE, SELECT, DP_NOISE, DP_SAMPLING, AUDIT = range(9)
 
 
 def generator(device: torch.device | str, *parts: int) -> torch.Generator:

@@ -20,6 +20,7 @@ from . import checkpoint, dist
 from .centralized import run_centralized
 from .config import Config, load_config
 from .data import load_split
+from .ema import PowerEMA
 from .errors import ConfigError, RunDirError
 from .evaluation.evaluator import (
     Evaluator,
@@ -29,6 +30,8 @@ from .evaluation.evaluator import (
     scores_table,
 )
 from .evaluation.grids import save_partition_histogram
+from .federated.client_state import ClientStates
+from .federated.flat import num_flat
 from .federated.rounds import RoundHook, run_fedavg
 from .federated.server import build_server_optimizer
 from .logs import RunLogger
@@ -110,6 +113,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
         train_set = train_set.to(info.device)
         model, diffusion = build(cfg, train_set.num_classes, info.device)
         server = build_server_optimizer(f)
+        ema = PowerEMA(cfg.ema, model)
+        client_states = ClientStates(cfg, num_flat(model), info.device)
         checkpointer = checkpoint.Checkpointer(cfg, info)
 
         start_round, optimizer_state = 0, None
@@ -117,6 +122,9 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
         if resumed is not None:
             model.load_state_dict(resumed.model)
             server.load_state_dict(resumed.server, info.device)
+            ema.load_state_dict(resumed.ema, info.device)
+            home = dist.home_ranks({k: len(s) for k, s in enumerate(shards)}, info.world_size)
+            client_states.load_state_dict(resumed.clients, {k for k, r in home.items() if r == info.rank})
             optimizer_state = resumed.optimizer
             checkpoint.set_rng_state(resumed.rng)
             start_round = resumed.round
@@ -139,13 +147,13 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             # aggregation, checkpoints and sampling keep using `model` (plain state_dict keys)
             net = torch.compile(model) if cfg.train.compile else None
             run_fedavg(cfg, info, model, diffusion, train_set, shards, start_round, server, log, evaluator,
-                       checkpointer, train_model=net, on_round_end=on_round_end)
+                       checkpointer, ema, client_states, train_model=net, on_round_end=on_round_end)
         else:
             run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log,
-                            evaluator, checkpointer)
+                            evaluator, checkpointer, ema)
         log.close()
 
-        grid = evaluator.final_grid(model, diffusion)
+        grid = evaluator.final_grid(ema.module(), diffusion)  # the EMA model when enabled
         if info.is_main:
             # from metrics.jsonl, so that a resumed run reports its earlier rounds too
             rounds = [json.loads(line) for line in log.metrics_path.read_text().splitlines()]

@@ -3,10 +3,13 @@
 One round, on every rank at once:
   1. the round's clients are drawn from (seed, round): the same list everywhere;
   2. they are split over ranks by data size (dist.assign_clients);
-  3. each rank trains its clients one after another, starting each from the global weights,
-     and adds n_k * theta_k into ONE flat fp32 buffer (n_k and a few statistics in its tail);
+  3. each rank trains its clients one after another, starting each from the global weights
+     (plus a drift term and the client's kept state, if configured), and adds n_k * theta_k
+     into ONE flat fp32 buffer (n_k and a few statistics in its tail; SCAFFOLD appends the
+     sum of n_k * (c_k+ - c_k));
   4. one all_reduce(SUM) of that buffer is the whole communication of the round;
-  5. theta = buffer / n, passed through the server rule (plain FedAvg by default);
+  5. theta = buffer / n, passed through the server rule (plain FedAvg by default); the EMA of
+     the global model folds it in;
   6. the checkpointer writes the round if it is due, the evaluator scores it if it is due,
      rank 0 logs one line, and the round-end hooks run (benchmarks use them).
 """
@@ -27,11 +30,14 @@ from ..checkpoint import Checkpointer
 from ..config import Config
 from ..data import ImageSet
 from ..diffusion import Diffusion
+from ..ema import PowerEMA
 from ..errors import TrainingDivergedError
 from ..evaluation.evaluator import Evaluator
 from ..logs import RunLogger
 from ..telemetry import memory_record, reset_device_peak
 from .client import local_steps, train_local
+from .client_state import ClientStates
+from .drift import FedProx, ScaffoldClient
 from .flat import (
     IMAGES_SLOT,
     LOSS_SLOT,
@@ -66,9 +72,13 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> 
 def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Diffusion,
                train_set: ImageSet, shards: list[np.ndarray], start_round: int,
                server: ServerOptimizer, log: RunLogger, evaluator: Evaluator,
-               checkpointer: Checkpointer, train_model: nn.Module | None = None,
+               checkpointer: Checkpointer, ema: PowerEMA, client_states: ClientStates,
+               train_model: nn.Module | None = None,
                on_round_end: list[RoundHook] | None = None) -> list[dict[str, Any]]:
     """Rounds start_round+1 .. fed.rounds. ``model`` holds the global weights on entry and exit.
+
+    ``ema``: the global model's EMA (sampled and scored instead of it when enabled);
+    ``client_states``: what clients keep between rounds, for this rank's home clients.
 
     ``train_model``: what local training calls (e.g. torch.compile(model)); it must share
     ``model``'s parameters, which the flat-buffer code reads and writes. ``on_round_end``: called
@@ -80,8 +90,12 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
     shard_idx = {k: torch.as_tensor(s, dtype=torch.long, device=device) for k, s in enumerate(shards)}
     global_flat = flatten(model)
     P = global_flat.numel()
-    buffer = torch.zeros(buffer_size(P, info.world_size), device=device)
+    scaffold = client_states.scaffold
+    CONTROL = buffer_size(P, info.world_size)  # SCAFFOLD: sum_k n_k (c_k+ - c_k) from here on
+    buffer = torch.zeros(CONTROL + (P if scaffold else 0), device=device)
     TIMES = P + TAIL  # first of the per-rank timing slots
+    home = dist.home_ranks(sizes, info.world_size) if client_states.active else None
+    total_data = float(sum(sizes.values()))
     bad_rounds = 0
     warned_idle = False
     history: list[dict[str, Any]] = []
@@ -93,7 +107,11 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         t0 = time.perf_counter()
         reset_device_peak(device)
         clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
-        assignment = dist.assign_clients(clients, sizes, info.world_size)
+        if home is None:
+            assignment = dist.assign_clients(clients, sizes, info.world_size)
+        else:  # clients with kept state train where it lives
+            order = sorted(clients, key=lambda k: (-sizes[k], k))  # assign_clients' order: same sums
+            assignment = [[k for k in order if home[k] == rank] for rank in range(info.world_size)]
         mine = assignment[info.rank]
         if info.is_main and not warned_idle and not all(assignment):
             warnings.warn(f"round {r}: {sum(not a for a in assignment)} rank(s) have no client: more "
@@ -116,8 +134,14 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
                 continue  # an empty client has nothing to train on and weight zero
             log.describe(f"round {r}/{f.rounds} client {k}")
             load_flat_(model, global_flat)
+            drift: FedProx | ScaffoldClient | None = None
+            if f.drift == "fedprox" and f.prox_mu > 0:
+                drift = FedProx(f.prox_mu, model, global_flat)
+            elif scaffold:
+                drift = ScaffoldClient(model, client_states.server_control, client_states.control.get(k))
             res = grouped.result(k) if grouped is not None else \
-                train_local(net, diffusion, train_set, shard_idx[k], cfg, r, k, on_step=log.step)
+                train_local(net, diffusion, train_set, shard_idx[k], cfg, r, k, on_step=log.step,
+                            optimizer_state=client_states.optimizer.get(k), adjust_grads=drift)
             if r in client_grid_rounds:  # personalization: what this client's model draws
                 t_grid = time.perf_counter()
                 evaluator.client_grid(model, diffusion, r, k)
@@ -135,6 +159,12 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
                 buffer[P + SKIPPED_SLOT] += 1
                 continue
             accumulate_(buffer, model, float(sizes[k]))
+            if res.optimizer_state is not None:
+                client_states.optimizer[k] = res.optimizer_state
+            if isinstance(drift, ScaffoldClient):
+                new_control = drift.new_control()
+                buffer[CONTROL:].add_(new_control - drift.old, alpha=float(sizes[k]))
+                client_states.control[k] = new_control
             buffer[P + N_SLOT] += sizes[k]
             buffer[P + LOSS_SLOT] += loss * sizes[k]
             buffer[P + IMAGES_SLOT] += res.images
@@ -151,11 +181,13 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         t_allreduce = time.perf_counter() - t1  # includes waiting for the slowest rank
         average, n = weighted_average(buffer, P)
         stats = buffer[P:TIMES].tolist()
-        per_rank = buffer[TIMES:].tolist()
+        per_rank = buffer[TIMES:TIMES + info.world_size].tolist()
         t_agg = time.perf_counter() - t1
 
         if n > 0:
             global_flat = server.step(global_flat, average)
+            if scaffold:  # c stays the data-weighted mean of all clients' c_k
+                client_states.server_control.add_(buffer[CONTROL:], alpha=1.0 / total_data)
             bad_rounds = 0
         else:  # every client failed: keep the global model as it was
             bad_rounds += 1
@@ -166,14 +198,15 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
                     f"update (non-finite losses or weights); lower optim.lr, set optim.grad_clip, or "
                     f"check the data")
         load_flat_(model, global_flat)
+        ema.update(global_flat, r)
 
         t2 = time.perf_counter()
-        checkpointer.save(r, model, server=server, last_round=r == f.rounds)
+        checkpointer.save(r, model, server=server, ema=ema, clients=client_states, last_round=r == f.rounds)
         t_ckpt = time.perf_counter() - t2
         t_train = time.perf_counter() - t0 - t_grids  # the round without evaluation: the throughput base
 
         t3 = time.perf_counter()
-        scores = evaluator.evaluate(model, diffusion, r) if evaluator.due(r) else None
+        scores = evaluator.evaluate(ema.module(), diffusion, r) if evaluator.due(r) else None
         # one gather_object, only in rounds whose clients are scored (the same on every rank)
         t_client_score = time.perf_counter()
         client_scores = evaluator.score_clients(r) if r in client_score_rounds else None

@@ -138,3 +138,24 @@ def test_centralized_ddp_two_ranks_trains_like_one_process(tmp_path):
     for r1, r2 in zip(rec["one"], rec["two"], strict=True):
         assert abs(r2["loss"] - r1["loss"]) <= 0.1 * r1["loss"], (r1["loss"], r2["loss"])
     assert rec["two"][1]["loss"] < rec["two"][0]["loss"]
+
+
+def test_client_state_follows_its_client_one_process_vs_two_ranks(tmp_path):
+    """SCAFFOLD control variates and kept client Adam moments live on each client's home rank.
+    After round 1 every client's state was computed from the same global model, so it must be
+    bit-identical whether one process or two ranks trained it; the models then agree as above."""
+    state = dict(fed__drift="scaffold", fed__client_optimizer="keep", ema__sigma_rel="0.1", **LAYOUT)
+    one = run_cli(as_args(tiny_overrides(tmp_path, "one", **state)))
+    two = run_cli(as_args(tiny_overrides(tmp_path, "two", **state)), nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    from fedrun import checkpoint
+    a, b = (checkpoint.load_verified(checkpoint.checkpoint_path(tmp_path / n, 1)) for n in ("one", "two"))
+    clients_a, clients_b = a["clients"]["clients"], b["clients"]["clients"]
+    assert sorted(clients_a) == sorted(clients_b) and len(clients_a) == 3  # round 1 trained 3 of 5
+    for k in clients_a:
+        assert torch.equal(clients_a[k]["control"], clients_b[k]["control"])
+        assert clients_a[k]["control"].abs().max() > 0
+        for t in ("exp_avg", "exp_avg_sq"):
+            moments = [c[k]["optimizer"]["state"][0][t] for c in (clients_a, clients_b)]
+            assert torch.equal(*moments)
+    assert_same_model(tmp_path / "one", tmp_path / "two")

@@ -1,5 +1,6 @@
 """A resumed run ends with the same model as an uninterrupted one (bit for bit), whatever state
-it carries across the restart: the RNG, a server optimizer's moments, the centralized Adam."""
+it carries across the restart: the RNG, a server optimizer's moments, the centralized Adam, the
+EMA, and what clients keep between rounds (Adam moments, SCAFFOLD control variates)."""
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ def final_checkpoint(cfg):
     pytest.param({"run__mode": "fedavg", "fed__server_opt": "fedadam", "fed__server_lr": "0.01"},
                  id="fedadam-server-state"),
     pytest.param({"run__mode": "centralized"}, id="centralized-adam-state"),
+    pytest.param({"run__mode": "fedavg", "ema__sigma_rel": "0.1", "fed__drift": "scaffold",
+                  "fed__client_optimizer": "keep", "model__label_dropout": "0.2"},
+                 id="ema-scaffold-kept-adam-client-state"),
+    pytest.param({"run__mode": "centralized", "ema__sigma_rel": "0.1"}, id="centralized-ema"),
 ])
 def test_resume_equals_uninterrupted(tmp_path, extra):
     straight = load_config(None, tiny_overrides(tmp_path, "straight", fed__rounds=3, fed__clients_per_round=3,
@@ -41,6 +46,17 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
     if extra["run__mode"] == "centralized":
         assert stopped["optimizer"]["state"] and a["optimizer"]["state"][0]["step"] == 3 * 23
         assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
+    if "ema__sigma_rel" in extra:
+        assert stopped["ema"]["flat"].abs().max() > 0 and torch.equal(a["ema"]["flat"], b["ema"]["flat"])
+        assert not torch.equal(a["ema"]["flat"], torch.cat([t.reshape(-1) for t in a["model"].values()]))
+    if extra.get("fed__drift") == "scaffold":  # every client's Adam state and control variate
+        clients = stopped["clients"]["clients"]
+        assert sorted(clients) == ["0", "1", "2", "3"]
+        assert stopped["clients"]["server_control"].abs().max() > 0
+        for k, entry in a["clients"]["clients"].items():
+            other = b["clients"]["clients"][k]
+            assert torch.equal(entry["control"], other["control"])
+            assert same_bits(entry["optimizer"]["state"][0], other["optimizer"]["state"][0])
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [int(l.split('"round": ')[1].split(",")[0]) for l in lines] == [1, 2, 3]  # round 3 once
 
