@@ -1,6 +1,7 @@
 """Command line: ``torchrun --nproc_per_node=W -m fedrun [--config FILE] [--section.key VALUE ...]``.
 
-Subcommands: ``fedrun [train]`` (the default), ``fedrun eval RUN_DIR``, ``fedrun report RUN_DIR...``.
+Subcommands: ``fedrun [train]`` (the default), ``fedrun eval RUN_DIR``, ``fedrun report RUN_DIR...``,
+``fedrun audit RUN_DIR`` (membership inference and memorisation of a trained run).
 With no --config, the embedded digits default (configs/digits.toml) runs: no download needed.
 """
 
@@ -18,6 +19,7 @@ usage: torchrun --nproc_per_node=W -m fedrun [--config FILE] [--section.key VALU
        fedrun [train] [--config FILE] [--section.key VALUE ...]
        fedrun eval RUN_DIR [--checkpoint FILE] [--section.key VALUE ...]
        fedrun report RUN_DIR [RUN_DIR ...] [--out DIR]
+       fedrun audit RUN_DIR [--out FILE] [--samples N] [--levels U,U,...] [--draws N] [--k K]
 
 Trains a class-conditional diffusion model (DDPM U-Net) with FedAvg across clients, one or
 more clients per rank, or the centralized baseline (--run.mode centralized).
@@ -109,6 +111,9 @@ def _main(argv: list[str] | None = None) -> int:
         if command == "report":
             from .evaluation.report import main as report_main
             return report_main(argv)
+        if command == "audit":
+            from .privacy.audit import audit_main
+            return audit_main(argv)
         print(f"fedrun: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     except FedrunError as exc:

@@ -32,7 +32,7 @@ from .evaluation.evaluator import (
 from .evaluation.grids import save_partition_histogram
 from .federated.client_state import ClientStates
 from .federated.flat import num_flat
-from .federated.rounds import RoundHook, run_fedavg
+from .federated.rounds import RoundHook, run_fedavg, sample_clients
 from .federated.server import build_server_optimizer
 from .logs import RunLogger
 from .models import build, count_parameters
@@ -95,6 +95,14 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
                        f.min_client_size, f.max_resample) if cfg.run.mode == "fedavg" \
         else [np.arange(len(train_set))]
 
+    ledger = None
+    if cfg.privacy.level != "none":  # the budget is checked before any process group or GPU
+        from .privacy.accountant import PrivacyLedger, check_budget
+        plan = [sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
+                for r in range(1, f.rounds + 1)]
+        check_budget(cfg, [len(s) for s in shards], plan if cfg.privacy.level == "sample" else None)
+        ledger = PrivacyLedger(cfg.privacy.accountant)
+
     info = dist.init(cfg.run.device, cfg.run.threads)
     try:
         if cfg.run.mode == "centralized" and cfg.optim.batch_size % info.world_size:
@@ -125,6 +133,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             ema.load_state_dict(resumed.ema, info.device)
             home = dist.home_ranks({k: len(s) for k, s in enumerate(shards)}, info.world_size)
             client_states.load_state_dict(resumed.clients, {k for k, r in home.items() if r == info.rank})
+            if ledger is not None and "privacy" in resumed.extra:
+                ledger.load_state_dict(resumed.extra["privacy"])
             optimizer_state = resumed.optimizer
             checkpoint.set_rng_state(resumed.rng)
             start_round = resumed.round
@@ -147,7 +157,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             # aggregation, checkpoints and sampling keep using `model` (plain state_dict keys)
             net = torch.compile(model) if cfg.train.compile else None
             run_fedavg(cfg, info, model, diffusion, train_set, shards, start_round, server, log, evaluator,
-                       checkpointer, ema, client_states, train_model=net, on_round_end=on_round_end)
+                       checkpointer, ema, client_states, train_model=net, on_round_end=on_round_end,
+                       ledger=ledger)
         else:
             run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log,
                             evaluator, checkpointer, ema)
@@ -170,6 +181,14 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
                 "score_history": scored,
                 "client_scores": client_scores,  # round -> one row per client scored then
             }
+            if ledger is not None:
+                pv = cfg.privacy
+                summary["privacy"] = {
+                    "level": pv.level, "accountant": pv.accountant, "delta": pv.delta,
+                    "noise_multiplier": pv.noise_multiplier, "clip": pv.clip,
+                    "epsilon_max": ledger.max_epsilon(pv.delta),
+                    "epsilon_per_client": ledger.epsilons(pv.delta) if pv.level == "sample" else {},
+                }
             if scored:
                 log.console.print(scores_table(scored))
             if client_scores:

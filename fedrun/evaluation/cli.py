@@ -54,11 +54,16 @@ def eval_main(argv: list[str]) -> int:
     try:
         model, diffusion = build(cfg, train_set.num_classes, info.device)
         model.load_state_dict(state["model"])
+        ema = state.get("ema", {}).get("flat")
+        if ema is not None:  # the run sampled and scored its EMA: so does its evaluation
+            from ..federated.flat import load_flat_  # a leaf module: no import cycle
+            load_flat_(model, ema.to(info.device))
         evaluator = Evaluator(cfg, info, train_set, test_set, shards=shards)
         scores = evaluator.evaluate(model, diffusion, int(state["round"]))
         if info.is_main and scores is not None:
             row = {"round": int(state["round"]), "checkpoint": str(ckpt_path), **scores}
-            out = run_dir / "eval" / f"{ckpt_path.stem}.json"
+            tag = f"_guidance{cfg.diffusion.guidance:g}" if cfg.diffusion.guidance else ""
+            out = run_dir / "eval" / f"{ckpt_path.stem}{tag}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(row, indent=2))
             Console(stderr=True).print(scores_table([row], title=f"{run_dir} @ round {row['round']}"))

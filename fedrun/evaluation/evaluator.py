@@ -178,7 +178,10 @@ class Evaluator:
 
     def client_rounds(self) -> set[int]:
         """Rounds whose clients draw a grid (none if sample.per_class = 0)."""
-        return set() if self.cfg.sample.per_class == 0 else self._local_model_rounds()
+        # client-level DP protects only the noised global model: no local model is shown
+        if self.cfg.sample.per_class == 0 or self.cfg.privacy.level == "client":
+            return set()
+        return self._local_model_rounds()
 
     def client_score_rounds(self) -> set[int]:
         """Rounds whose clients are scored (none without eval.client_samples). The same set on

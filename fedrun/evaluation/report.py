@@ -1,12 +1,13 @@
 """``fedrun report RUN_DIR... [--out DIR]``: one results table over finished runs.
 
-Reads ``<run>/summary.json`` of every run, labels each run by the config settings that differ
-between runs of the same data set, and writes, in the paper's layout (rows = settings, columns =
-IS / FID(train) / FID(test) grouped per data set)::
+Reads ``<run>/summary.json`` (and ``<run>/audit.json`` when present) of every run, labels each
+run by the config settings that differ between runs of the same data set, and writes, in the
+paper's layout (rows = settings, columns = IS / FID(train) / FID(test) grouped per data set)::
 
-    <out>/report.md    markdown table, IS as "mean ± std", plus which run fed each row
+    <out>/report.md    markdown table, "mean ± std", plus which runs fed each row
     <out>/report.csv   the same table, raw numbers, one column per (data set, score)
-    <out>/report.png   bar charts: one row of panels per data set, one panel per score
+    <out>/report.png   bar charts: one row of panels per data set, one panel per score; bars are
+                       means, whiskers the std over seeds
 
 ``--out`` defaults to the common parent folder of the run dirs (e.g. ``runs/``).
 
@@ -14,7 +15,8 @@ summary.json schema (keys the report reads; anything else is ignored)::
 
     {
       "config": {"run": {...}, "data": {...}, "model": {...}, "diffusion": {...}, "fed": {...},
-                 "optim": {...}, "train": {...}, "checkpoint": {...}, "sample": {...},
+                 "optim": {...}, "train": {...}, "ema": {...}, "privacy": {...},
+                 "checkpoint": {...}, "sample": {...},
                  "eval": {...}},           # Config.to_dict() of the resolved config (required)
       "scores": {                          # {} or null when the run was not scored
         "is_mean": float, "is_std": float, # Inception Score over 10 splits
@@ -22,17 +24,32 @@ summary.json schema (keys the report reads; anything else is ignored)::
         "fid_test": float,                 # FD to the whole test split
         "extractor": "inception" | "classifier",
         "num_samples": int, "class_acc": float | null   # optional
-      }
+      },
+      "privacy": {"epsilon_max": float}    # optional: the largest epsilon spent (DP runs)
     }
 
-i.e. ``fedrun.metrics.Scorer.score``'s dict goes under "scores" unchanged.
+i.e. ``fedrun.metrics.Scorer.score``'s dict goes under "scores" unchanged. ``audit.json``
+(optional): ``{"auc": float, "near_copies": int | float | list}`` (a list counts its items).
 
 How runs are labelled: a config key becomes part of the label when its value differs between
-two runs of the same data set (bookkeeping keys such as run.name, paths, checkpoint and
+two runs of the same data set (bookkeeping keys such as run.name, run.seed, paths, checkpoint and
 sampling settings never do). Keys that do not apply to a run are left out of its label: the
 federated settings of a centralized run (except fed.rounds / fed.local_epochs, which set its
-epochs), fed.alpha of an IID partition. "run.mode=fedavg" is dropped when a fed.* setting
-already says so. Runs of different data sets with the same label share a row.
+epochs), fed.alpha of an IID partition, fed.prox_mu unless fed.drift = "fedprox", server
+optimizer settings of plain FedAvg, optim.min_lr_ratio of a constant lr, privacy.* of a run
+without privacy. When more than one key labels the table, a method that is off (ema.sigma_rel
+= 0, fed.drift = "none", ..., see OFF) is not named, and rows with a method off sort first.
+"run.mode=fedavg" is dropped when the label names anything else (centralized rows keep their
+mode). Runs of different data sets with the same label share a row.
+
+Seeds: runs that differ only in run.seed form one row; every score is then the mean over the
+seeds ± the sample std (n - 1), "(n=3)" saying how many runs had that score. Runs with the
+same label and the same seed are told apart by their folder instead.
+
+"FID / centralized": present when the table holds a centralized run (run.mode = centralized) of
+the same data set and budget (fed.rounds x fed.local_epochs epochs): the row's FID (test) mean
+divided by that centralized row's. With several such centralized rows, the one that agrees
+with the row on most other label keys (e.g. ema.sigma_rel) is the reference.
 """
 
 from __future__ import annotations
@@ -42,6 +59,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,18 +73,25 @@ from .grids import class_colours
 SCORES = (("is_mean", "IS"), ("fid_train", "FID (train)"), ("fid_test", "FID (test)"))
 # In report.md and report.csv when some run has them (older runs do not).
 EXTRA_SCORES = (("kid_test", "KID x1e3 (test)"), ("precision", "precision"), ("recall", "recall"),
-                ("density", "density"), ("coverage", "coverage"))
+                ("density", "density"), ("coverage", "coverage"), ("class_acc", "class acc"),
+                ("epsilon", "epsilon"), ("audit_auc", "audit AUC"), ("near_copies", "near copies"))
+RATIO = ("fid_ratio", "FID / centralized")  # derived: a row's FID (test) / the centralized row's
 KID_SCALE = 1e3  # KID is printed x1e3, as in the KID literature; the CSV keeps raw values
+THREE_DIGITS = {"precision", "recall", "density", "coverage", "class_acc", "audit_auc"}
 
 # Never labels: they name, place or schedule a run without changing its model.
 IGNORED = {
-    "run.name", "run.out_dir", "run.device", "run.threads",
+    "run.name", "run.out_dir", "run.device", "run.threads", "run.seed",
     "data.root", "data.download", "train.compile", "train.channels_last",
     "eval.every", "eval.enabled", "eval.batch_size", "eval.cache_dir", "eval.inception_weights",
     "eval.local_models_at", "eval.per_class", "eval.client_samples",
 }
 IGNORED_SECTIONS = ("checkpoint", "sample")
 CENTRALIZED_FED_KEYS = {"fed.rounds", "fed.local_epochs"}
+# A method switched off: not named in a label when several keys label the table.
+OFF = {"ema.sigma_rel": 0.0, "model.label_dropout": 0.0, "diffusion.guidance": 0.0, "fed.drift": "none",
+       "fed.client_optimizer": "reset", "optim.lr_schedule": "constant", "fed.server_opt": "fedavg",
+       "privacy.level": "none"}
 
 # Column order and titles of the paper; other data sets follow in order of appearance.
 DATASET_TITLES = {"cifar10": "CIFAR-10", "fashion_mnist": "Fashion-MNIST", "svhn": "SVHN",
@@ -84,8 +109,20 @@ class Run:
     scores: dict[str, Any]
     dataset: str  # column group
     client_scores: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # round -> rows
+    extra: dict[str, float] = field(default_factory=dict)  # epsilon, audit_auc, near_copies
     label: str = ""
     parts: list[tuple[str, Any]] = field(default_factory=list)
+    seeded: bool = False  # one of several seeds of its row
+    wall_s: float | None = None  # the run's wall time (summary.json)
+
+    def value(self, key: str) -> float | None:
+        v = self.scores.get(key, self.extra.get(key))
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    @property
+    def title(self) -> str:
+        """The row label, plus the seed when the row averages several."""
+        return f"{self.label} [seed {self.flat.get('run.seed')}]" if self.seeded else self.label
 
 
 def flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +143,30 @@ def dataset_title(dataset: str) -> str:
     return root if root else DATASET_TITLES.get(name, name)
 
 
+def _number(value: Any) -> float | None:
+    if isinstance(value, list):
+        return float(len(value))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _extra(data: dict[str, Any], path: Path) -> dict[str, float]:
+    """epsilon from summary.json's "privacy", audit_auc / near_copies from audit.json."""
+    out: dict[str, float] = {}
+    privacy = data.get("privacy")
+    if isinstance(privacy, dict) and _number(privacy.get("epsilon_max")) is not None:
+        out["epsilon"] = _number(privacy["epsilon_max"])
+    audit_path = path / "audit.json"
+    if audit_path.is_file():
+        try:
+            audit = json.loads(audit_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{audit_path}: not valid JSON ({exc}); delete it or rerun the audit") from None
+        for src, dst in (("auc", "audit_auc"), ("near_copies", "near_copies")):
+            if isinstance(audit, dict) and _number(audit.get(src)) is not None:
+                out[dst] = _number(audit[src])
+    return out
+
+
 def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
     summary = path / "summary.json"
@@ -119,7 +180,8 @@ def load_run(run_dir: str | Path) -> Run:
         raise ReportError(f"{summary}: has no 'config' table; it was not written by fedrun train")
     flat = flatten(data["config"])
     return Run(path, flat, dict(data.get("scores") or {}), dataset_of(flat),
-               client_scores=dict(data.get("client_scores") or {}))
+               client_scores=dict(data.get("client_scores") or {}), extra=_extra(data, path),
+               wall_s=_number(data.get("wall_s")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +193,18 @@ def _applies(key: str, flat: dict[str, Any]) -> bool:
         return key in CENTRALIZED_FED_KEYS
     if key in ("fed.alpha", "fed.min_client_size", "fed.max_resample"):
         return flat.get("fed.partition") != "iid"
-    if key == "fed.server_momentum":
-        return flat.get("fed.server_opt") != "fedavg"
+    if key in ("fed.server_momentum", "fed.server_lr"):
+        return flat.get("fed.server_opt", "fedavg") != "fedavg"
+    if key == "fed.server_beta2":
+        return flat.get("fed.server_opt") in ("fedadam", "fedyogi")
+    if key == "fed.server_tau":
+        return flat.get("fed.server_opt") in ("fedadam", "fedyogi", "fedadagrad")
+    if key == "fed.prox_mu":
+        return flat.get("fed.drift") == "fedprox"
+    if key == "optim.min_lr_ratio":
+        return flat.get("optim.lr_schedule", "constant") != "constant"
+    if key.startswith("privacy.") and key != "privacy.level":
+        return flat.get("privacy.level", "none") != "none"
     return True
 
 
@@ -163,20 +235,29 @@ def label_runs(runs: list[Run]) -> list[str]:
     label_keys = [k for k in usable if any(varies(k, g) for g in groups.values())]
     if not label_keys:  # one run per data set: what differs apart from the data, else the mode
         label_keys = [k for k in usable if varies(k, runs) and not k.startswith("data.")] or ["run.mode"]
-    # run.* first (mode, seed), then the sections in config order
+    # run.* first (mode), then the sections in config order
     label_keys.sort(key=lambda k: (not k.startswith("run."), order.index(k)))
 
     for r in runs:
         r.parts = [(k, r.flat.get(k)) for k in label_keys if _applies(k, r.flat)]
-        if any(k.startswith("fed.") for k, _ in r.parts):
+        if len(label_keys) > 1:
+            r.parts = [(k, v) for k, v in r.parts if k not in OFF or OFF[k] != v]
+        if len(r.parts) > 1:  # e.g. "fed.alpha=0.1" says FedAvg; centralized rows keep their mode
             r.parts = [(k, v) for k, v in r.parts if not (k == "run.mode" and v == "fedavg")]
         r.label = ", ".join(f"{k}={_fmt(v)}" for k, v in r.parts) or "default"
-    seen: dict[tuple[str, str], int] = {}
+    same: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
-        seen[(r.dataset, r.label)] = seen.get((r.dataset, r.label), 0) + 1
-    for r in runs:  # two runs would fill one cell: tell them apart by their folder
-        if seen[(r.dataset, r.label)] > 1:
-            r.label = f"{r.label} ({r.path.name})"
+        same.setdefault((r.dataset, r.label), []).append(r)
+    for group in same.values():
+        if len(group) == 1:
+            continue
+        seeds = [r.flat.get("run.seed") for r in group]
+        if len(set(seeds)) == len(seeds):  # the seeds of one setting: one row, averaged
+            for r in group:
+                r.seeded = True
+        else:  # two runs would fill one cell: tell them apart by their folder
+            for r in group:
+                r.label = f"{r.label} ({r.path.name})"
     return label_keys
 
 
@@ -184,17 +265,64 @@ def label_runs(runs: list[Run]) -> list[str]:
 # The table
 
 
+def budget(flat: dict[str, Any]) -> Any:
+    """Epochs of training: fed.rounds x fed.local_epochs (a centralized run gets R x E epochs)."""
+    rounds, epochs = flat.get("fed.rounds"), flat.get("fed.local_epochs")
+    return rounds * epochs if isinstance(rounds, int) and isinstance(epochs, int) else None
+
+
 @dataclass
 class Table:
     datasets: list[str]
     labels: list[str]
-    cells: dict[tuple[str, str], Run]  # (label, dataset) -> run
+    cells: dict[tuple[str, str], list[Run]]  # (label, dataset) -> its runs (one per seed)
     label_keys: list[str]
+    reference: dict[tuple[str, str], str] = field(default_factory=dict)  # -> centralized label
+
+    def stats(self, label: str, dataset: str, key: str) -> tuple[float | None, float | None, int]:
+        """(mean, sample std or None, n) of ``key`` over the cell's runs that have it."""
+        if key == RATIO[0]:
+            return self.ratio(label, dataset), None, 0
+        values = [v for r in self.cells.get((label, dataset), []) if (v := r.value(key)) is not None]
+        if not values:
+            return None, None, 0
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return statistics.fmean(values), std, len(values)
 
     def score(self, label: str, dataset: str, key: str) -> float | None:
-        run = self.cells.get((label, dataset))
-        value = run.scores.get(key) if run is not None else None
-        return float(value) if isinstance(value, (int, float)) else None
+        """The mean of ``key`` over the cell's runs (None when no run has it)."""
+        return self.stats(label, dataset, key)[0]
+
+    def runs_of(self, label: str, dataset: str) -> list[Run]:
+        return self.cells.get((label, dataset), [])
+
+    def ratio(self, label: str, dataset: str) -> float | None:
+        ref = self.reference.get((label, dataset))
+        if ref is None:
+            return None
+        mine, central = self.score(label, dataset, "fid_test"), self.score(ref, dataset, "fid_test")
+        return mine / central if mine is not None and central else None
+
+
+def _references(table: Table) -> dict[tuple[str, str], str]:
+    """(label, dataset) -> label of the centralized row of the same data set and budget."""
+    out: dict[tuple[str, str], str] = {}
+    agree_keys = [k for k in table.label_keys if k != "run.mode" and not k.startswith("fed.")]
+    for dataset in table.datasets:
+        central = [label for label in table.labels if (label, dataset) in table.cells
+                   and table.cells[(label, dataset)][0].flat.get("run.mode") == "centralized"]
+        for label in table.labels:
+            runs = table.cells.get((label, dataset))
+            if not runs:
+                continue
+            mine = runs[0].flat
+            candidates = [c for c in central if budget(table.cells[(c, dataset)][0].flat) == budget(mine)
+                          and budget(mine) is not None]
+            if candidates:
+                agreement = [sum(table.cells[(c, dataset)][0].flat.get(k) == mine.get(k) for k in agree_keys)
+                             for c in candidates]
+                out[(label, dataset)] = candidates[agreement.index(max(agreement))]  # first of the best
+    return out
 
 
 def build_table(runs: list[Run]) -> Table:
@@ -207,32 +335,51 @@ def build_table(runs: list[Run]) -> Table:
         def one(key: str) -> tuple:
             v = r.flat.get(key)
             if not _applies(key, r.flat):
+                return (-2, "")
+            if key in OFF and v == OFF[key]:  # the method off (plain FedAvg) before its variants
                 return (-1, "")
             return (1, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (0, str(v))
-        return tuple(one(k) for k in label_keys)
+        return (*(one(k) for k in label_keys), r.flat.get("run.seed", 0))
 
-    labels = list(dict.fromkeys(r.label for r in sorted(runs, key=sort_key)))
-    return Table(datasets, labels, {(r.label, r.dataset): r for r in runs}, label_keys)
+    ordered = sorted(runs, key=sort_key)
+    labels = list(dict.fromkeys(r.label for r in ordered))
+    cells: dict[tuple[str, str], list[Run]] = {}
+    for r in ordered:
+        cells.setdefault((r.label, r.dataset), []).append(r)
+    table = Table(datasets, labels, cells, label_keys)
+    table.reference = _references(table)
+    return table
 
 
-def _cell(table: Table, label: str, dataset: str, key: str) -> str:
-    value = table.score(label, dataset, key)
-    if value is None:
-        return "–"
-    if key == "is_mean":
-        std = table.score(label, dataset, "is_std")
-        return f"{value:.2f} ± {std:.2f}" if std is not None else f"{value:.2f}"
+def _one(key: str, value: float) -> str:
     if key == "kid_test":
         return f"{value * KID_SCALE:.2f}"
-    if key in ("precision", "recall", "density", "coverage"):
+    if key in THREE_DIGITS:
         return f"{value:.3f}"
+    if key == "near_copies" and value == int(value):
+        return str(int(value))
     return f"{value:.2f}"
 
 
+def _cell(table: Table, label: str, dataset: str, key: str) -> str:
+    mean, std, n = table.stats(label, dataset, key)
+    if mean is None:
+        return "–"
+    if len(table.runs_of(label, dataset)) > 1 and key != RATIO[0]:  # several seeds
+        spread = f" ± {_one(key, std)}" if std is not None else ""
+        return f"{_one(key, mean)}{spread} (n={n})"
+    if key == "is_mean":
+        is_std = table.score(label, dataset, "is_std")
+        return f"{mean:.2f} ± {is_std:.2f}" if is_std is not None else f"{mean:.2f}"
+    return _one(key, mean)
+
+
 def columns(table: Table) -> list[tuple[str, str]]:
-    """The paper's scores, then those of EXTRA_SCORES that some run has."""
-    runs = table.cells.values()
-    return list(SCORES) + [(k, n) for k, n in EXTRA_SCORES if any(r.scores.get(k) is not None for r in runs)]
+    """The paper's scores, then those of EXTRA_SCORES that some run has, then the FID ratio
+    to the centralized row where the table has one."""
+    runs = [r for rs in table.cells.values() for r in rs]
+    cols = list(SCORES) + [(k, n) for k, n in EXTRA_SCORES if any(r.value(k) is not None for r in runs)]
+    return cols + ([RATIO] if table.reference else [])
 
 
 def header(table: Table) -> list[str]:
@@ -251,66 +398,105 @@ def write_markdown(table: Table, path: Path) -> None:
     for label in table.labels:
         row = [label] + [_cell(table, label, d, k) for d in table.datasets for k, _ in cols]
         lines.append("| " + " | ".join(row) + " |")
-    extractors = sorted({_extractor_names(r.scores) for r in table.cells.values()
-                         if r.scores.get("extractor")})
+    runs = [r for rs in table.cells.values() for r in rs]
+    extractors = sorted({_extractor_names(r.scores) for r in runs if r.scores.get("extractor")})
     lines.append("")
+    if any(len(rs) > 1 for rs in table.cells.values()):
+        lines.append("Rows of several seeds: mean ± sample std over the seeds (n = runs with that score).")
+    if table.reference:
+        refs = sorted({ref for ref in table.reference.values()})
+        lines.append(f"FID / centralized: FID (test) over that of the centralized row of the same data set "
+                     f"and epochs ({'; '.join(refs)}).")
     if extractors:
         lines.append(f"Features: {', '.join(extractors)}." + (
             " Scores from the proxy classifier compare runs of this repo only, not published numbers."
             if any("classifier" in e for e in extractors) else ""))
-    if any(not r.scores for r in table.cells.values()):
+    if any(not r.scores for r in runs):
         lines.append("– : the run has no scores (eval.enabled = false, or it did not finish).")
     lines += ["", "Runs:", ""]
-    lines += [f"- {label} / {dataset_title(d)}: `{table.cells[(label, d)].path}`"
+    lines += [f"- {label} / {dataset_title(d)}: " + ", ".join(f"`{r.path}`" for r in table.cells[(label, d)])
               for label in table.labels for d in table.datasets if (label, d) in table.cells]
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_csv(table: Table, path: Path) -> None:
+    """Means; with several seeds also the std over seeds and n for every score."""
     cols = [("is_mean", "IS"), ("is_std", "IS std"), ("fid_train", "FID (train)"), ("fid_test", "FID (test)")]
     cols += [(k, "KID (test)" if k == "kid_test" else n) for k, n in columns(table)[len(SCORES):]]
+    seeded = any(len(rs) > 1 for rs in table.cells.values())
+    head, getters = ["setting"], []
+    for d in table.datasets:
+        for key, name in cols:
+            head.append(f"{dataset_title(d)} {name}")
+            getters.append((d, key, 0))
+        if seeded:
+            for key, name in cols:
+                if key not in ("is_std", RATIO[0]):
+                    head.append(f"{dataset_title(d)} {name} std over seeds")
+                    getters.append((d, key, 1))
+            head.append(f"{dataset_title(d)} seeds")
+            getters.append((d, "fid_test", 2))
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["setting"] + [f"{dataset_title(d)} {name}" for d in table.datasets for _, name in cols])
+        w.writerow(head)
         for label in table.labels:
-            values = [table.score(label, d, k) for d in table.datasets for k, _ in cols]
+            values = [table.stats(label, d, key)[i] if i < 2 else len(table.runs_of(label, d)) or None
+                      for d, key, i in getters]
             w.writerow([label] + ["" if v is None else repr(v) for v in values])
 
 
+def png_panels(table: Table) -> list[tuple[str, str]]:
+    """The scores drawn: the paper's, and class accuracy when some run has it."""
+    return list(SCORES) + [(k, n) for k, n in columns(table) if k == "class_acc"]
+
+
 def write_png(table: Table, path: Path, panel_w: int = 240, panel_h: int = 170) -> None:
-    """One row of panels per data set, one panel per score, one coloured bar per setting."""
+    """One row of panels per data set, one panel per score, one coloured bar per setting: the
+    mean, with a whisker of +- the std over seeds when the row has several."""
     font = ImageFont.load_default()
     colours = class_colours(len(table.labels))
+    panels = png_panels(table)
     legend_h = 18 * len(table.labels) + 10
     pad_l, pad_t, pad_b = 10, 28, 14
-    width = len(SCORES) * panel_w + 2 * pad_l
+    width = len(panels) * panel_w + 2 * pad_l
     height = legend_h + len(table.datasets) * (panel_h + pad_t + pad_b)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     for i, label in enumerate(table.labels):
         y = 6 + 18 * i
         draw.rectangle([pad_l, y, pad_l + 11, y + 11], fill=colours[i])
-        draw.text((pad_l + 18, y), label, fill="black", font=font)
+        n = max((len(table.runs_of(label, d)) for d in table.datasets), default=1)
+        draw.text((pad_l + 18, y), label + (f"  (n={n})" if n > 1 else ""), fill="black", font=font)
     for row, dataset in enumerate(table.datasets):
         top = legend_h + row * (panel_h + pad_t + pad_b)
-        for col, (key, name) in enumerate(SCORES):
+        for col, (key, name) in enumerate(panels):
             x0 = pad_l + col * panel_w
             draw.text((x0 + panel_w // 2, top + 6), f"{dataset_title(dataset)}: {name}", fill="black",
                       font=font, anchor="mt")
-            values = [table.score(label, dataset, key) for label in table.labels]
-            peak = max([v for v in values if v is not None] + [1e-9])
+            stats = [table.stats(label, dataset, key) for label in table.labels]
+            peak = max([m + (s or 0.0) for m, s, _ in stats if m is not None] + [1e-9])
             base = top + pad_t + panel_h
-            slot = (panel_w - 20) / max(1, len(values))
+            slot = (panel_w - 20) / max(1, len(stats))
+            scale = (panel_h - 24) / peak
             draw.line([x0 + 8, base, x0 + panel_w - 8, base], fill="black")
-            for i, v in enumerate(values):
+            for i, (v, std, _) in enumerate(stats):
                 bx = x0 + 10 + i * slot
                 if v is None:
                     draw.text((bx + slot / 2, base - 4), "n/a", fill="gray", font=font, anchor="mb")
                     continue
-                h = max(0.0, v) / peak * (panel_h - 24)
+                h = max(0.0, v) * scale
                 draw.rectangle([round(bx + slot * 0.15), round(base - h), round(bx + slot * 0.85), base - 1],
                                fill=colours[i])
-                draw.text((bx + slot / 2, base - h - 2), f"{v:.1f}", fill="black", font=font, anchor="mb")
+                top_y = base - h
+                if std:  # whisker: mean +- std, clipped at the axis
+                    cx = round(bx + slot / 2)
+                    hi, lo = base - (v + std) * scale, min(base, base - (v - std) * scale)
+                    draw.line([cx, round(hi), cx, round(lo)], fill="black", width=1)
+                    for y in (hi, lo):
+                        draw.line([cx - 3, round(y), cx + 3, round(y)], fill="black")
+                    top_y = min(top_y, hi)
+                text = f"{v:.2f}" if key == "class_acc" else f"{v:.1f}"
+                draw.text((bx + slot / 2, top_y - 2), text, fill="black", font=font, anchor="mb")
     img.save(path)
 
 
@@ -356,7 +542,7 @@ def client_markdown(runs: list[Run]) -> list[str]:
         per_class = run.scores.get("per_class")
         if not rows and not per_class:
             continue
-        lines += ["", f"## {run.label} / {dataset_title(run.dataset)}: per client and per class", ""]
+        lines += ["", f"## {run.title} / {dataset_title(run.dataset)}: per client and per class", ""]
         if rows:
             lines.append(f"Local models right after their local training in round {last or '–'}; the "
                          f"global model of the last evaluation. own = the client's own train images "
@@ -389,7 +575,7 @@ def write_clients_csv(runs: list[Run], path: Path) -> bool:
         for run, last, rows in table:
             for r in rows:
                 pc = list(r["per_class_fid_test"] or []) + [None] * num_classes
-                w.writerow([str(run.path), run.label, dataset_title(run.dataset), last or "", r["client"],
+                w.writerow([str(run.path), run.title, dataset_title(run.dataset), last or "", r["client"],
                             *["" if r[k] is None else repr(r[k]) for k in keys],
                             *["" if v is None else repr(v) for v in pc[:num_classes]]])
     return True
@@ -413,7 +599,7 @@ def write_heatmap(runs: list[Run], path: Path, cell: int = 40) -> bool:
         if run.scores.get("per_class"):
             grid.append(("global", run.scores["per_class"]["fid_test"]))
         if grid:
-            panels.append((f"{run.label} / {dataset_title(run.dataset)}: per-class FID (test), "
+            panels.append((f"{run.title} / {dataset_title(run.dataset)}: per-class FID (test), "
                            f"local models at round {last or '–'}", grid))
     if not panels:
         return False
@@ -453,17 +639,18 @@ def print_table(table: Table) -> None:
     from rich.table import Table as RichTable
 
     console = Console()
+    cols = columns(table)
     setting_w = max(len(label) for label in table.labels) + 4
-    wide = setting_w + 16 * len(SCORES) * len(table.datasets) <= console.width
+    wide = setting_w + 16 * len(cols) * len(table.datasets) <= console.width
     groups = [table.datasets] if wide else [[d] for d in table.datasets]
     for datasets in groups:
         t = RichTable(title="fedrun report" if wide else dataset_title(datasets[0]))
         t.add_column("setting", no_wrap=True)
         for d in datasets:
-            for _, name in SCORES:
+            for _, name in cols:
                 t.add_column(f"{dataset_title(d)}\n{name}" if wide else name, justify="right", no_wrap=True)
         for label in table.labels:
-            t.add_row(label, *[_cell(table, label, d, k) for d in datasets for k, _ in SCORES])
+            t.add_row(label, *[_cell(table, label, d, k) for d in datasets for k, _ in cols])
         console.print(t)
 
 
@@ -483,8 +670,7 @@ def make_report(run_dirs: Sequence[str | Path],
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
     write_markdown(table, paths["md"])
-    ordered = [table.cells[(label, d)] for label in table.labels for d in table.datasets
-               if (label, d) in table.cells]
+    ordered = [r for label in table.labels for d in table.datasets for r in table.runs_of(label, d)]
     extra = client_markdown(ordered)
     if extra:
         with paths["md"].open("a") as f:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from .flat import (
 )
 from .server import ServerOptimizer
 
+if TYPE_CHECKING:
+    from ..privacy.accountant import PrivacyLedger
+
 RoundHook = Callable[[dict[str, Any]], None]
 
 
@@ -74,11 +77,14 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
                server: ServerOptimizer, log: RunLogger, evaluator: Evaluator,
                checkpointer: Checkpointer, ema: PowerEMA, client_states: ClientStates,
                train_model: nn.Module | None = None,
-               on_round_end: list[RoundHook] | None = None) -> list[dict[str, Any]]:
+               on_round_end: list[RoundHook] | None = None,
+               ledger: PrivacyLedger | None = None) -> list[dict[str, Any]]:
     """Rounds start_round+1 .. fed.rounds. ``model`` holds the global weights on entry and exit.
 
     ``ema``: the global model's EMA (sampled and scored instead of it when enabled);
     ``client_states``: what clients keep between rounds, for this rank's home clients.
+    ``ledger``: the privacy accountant's record (privacy.level != "none"); every rank keeps the
+    same one, since who trains and for how many noisy steps follows from the config alone.
 
     ``train_model``: what local training calls (e.g. torch.compile(model)); it must share
     ``model``'s parameters, which the flat-buffer code reads and writes. ``on_round_end``: called
@@ -96,6 +102,12 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
     TIMES = P + TAIL  # first of the per-rank timing slots
     home = dist.home_ranks(sizes, info.world_size) if client_states.active else None
     total_data = float(sum(sizes.values()))
+    pv = cfg.privacy
+    train_client = train_local
+    if pv.level == "sample":  # DP-SGD in every client (Opacus): the image is the unit
+        from ..privacy.dp_sgd import train_local_dp as train_client
+    if pv.level != "none":
+        from ..privacy import accountant, client_dp
     bad_rounds = 0
     warned_idle = False
     history: list[dict[str, Any]] = []
@@ -106,7 +118,11 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
     for r in range(start_round + 1, f.rounds + 1):
         t0 = time.perf_counter()
         reset_device_peak(device)
-        clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
+        if pv.level == "client":  # DP-FedAvg: Poisson sampling, the sampling its accountant assumes
+            q = accountant.client_level_rate(cfg)
+            clients = client_dp.poisson_clients(f.num_clients, q, cfg.run.seed, r)
+        else:
+            clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
         if home is None:
             assignment = dist.assign_clients(clients, sizes, info.world_size)
         else:  # clients with kept state train where it lives
@@ -140,8 +156,8 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
             elif scaffold:
                 drift = ScaffoldClient(model, client_states.server_control, client_states.control.get(k))
             res = grouped.result(k) if grouped is not None else \
-                train_local(net, diffusion, train_set, shard_idx[k], cfg, r, k, on_step=log.step,
-                            optimizer_state=client_states.optimizer.get(k), adjust_grads=drift)
+                train_client(net, diffusion, train_set, shard_idx[k], cfg, r, k, on_step=log.step,
+                             optimizer_state=client_states.optimizer.get(k), adjust_grads=drift)
             if r in client_grid_rounds:  # personalization: what this client's model draws
                 t_grid = time.perf_counter()
                 evaluator.client_grid(model, diffusion, r, k)
@@ -158,15 +174,21 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
                               f"it is left out of this round's average", stacklevel=2)
                 buffer[P + SKIPPED_SLOT] += 1
                 continue
-            accumulate_(buffer, model, float(sizes[k]))
+            # FedAvg weighs by data size; DP-FedAvg clips each update and weighs clients equally,
+            # which bounds one client's influence on the sum by privacy.clip (client_dp.py)
+            weight = float(sizes[k])
+            if pv.level == "client":
+                client_dp.clip_update_(model, global_flat, pv.clip)
+                weight = 1.0
+            accumulate_(buffer, model, weight)
             if res.optimizer_state is not None:
                 client_states.optimizer[k] = res.optimizer_state
             if isinstance(drift, ScaffoldClient):
                 new_control = drift.new_control()
                 buffer[CONTROL:].add_(new_control - drift.old, alpha=float(sizes[k]))
                 client_states.control[k] = new_control
-            buffer[P + N_SLOT] += sizes[k]
-            buffer[P + LOSS_SLOT] += loss * sizes[k]
+            buffer[P + N_SLOT] += weight
+            buffer[P + LOSS_SLOT] += loss * weight
             buffer[P + IMAGES_SLOT] += res.images
             buffer[P + TRAINED_SLOT] += 1
         if device.type == "cuda":
@@ -184,7 +206,22 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         per_rank = buffer[TIMES:TIMES + info.world_size].tolist()
         t_agg = time.perf_counter() - t1
 
-        if n > 0:
+        if pv.level == "client":  # theta + sum of clipped updates / (qN) + noise, even with no client
+            delta_sum = buffer[:P] - n * global_flat
+            average = global_flat + client_dp.noisy_update(
+                delta_sum, pv.noise_multiplier, pv.clip, f.num_clients, accountant.client_level_rate(cfg),
+                cfg.run.seed, r)
+        if ledger is not None:  # the same record on every rank: it follows from the config
+            if pv.level == "client":
+                q = accountant.client_level_rate(cfg)
+                ledger.record(accountant.FEDERATION, pv.noise_multiplier, q, 1)
+            else:
+                for k in clients:
+                    if sizes[k]:
+                        q, steps = accountant.sample_level_step(sizes[k], cfg.optim.batch_size,
+                                                                f.local_epochs)
+                        ledger.record(k, pv.noise_multiplier, q, steps)
+        if n > 0 or pv.level == "client":
             global_flat = server.step(global_flat, average)
             if scaffold:  # c stays the data-weighted mean of all clients' c_k
                 client_states.server_control.add_(buffer[CONTROL:], alpha=1.0 / total_data)
@@ -201,7 +238,8 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         ema.update(global_flat, r)
 
         t2 = time.perf_counter()
-        checkpointer.save(r, model, server=server, ema=ema, clients=client_states, last_round=r == f.rounds)
+        checkpointer.save(r, model, server=server, ema=ema, clients=client_states, last_round=r == f.rounds,
+                          extra={"privacy": ledger} if ledger is not None else None)
         t_ckpt = time.perf_counter() - t2
         t_train = time.perf_counter() - t0 - t_grids  # the round without evaluation: the throughput base
 
@@ -234,6 +272,9 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
             "world_size": info.world_size,
             **memory_record(device),
         }
+        if ledger is not None:
+            record["epsilon"] = ledger.max_epsilon(pv.delta)  # the worst client (sample level)
+            record["epsilon_per_client"] = ledger.epsilons(pv.delta) if pv.level == "sample" else {}
         if scores is not None:
             record["scores"] = scores
         if client_scores is not None:
@@ -243,6 +284,8 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         history.append(record)
         skipped = f"  skipped {record['clients_skipped']}" if record["clients_skipped"] else ""
         waited = f"  waited {record['wait_s']:.2f}s" if info.distributed else ""  # for the slowest rank
+        if ledger is not None:
+            waited += f"  eps {record['epsilon']:.2f}"
         log.end_round(record, f"round {r:>4}/{f.rounds}  loss {record['loss']:.4f}  "
                               f"{wall:6.2f}s  {record['img_per_s']:8.1f} img/s{waited}{skipped}")
         for hook in hooks:

@@ -46,7 +46,8 @@ def test_two_runs_labelled_by_the_setting_that_varies(tmp_path, capsys):
     assert "run.name" not in md and "proxy classifier" in md
 
     rows = list(csv.reader((out / "report.csv").open()))
-    assert rows[0] == ["setting", "digits IS", "digits IS std", "digits FID (train)", "digits FID (test)"]
+    assert rows[0] == ["setting", "digits IS", "digits IS std", "digits FID (train)", "digits FID (test)",
+                       "digits class acc"]
     assert rows[1][0] == "fed.alpha=0.1" and float(rows[1][1]) == 6.0 and float(rows[2][4]) == 22.0
 
     with Image.open(out / "report.png") as im:
@@ -73,7 +74,9 @@ def test_runs_of_two_data_sets_share_rows_and_missing_scores_show_a_dash(tmp_pat
     assert table.datasets == ["digits", "synthetic"]
     assert table.labels == ["run.mode=centralized", "run.mode=fedavg"]  # data.channels is no label
     md = paths["md"].read_text()
-    assert "| run.mode=centralized | 7.00 ± 0.25 | 20.00 | 22.00 | – | – | – |" in md
+    # digits: IS, FIDs, class acc, FID / centralized; synthetic (no centralized scores): dashes
+    assert "| run.mode=centralized | 7.00 ± 0.25 | 20.00 | 22.00 | 0.900 | 1.00 | – | – | – | – | – |" in md
+    assert "| run.mode=fedavg | 6.00 ± 0.25 | 10.00 | 11.00 | 0.900 | 0.50 | 8.00 ± 0.25 |" in md
 
 
 def test_identical_settings_are_told_apart_by_folder(tmp_path):
@@ -128,3 +131,120 @@ def test_new_scores_per_client_table_and_heat_map(tmp_path, capsys):
     with Image.open(out / "report_clients.png") as im:
         assert im.size[0] > 150 and im.size[1] > 100
     assert "report_clients.png" in capsys.readouterr().out
+
+
+def _fid(fid_test: float, is_mean: float = 5.0, **more) -> dict:
+    return {"is_mean": is_mean, "is_std": 0.1, "fid_train": fid_test + 1.0, "fid_test": fid_test,
+            "extractor": "classifier", **more}
+
+
+def test_seeds_of_one_setting_form_one_row_with_mean_and_sample_std(tmp_path):
+    dirs = [_run(tmp_path, f"a01_s{s}", _fid(f, i, class_acc=acc), fed__alpha=0.1, run__seed=s)
+            for s, f, i, acc in ((0, 10.0, 5.0, 0.5), (1, 12.0, 6.0, 0.6), (2, 17.0, 8.0, 0.9))]
+    dirs.append(_run(tmp_path, "a05_s0", _fid(20.0, 7.0), fed__alpha=0.5))  # one seed, no class_acc
+    table, paths = report.make_report(dirs)
+    assert table.labels == ["fed.alpha=0.1", "fed.alpha=0.5"]  # run.seed is never a label
+    mean, std, n = table.stats("fed.alpha=0.1", "digits", "fid_test")
+    # by hand: mean 13, deviations -3, -1, 4: sample variance 26 / 2 = 13
+    assert (mean, n) == (13.0, 3) and std == pytest.approx(13 ** 0.5)
+    md = paths["md"].read_text()
+    # IS 5, 6, 8: mean 19/3, variance (16 + 1 + 25) / 9 / 2 = 7/3; class acc 0.5, 0.6, 0.9: std 0.2082
+    assert ("| fed.alpha=0.1 | 6.33 ± 1.53 (n=3) | 14.00 ± 3.61 (n=3) | 13.00 ± 3.61 (n=3) "
+            "| 0.667 ± 0.208 (n=3) |") in md
+    assert "| fed.alpha=0.5 | 7.00 ± 0.10 | 21.00 | 20.00 | – |" in md  # a single seed: as before
+    assert "a01_s0" in md and "a01_s2" in md and "(a01_s" not in md  # no folder labels
+    with paths["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    one = next(r for r in rows if r["setting"] == "fed.alpha=0.1")
+    assert float(one["digits FID (test)"]) == 13.0
+    assert float(one["digits FID (test) std over seeds"]) == pytest.approx(13 ** 0.5)
+    assert one["digits seeds"] == "3" and next(r for r in rows if r["setting"] == "fed.alpha=0.5")[
+        "digits FID (test) std over seeds"] == ""
+
+
+def test_same_seed_twice_is_told_apart_by_folder_not_averaged(tmp_path):
+    dirs = [_run(tmp_path, n, _fid(f), fed__alpha=0.1) for n, f in (("x", 1.0), ("y", 3.0))]
+    dirs.append(_run(tmp_path, "z", _fid(5.0), fed__alpha=0.5))
+    table = report.build_table([report.load_run(d) for d in dirs])
+    assert table.labels == ["fed.alpha=0.1 (x)", "fed.alpha=0.1 (y)", "fed.alpha=0.5"]
+    assert table.score("fed.alpha=0.1 (y)", "digits", "fid_test") == 3.0
+
+
+def test_fid_ratio_to_the_centralized_row_of_the_same_budget(tmp_path):
+    cen = dict(run__mode="centralized", fed__rounds=10, fed__local_epochs=2)
+    dirs = [_run(tmp_path, "c0", _fid(4.0), **cen, run__seed=0),
+            _run(tmp_path, "c1", _fid(6.0), **cen, run__seed=1),
+            _run(tmp_path, "ce", _fid(2.0), **cen, ema__sigma_rel=0.1),
+            _run(tmp_path, "f0", _fid(10.0), fed__rounds=10, fed__local_epochs=2, run__seed=0),
+            _run(tmp_path, "f1", _fid(12.0), fed__rounds=10, fed__local_epochs=2, run__seed=1),
+            _run(tmp_path, "fe", _fid(3.0), fed__rounds=10, fed__local_epochs=2, ema__sigma_rel=0.1),
+            _run(tmp_path, "eq", _fid(15.0), fed__rounds=20, fed__local_epochs=1),  # 20 epochs too
+            _run(tmp_path, "e5", _fid(30.0), fed__rounds=10, fed__local_epochs=5)]  # 50 epochs
+    table, paths = report.make_report(dirs)
+    fed = "fed.rounds=10, fed.local_epochs=2"
+    assert table.labels[:2] == ["run.mode=centralized, fed.rounds=10, fed.local_epochs=2",
+                                "run.mode=centralized, fed.rounds=10, fed.local_epochs=2, ema.sigma_rel=0.1"]
+    assert table.ratio(fed, "digits") == pytest.approx(11.0 / 5.0)  # means over seeds
+    assert table.ratio(f"{fed}, ema.sigma_rel=0.1", "digits") == pytest.approx(3.0 / 2.0)  # EMA vs EMA
+    assert table.ratio("fed.rounds=20, fed.local_epochs=1", "digits") == pytest.approx(15.0 / 5.0)
+    assert table.ratio("fed.rounds=10, fed.local_epochs=5", "digits") is None  # no centralized at 50
+    assert table.ratio(table.labels[0], "digits") == 1.0
+    md = paths["md"].read_text()
+    assert "digits FID / centralized |" in md
+    assert f"| {fed} | 5.00 ± 0.00 (n=2) | 12.00 ± 1.41 (n=2) | 11.00 ± 1.41 (n=2) | 2.20 |" in md
+    assert "| fed.rounds=10, fed.local_epochs=5 | 5.00 ± 0.10 | 31.00 | 30.00 | – |" in md
+
+
+def test_no_centralized_run_no_ratio_column(tmp_path):
+    dirs = [_run(tmp_path, n, _fid(f), fed__alpha=a) for n, f, a in (("a", 1.0, 0.1), ("b", 2.0, 5.0))]
+    table, paths = report.make_report(dirs)
+    assert "FID / centralized" not in paths["md"].read_text() and table.reference == {}
+
+
+def test_epsilon_and_audit_columns(tmp_path):
+    dp = _run(tmp_path, "dp", _fid(8.0), privacy__level="client", privacy__noise_multiplier=1.1)
+    summary = json.loads((dp / "summary.json").read_text())
+    summary["privacy"] = {"epsilon_max": 3.456, "delta": 1e-5}
+    (dp / "summary.json").write_text(json.dumps(summary))
+    (dp / "audit.json").write_text(json.dumps({"auc": 0.5123, "near_copies": 2, "other": 1}))
+    plain = _run(tmp_path, "plain", _fid(6.0))
+    (plain / "audit.json").write_text(json.dumps({"auc": 0.75, "near_copies": [3, 9, 11]}))  # a list: 3
+    table, paths = report.make_report([plain, dp])
+    md = paths["md"].read_text()
+    assert "| digits epsilon | digits audit AUC | digits near copies |" in md
+    # noise_multiplier only labels the run that has privacy on
+    assert "| privacy.level=client, privacy.noise_multiplier=1.1 | 5.00 ± 0.10 | 9.00 | 8.00 | 3.46 " \
+           "| 0.512 | 2 |" in md
+    assert "| default | 5.00 ± 0.10 | 7.00 | 6.00 | – | 0.750 | 3 |" in md  # privacy off: not named
+    (plain / "audit.json").write_text("{not json")
+    with pytest.raises(report.ReportError, match="audit.json"):
+        report.load_run(plain)
+
+
+def test_method_labels_name_what_is_on(tmp_path):
+    dirs = [_run(tmp_path, "fedavg", _fid(9.0)),
+            _run(tmp_path, "prox", _fid(8.0), fed__drift="fedprox", fed__prox_mu=0.1),
+            _run(tmp_path, "scaf", _fid(7.0), fed__drift="scaffold", fed__prox_mu=0.1),
+            _run(tmp_path, "ema", _fid(6.0), ema__sigma_rel=0.1),
+            _run(tmp_path, "cos", _fid(5.0), optim__lr_schedule="cosine", optim__min_lr_ratio=0.05),
+            _run(tmp_path, "adam", _fid(4.0), fed__server_opt="fedadam", fed__server_lr=0.01),
+            _run(tmp_path, "cfg", _fid(3.0), model__label_dropout=0.1, diffusion__guidance=1.0),
+            _run(tmp_path, "keep", _fid(2.0), fed__client_optimizer="keep")]
+    table = report.build_table([report.load_run(d) for d in dirs])
+    labels = {r.path.name: r.label for rs in table.cells.values() for r in rs}
+    assert labels == {
+        "fedavg": "default", "prox": "fed.drift=fedprox, fed.prox_mu=0.1",
+        "scaf": "fed.drift=scaffold",  # prox_mu does not apply to SCAFFOLD
+        "ema": "ema.sigma_rel=0.1", "cos": "optim.lr_schedule=cosine, optim.min_lr_ratio=0.05",
+        "adam": "fed.server_opt=fedadam, fed.server_lr=0.01",
+        "cfg": "model.label_dropout=0.1, diffusion.guidance=1.0", "keep": "fed.client_optimizer=keep"}
+
+
+def test_png_draws_std_whiskers(tmp_path):
+    dirs = [_run(tmp_path, f"s{s}", _fid(f), run__seed=s) for s, f in ((0, 10.0), (1, 30.0))]
+    _, paths = report.make_report(dirs)
+    with Image.open(paths["png"]) as im:
+        im = im.convert("RGB")
+        # FID (test) panel (the third): the whisker's centre column is black above the bar top
+        px = [im.getpixel((10 + 2 * 240 + 10 + 110, y)) for y in range(im.size[1])]
+    assert px.count((0, 0, 0)) > 20

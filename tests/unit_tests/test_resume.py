@@ -2,6 +2,8 @@
 it carries across the restart: the RNG, a server optimizer's moments, the centralized Adam, the
 EMA, and what clients keep between rounds (Adam moments, SCAFFOLD control variates)."""
 
+import json
+
 import pytest
 import torch
 
@@ -25,6 +27,9 @@ def final_checkpoint(cfg):
                   "fed__client_optimizer": "keep", "model__label_dropout": "0.2"},
                  id="ema-scaffold-kept-adam-client-state"),
     pytest.param({"run__mode": "centralized", "ema__sigma_rel": "0.1"}, id="centralized-ema"),
+    pytest.param({"run__mode": "fedavg", "privacy__level": "sample"}, id="dp-sgd-ledger"),
+    pytest.param({"run__mode": "fedavg", "privacy__level": "client", "privacy__clip": "0.01"},
+                 id="dp-fedavg-ledger-and-poisson-clients"),
 ])
 def test_resume_equals_uninterrupted(tmp_path, extra):
     straight = load_config(None, tiny_overrides(tmp_path, "straight", fed__rounds=3, fed__clients_per_round=3,
@@ -57,6 +62,11 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
             other = b["clients"]["clients"][k]
             assert torch.equal(entry["control"], other["control"])
             assert same_bits(entry["optimizer"]["state"][0], other["optimizer"]["state"][0])
+    if "privacy__level" in extra:  # the accountant's record survived: the same epsilon, exactly
+        assert stopped["extra"]["privacy"]["history"] and a["extra"] == b["extra"]
+        eps = [json.loads((tmp_path / n / "summary.json").read_text())["privacy"]["epsilon_max"]
+               for n in ("straight", "resumed")]
+        assert eps[0] == eps[1] > 0
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [int(l.split('"round": ')[1].split(",")[0]) for l in lines] == [1, 2, 3]  # round 3 once
 

@@ -1,0 +1,237 @@
+"""Privacy accounting: who has spent how much (epsilon, delta), and whether a planned run fits.
+
+All the mathematics is Opacus's (``opacus.accountants``): the RDP accountant (Mironov 2017;
+Mironov, Talwar and Zhang 2019 for the subsampled Gaussian, converted to (epsilon, delta) with
+Balle et al. 2020) or the PRV accountant (Gopi, Lee and Wutschitz, NeurIPS 2021), chosen by
+``privacy.accountant``. fedrun only decides *what* is composed:
+
+* sample level (DP-SGD in every client, the image is the unit): client k with n_k images and
+  batch B draws each batch by Poisson sampling with rate q_k = min(1, B / n_k) and takes
+  E * ceil(n_k / B) noisy steps in every round it takes part in. Each client has its own
+  accountant, fed only by the rounds it trained in (its images are touched by nothing else).
+* client level (DP-FedAvg, McMahan et al. ICLR 2018, the client is the unit): one accountant for
+  the federation; each round is one step of the subsampled Gaussian mechanism with Poisson
+  client sampling at rate q = clients_per_round / num_clients.
+
+An Opacus accountant is a list of (noise_multiplier, sample_rate, steps) entries; the ledger
+keeps one such list per key and its ``state_dict`` is that list as plain numbers, so a
+checkpoint loads with ``torch.load(weights_only=True)`` and a restored ledger reports the very
+same epsilon (the same entries feed the same computation).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
+
+    from ..config import Config
+
+FEDERATION = "federation"  # the one ledger key at client level
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def require_opacus() -> None:
+    """Raise a one-line ConfigError if Opacus cannot be imported."""
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        raise ConfigError("privacy.level: needs Opacus; pip install 'fedrun[privacy]' "
+                          "(or set privacy.level = \"none\")") from None
+
+
+def _accountant(kind: str, history: Iterable[tuple[float, float, int]]) -> IAccountant:
+    require_opacus()
+    from opacus.accountants import PRVAccountant, RDPAccountant
+    if kind not in ACCOUNTANTS:
+        raise ConfigError(f"privacy.accountant: must be one of {ACCOUNTANTS}, got {kind!r}")
+    acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return acc
+
+
+def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float, kind: str = "rdp") -> float:
+    """Epsilon at ``delta`` of composing the (noise_multiplier, sample_rate, steps) entries."""
+    entries = tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0)
+    return _epsilon(entries, float(delta), kind) if entries else 0.0
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, kind: str) -> float:
+    """Memoised: clients of equal size share one computation (a pure function of its inputs)."""
+    return float(_accountant(kind, entries).get_epsilon(delta=delta))
+
+
+class PrivacyLedger:
+    """Per-key privacy histories (a client id at sample level, ``FEDERATION`` at client level).
+
+    ``record`` adds ``steps`` steps of the subsampled Gaussian mechanism with the given noise
+    multiplier and sample rate; consecutive records with the same (noise, rate) merge into one
+    entry (composition is additive in the steps, so the epsilon is the same either way).
+    """
+
+    def __init__(self, accountant: str = "rdp"):
+        if accountant not in ACCOUNTANTS:
+            raise ConfigError(f"privacy.accountant: must be one of {ACCOUNTANTS}, got {accountant!r}")
+        self.accountant = accountant
+        self.history: dict[str, list[tuple[float, float, int]]] = {}
+
+    @staticmethod
+    def _key(key: int | str) -> str:
+        return str(key)
+
+    def record(self, key: int | str, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        if steps <= 0:
+            return
+        if not (noise_multiplier > 0 and 0 < sample_rate <= 1):
+            raise ValueError(f"need noise_multiplier > 0 and 0 < sample_rate <= 1, got "
+                             f"{noise_multiplier}, {sample_rate}")
+        h = self.history.setdefault(self._key(key), [])
+        entry = (float(noise_multiplier), float(sample_rate))
+        if h and h[-1][:2] == entry:
+            h[-1] = (*entry, h[-1][2] + int(steps))
+        else:
+            h.append((*entry, int(steps)))
+
+    def keys(self) -> list[str]:
+        return list(self.history)
+
+    def epsilon(self, key: int | str, delta: float) -> float:
+        """Epsilon spent by ``key`` at ``delta`` (0.0 if it never trained)."""
+        return epsilon_of(self.history.get(self._key(key), []), delta, self.accountant)
+
+    def epsilons(self, delta: float) -> dict[str, float]:
+        return {k: self.epsilon(k, delta) for k in self.history}
+
+    def max_epsilon(self, delta: float) -> float:
+        """The largest epsilon over all keys (0.0 for an empty ledger)."""
+        return max(self.epsilons(delta).values(), default=0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain str/float/int/list/dict only: safe for ``torch.load(weights_only=True)``."""
+        return {"accountant": self.accountant,
+                "history": {k: [[s, q, n] for s, q, n in h] for k, h in self.history.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("accountant") != self.accountant:
+            raise ConfigError(f"privacy.accountant: the checkpoint was accounted with "
+                              f"{state.get('accountant')!r}, the config asks for {self.accountant!r}; "
+                              f"resume with privacy.accountant = {state.get('accountant')!r}")
+        self.history = {str(k): [(float(s), float(q), int(n)) for s, q, n in h]
+                        for k, h in state["history"].items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The planned run
+
+
+def sample_level_step(num_images: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """(Poisson sample rate, noisy steps) of one client's DP-SGD round."""
+    q = min(1.0, batch_size / num_images)
+    return q, local_epochs * math.ceil(num_images / batch_size)
+
+
+def client_level_rate(cfg: Config) -> float:
+    """Poisson client sampling rate of DP-FedAvg: clients_per_round / num_clients."""
+    return cfg.fed.clients_per_round / cfg.fed.num_clients
+
+
+def planned_ledger(cfg: Config, shard_sizes: Sequence[int],
+                   participation: Sequence[Sequence[int]] | None = None,
+                   rounds: int | None = None, noise_multiplier: float | None = None) -> PrivacyLedger:
+    """The ledger the planned run will have after ``rounds`` (default fed.rounds) rounds.
+
+    ``participation[r]``: the clients of round r + 1 (sample level; known in advance, since
+    clients are drawn from (seed, round)); None = every client with data in every round (an
+    upper bound when not all take part). Client level ignores it (Poisson sampling is what the
+    accountant composes).
+    """
+    pv = cfg.privacy
+    rounds = cfg.fed.rounds if rounds is None else rounds
+    sigma = pv.noise_multiplier if noise_multiplier is None else noise_multiplier
+    ledger = PrivacyLedger(pv.accountant)
+    if pv.level == "client":
+        ledger.record(FEDERATION, sigma, client_level_rate(cfg), rounds)
+        return ledger
+    if pv.level != "sample":
+        return ledger
+    counts = [0] * len(shard_sizes)
+    if participation is None:
+        counts = [rounds] * len(shard_sizes)
+    else:
+        for clients in list(participation)[:rounds]:
+            for k in clients:
+                counts[k] += 1
+    for k, n in enumerate(shard_sizes):
+        if n > 0 and counts[k] > 0:
+            q, steps = sample_level_step(int(n), cfg.optim.batch_size, cfg.fed.local_epochs)
+            ledger.record(k, sigma, q, steps * counts[k])
+    return ledger
+
+
+def planned_epsilon(cfg: Config, shard_sizes: Sequence[int],
+                    participation: Sequence[Sequence[int]] | None = None,
+                    rounds: int | None = None, noise_multiplier: float | None = None) -> float:
+    """The epsilon (at privacy.delta) the whole planned run spends: the worst client at sample
+    level, the federation's at client level; 0.0 with privacy.level = "none"."""
+    return planned_ledger(cfg, shard_sizes, participation, rounds,
+                          noise_multiplier).max_epsilon(cfg.privacy.delta)
+
+
+def largest_rounds(cfg: Config, shard_sizes: Sequence[int],
+                   participation: Sequence[Sequence[int]] | None = None) -> int:
+    """The most rounds (<= fed.rounds) whose planned epsilon stays within privacy.target_epsilon."""
+    target = cfg.privacy.target_epsilon
+    lo, hi = 0, cfg.fed.rounds  # epsilon(lo) <= target; epsilon grows with the rounds
+    if planned_epsilon(cfg, shard_sizes, participation, rounds=hi) <= target:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if planned_epsilon(cfg, shard_sizes, participation, rounds=mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def smallest_noise(cfg: Config, shard_sizes: Sequence[int],
+                   participation: Sequence[Sequence[int]] | None = None) -> float:
+    """The smallest noise multiplier (rounded up to 0.01) whose planned epsilon fits the target
+    with the planned fed.rounds (Opacus's ``get_noise_multiplier`` per distinct (q, steps))."""
+    from opacus.accountants.utils import get_noise_multiplier
+    pv = cfg.privacy
+    ledger = planned_ledger(cfg, shard_sizes, participation)
+    sigma = 0.0
+    for q, steps in {(h[0][1], sum(n for _, _, n in h)) for h in ledger.history.values()}:
+        sigma = max(sigma, get_noise_multiplier(target_epsilon=pv.target_epsilon, target_delta=pv.delta,
+                                                sample_rate=q, steps=steps, accountant=pv.accountant))
+    return math.ceil(sigma * 100) / 100
+
+
+def check_budget(cfg: Config, shard_sizes: Sequence[int],
+                 participation: Sequence[Sequence[int]] | None = None) -> float:
+    """Before training: the planned epsilon, or a ConfigError naming privacy.target_epsilon and
+    the fix (the largest fed.rounds and the smallest privacy.noise_multiplier that fit) when it
+    exceeds the target. No target (0) or privacy.level = "none": just the planned epsilon."""
+    pv = cfg.privacy
+    if pv.level == "none":
+        return 0.0
+    require_opacus()
+    eps = planned_epsilon(cfg, shard_sizes, participation)
+    if pv.target_epsilon <= 0 or eps <= pv.target_epsilon:
+        return eps
+    rounds = largest_rounds(cfg, shard_sizes, participation)
+    sigma = smallest_noise(cfg, shard_sizes, participation)
+    unit = "the worst client" if pv.level == "sample" else "the federation"
+    fix = (f"set fed.rounds <= {rounds} or privacy.noise_multiplier >= {sigma:.2f}" if rounds > 0 else
+           f"even 1 round exceeds it: set privacy.noise_multiplier >= {sigma:.2f}")
+    raise ConfigError(
+        f"privacy.target_epsilon: the planned {cfg.fed.rounds} rounds spend epsilon = {eps:.3g} "
+        f"({unit}, delta {pv.delta:g}, {pv.accountant} accountant) > {pv.target_epsilon:g}; "
+        f"{fix}, or raise privacy.target_epsilon")
