@@ -78,6 +78,12 @@ class RunLogger:
         if self.progress is not None:
             self.progress.advance(self.rounds_task)
 
+    def has_round(self, round_: int) -> bool:
+        """Does metrics.jsonl hold a line for ``round_``?"""
+        if not self.metrics_path.exists():
+            return False
+        return any(_round_of(line) == round_ for line in self.metrics_path.read_text().splitlines())
+
     def drop_after(self, round_: int) -> None:
         """Keep only metrics.jsonl lines of rounds <= ``round_`` (the checkpoint we resume from).
 

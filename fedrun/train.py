@@ -162,6 +162,14 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
         else:
             run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log,
                             evaluator, checkpointer, ema)
+        if start_round == f.rounds:  # nothing left to train: was the last round's record written?
+            logged = dist.broadcast_object(log.has_round(f.rounds) if info.is_main else None)
+            if not logged:  # killed after the last checkpoint, during its evaluation: finish it
+                due = evaluator.due(f.rounds)
+                scores = evaluator.evaluate(ema.module(), diffusion, f.rounds) if due else None
+                log.end_round({"round": f.rounds, **({"scores": scores} if scores else {}),
+                               "evaluated_after_resume": True},
+                              f"round {f.rounds:>4}/{f.rounds}  (evaluated after resume)")
         log.close()
 
         grid = evaluator.final_grid(ema.module(), diffusion)  # the EMA model when enabled
@@ -173,7 +181,7 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             summary = {
                 "config": cfg.to_dict(),
                 "rounds": f.rounds,
-                "final_loss": rounds[-1]["loss"] if rounds else None,
+                "final_loss": next((r["loss"] for r in reversed(rounds) if "loss" in r), None),
                 "world_size": info.world_size,
                 "parameters": count_parameters(model),
                 "wall_s": round(time.perf_counter() - t_start, 2),

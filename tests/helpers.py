@@ -29,6 +29,8 @@ TINY = {
     "fed.rounds": "2", "fed.local_epochs": "1", "fed.num_clients": "4", "fed.clients_per_round": "4",
     "optim.lr": "1e-3", "optim.batch_size": "64",
     "sample.per_class": "0", "diffusion.sample_steps": "5", "eval.steps": "5", "eval.enabled": "false",
+    # the authors' method, whatever the digits default uses (guidance doubles every sampling step)
+    "model.label_dropout": "0", "diffusion.guidance": "0",
 }
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

@@ -62,7 +62,8 @@ def eval_main(argv: list[str]) -> int:
         scores = evaluator.evaluate(model, diffusion, int(state["round"]))
         if info.is_main and scores is not None:
             row = {"round": int(state["round"]), "checkpoint": str(ckpt_path), **scores}
-            tag = f"_guidance{cfg.diffusion.guidance:g}" if cfg.diffusion.guidance else ""
+            trained = load_config(run_dir / "config.toml").diffusion.guidance
+            tag = f"_guidance{cfg.diffusion.guidance:g}" if cfg.diffusion.guidance != trained else ""
             out = run_dir / "eval" / f"{ckpt_path.stem}{tag}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(row, indent=2))

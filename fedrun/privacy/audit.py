@@ -99,7 +99,10 @@ def attack_metrics(member_loss: np.ndarray, nonmember_loss: np.ndarray) -> dict[
     """ROC AUC and TPR at 1% FPR of the rule "member if loss < threshold"."""
     from sklearn.metrics import roc_auc_score, roc_curve
     y = np.r_[np.ones(len(member_loss)), np.zeros(len(nonmember_loss))]
-    score = -np.r_[member_loss, nonmember_loss]  # lower loss = more likely a member
+    # a diverged model (e.g. client-level DP with heavy noise) gives inf/NaN losses: they rank as
+    # the highest losses (least member-like), so the attack still gets a well-defined AUC
+    losses = np.nan_to_num(np.r_[member_loss, nonmember_loss].astype(np.float64), nan=np.inf)
+    score = -np.clip(losses, None, np.finfo(np.float64).max)  # lower loss = more likely a member
     fpr, tpr, _ = roc_curve(y, score)
     return {"auc": float(roc_auc_score(y, score)), "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max())}
 
@@ -221,6 +224,7 @@ def memorization(model: nn.Module, diffusion: Diffusion, reference: ImageSet, se
         labels = proportional_labels(reference.labels, reference.num_classes, settings.samples)
     shape = tuple(reference.images.shape[1:])
     samples = generate(model, diffusion, labels, shape, steps, eta, seed, settings.batch)
+    samples = torch.nan_to_num(samples, nan=0.0)  # a diverged model's NaN images: grey, not copies
     if len(samples) == 0:
         return {"k": settings.k, "threshold": settings.threshold, "num_samples": 0, "near_copies": 0,
                 "sampler_steps": steps, "closest": []}

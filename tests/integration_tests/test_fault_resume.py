@@ -137,3 +137,20 @@ def test_kill_between_checkpoints_then_rerun_logs_each_round_once(tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
     a, b = all_checkpoints(run_dir)[4]["model"], all_checkpoints(tmp_path / "straight")[4]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_after_the_last_checkpoint_the_rerun_finishes_its_record(tmp_path):
+    """kill -9 right after the last round's checkpoint, before its evaluation and metrics line:
+    the rerun has nothing to train, but must still evaluate and log the last round, so that
+    summary.json has the final round (and its scores when evaluation is on)."""
+    o = as_args(tiny_overrides(tmp_path, "last", fed__rounds=2))
+    env = {"FEDRUN_FAULT_AT": "ckpt:2", "FEDRUN_FAULT_MARKER": str(tmp_path / "fault.marker")}
+    first = run_cli(o, env=env)
+    assert first.returncode == -9, first.stderr[-3000:]
+    run_dir = tmp_path / "last"
+    assert metric_rounds(run_dir) == [1]
+    again = run_cli(o, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metric_rounds(run_dir) == [1, 2] and "evaluated after resume" in again.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_loss"] > 0

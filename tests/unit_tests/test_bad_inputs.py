@@ -128,7 +128,7 @@ CASES = [
     Case("unknown-client-optimizer", ["--fed.client_optimizer", "sgd"], ("fed.client_optimizer", "keep")),
     Case("negative-prox-mu", ["--fed.drift", "fedprox", "--fed.prox_mu", "-0.1"], ("fed.prox_mu", ">= 0")),
     Case("negative-guidance", ["--diffusion.guidance", "-1"], ("diffusion.guidance", ">= 0")),
-    Case("guidance-without-null-class", ["--diffusion.guidance", "2"],
+    Case("guidance-without-null-class", ["--diffusion.guidance", "2", "--model.label_dropout", "0"],
          ("diffusion.guidance", "model.label_dropout")),
     Case("label-dropout-one", ["--model.label_dropout", "1"], ("model.label_dropout", "[0, 1)")),
     Case("ema-profile-too-wide", ["--ema.sigma_rel", "0.3"], ("ema.sigma_rel", "0.2887")),

@@ -9,6 +9,7 @@ import torch
 
 from fedrun import checkpoint
 from fedrun.config import load_config
+from fedrun.privacy.accountant import epsilon_of, sample_level_step
 from fedrun.train import train
 
 from helpers import same_bits, tiny_overrides
@@ -27,9 +28,10 @@ def final_checkpoint(cfg):
                   "fed__client_optimizer": "keep", "model__label_dropout": "0.2"},
                  id="ema-scaffold-kept-adam-client-state"),
     pytest.param({"run__mode": "centralized", "ema__sigma_rel": "0.1"}, id="centralized-ema"),
-    pytest.param({"run__mode": "fedavg", "privacy__level": "sample"}, id="dp-sgd-ledger"),
-    pytest.param({"run__mode": "fedavg", "privacy__level": "client", "privacy__clip": "0.01"},
-                 id="dp-fedavg-ledger-and-poisson-clients"),
+    pytest.param({"run__mode": "fedavg", "privacy__level": "sample", "fed__num_clients": "12"},
+                 id="dp-sgd-ledger"),
+    pytest.param({"run__mode": "fedavg", "privacy__level": "client", "privacy__clip": "0.01",
+                  "fed__num_clients": "12"}, id="dp-fedavg-ledger-and-poisson-clients"),
 ])
 def test_resume_equals_uninterrupted(tmp_path, extra):
     straight = load_config(None, tiny_overrides(tmp_path, "straight", fed__rounds=3, fed__clients_per_round=3,
@@ -67,6 +69,18 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
         eps = [json.loads((tmp_path / n / "summary.json").read_text())["privacy"]["epsilon_max"]
                for n in ("straight", "resumed")]
         assert eps[0] == eps[1] > 0
+    if extra.get("privacy__level") == "sample":  # and it is the accountant's, for the steps taken
+        summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+        sizes = json.loads((tmp_path / "straight" / "partition.json").read_text())["sizes"]
+        taken: dict[int, int] = {}
+        for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines():
+            for k in json.loads(line)["clients"]:
+                taken[k] = taken.get(k, 0) + 1
+        per_client = summary["privacy"]["epsilon_per_client"]
+        assert sorted(per_client, key=int) == [str(k) for k in sorted(taken)]
+        for k, rounds in taken.items():
+            q, steps = sample_level_step(sizes[k], straight.optim.batch_size, straight.fed.local_epochs)
+            assert per_client[str(k)] == epsilon_of([(1.0, q, steps * rounds)], 1e-5)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [int(l.split('"round": ')[1].split(",")[0]) for l in lines] == [1, 2, 3]  # round 3 once
 
