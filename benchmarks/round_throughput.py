@@ -415,4 +415,4 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist.exit_process(main())

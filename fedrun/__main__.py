@@ -126,4 +126,5 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .dist import exit_process
+    exit_process(main())

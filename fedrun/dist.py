@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -137,6 +139,8 @@ def init(device: str = "auto", threads: int = 0) -> DistInfo:
                           stacklevel=2)
         os.environ.setdefault("MASTER_ADDR", str(env["master_addr"]))
         os.environ.setdefault("MASTER_PORT", str(env["master_port"]))
+        global _HAD_GROUP
+        _HAD_GROUP = True
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
             rank=int(env["rank"]),
@@ -159,6 +163,25 @@ def restarts_share_agent_store(env: dict[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     return (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             and env.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"))
+
+
+_HAD_GROUP = False  # this process created a process group (see exit_process)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a launcher-started process (``python -m fedrun`` under torchrun, the benchmarks).
+
+    With torch 2.14 on gloo a rank sometimes aborts *after* its work is done and its group
+    destroyed ("terminate called without an active exception" from a native thread during
+    interpreter teardown; seen about 1 run in 8 of two CPU ranks), which torchrun reports as a
+    failed job. Once a process group has existed, the process therefore flushes its streams and
+    leaves with os._exit, skipping the C++ static destructors; every file fedrun writes is
+    closed by then. Without a group it exits normally."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _HAD_GROUP:
+        os._exit(code)
+    sys.exit(code)
 
 
 def shutdown() -> None:
