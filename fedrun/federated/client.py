@@ -50,15 +50,11 @@ class LocalResult:
     optimizer_state: dict[str, Any] | None = None  # the client's Adam state, when it keeps it
 
 
-def train_step(model: nn.Module, diffusion: Diffusion, opt: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, data: ImageSet, idx: torch.Tensor,
+def batch_loss(model: nn.Module, diffusion: Diffusion, data: ImageSet, idx: torch.Tensor,
                sobol: torch.quasirandom.SobolEngine, cfg: Config, amp: torch.dtype | None,
-               memory_format: torch.memory_format, loss_scale: float = 1.0,
-               adjust_grads: Callable[[], None] | None = None) -> torch.Tensor:
-    """One optimizer step on data[idx] (flip, label dropout, Sobol noise levels, autocast,
-    drift term, clip); the loss is returned detached and on the device. Shared by FedAvg clients
-    and the centralized run. ``loss_scale`` multiplies the loss before backward (DDP: this rank's
-    share of the batch); ``adjust_grads`` edits the unscaled gradients before clipping."""
+               memory_format: torch.memory_format) -> torch.Tensor:
+    """The diffusion loss of data[idx]: flip, label dropout, Sobol noise levels, autocast.
+    Shared by ``train_step`` and DP-SGD (fedrun.privacy.dp_sgd), which steps differently."""
     x, y = data.images[idx], data.labels[idx]
     if cfg.data.hflip:
         x = random_hflip(x)
@@ -68,7 +64,34 @@ def train_step(model: nn.Module, diffusion: Diffusion, opt: torch.optim.Optimize
     x = x.contiguous(memory_format=memory_format)
     u = sobol.draw(len(idx))[:, 0].to(x.device, non_blocking=True)
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        loss = diffusion.loss(model, x, y, u)
+        return diffusion.loss(model, x, y, u)
+
+
+def client_adam(model: nn.Module, cfg: Config, round_: int,
+                state: dict[str, Any] | None = None) -> torch.optim.Adam:
+    """The client's Adam for round ``round_``: fresh (the authors), or resuming ``state``
+    (client_optimizer = "keep"), at the round's learning rate."""
+    o = cfg.optim
+    opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                           weight_decay=o.weight_decay, foreach=True)
+    if state is not None:
+        opt.load_state_dict(state)
+    lr = lr_at_round(o, round_, cfg.fed.rounds)
+    for group in opt.param_groups:
+        group["lr"] = lr  # the round's rate (also over a loaded state's old one)
+    return opt
+
+
+def train_step(model: nn.Module, diffusion: Diffusion, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, data: ImageSet, idx: torch.Tensor,
+               sobol: torch.quasirandom.SobolEngine, cfg: Config, amp: torch.dtype | None,
+               memory_format: torch.memory_format, loss_scale: float = 1.0,
+               adjust_grads: Callable[[], None] | None = None) -> torch.Tensor:
+    """One optimizer step on data[idx] (flip, label dropout, Sobol noise levels, autocast,
+    drift term, clip); the loss is returned detached and on the device. Shared by FedAvg clients
+    and the centralized run. ``loss_scale`` multiplies the loss before backward (DDP: this rank's
+    share of the batch); ``adjust_grads`` edits the unscaled gradients before clipping."""
+    loss = batch_loss(model, diffusion, data, idx, sobol, cfg, amp, memory_format)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss * loss_scale).backward()  # x 1.0 is exact: the default changes no bit
     if cfg.optim.grad_clip or adjust_grads is not None:
@@ -100,13 +123,7 @@ def train_local(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices:
     sobol = seeding.sobol_engine(seed, round_, client)  # one engine, kept across all steps
     # Re-created for every client and round, as the authors do: no optimizer state travels.
     # With client_optimizer = "keep" it resumes the moments this client left last time.
-    opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                           weight_decay=o.weight_decay, foreach=True)
-    if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)
-    lr = lr_at_round(o, round_, cfg.fed.rounds)
-    for group in opt.param_groups:
-        group["lr"] = lr  # the round's rate (also over a loaded state's old one)
+    opt = client_adam(model, cfg, round_, optimizer_state)
     amp = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format

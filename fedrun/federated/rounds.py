@@ -108,6 +108,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         from ..privacy.dp_sgd import train_local_dp as train_client
     if pv.level != "none":
         from ..privacy import accountant, client_dp
+        q_clients = accountant.client_level_rate(cfg)  # DP-FedAvg's Poisson rate of clients
     bad_rounds = 0
     warned_idle = False
     history: list[dict[str, Any]] = []
@@ -119,8 +120,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         t0 = time.perf_counter()
         reset_device_peak(device)
         if pv.level == "client":  # DP-FedAvg: Poisson sampling, the sampling its accountant assumes
-            q = accountant.client_level_rate(cfg)
-            clients = client_dp.poisson_clients(f.num_clients, q, cfg.run.seed, r)
+            clients = client_dp.poisson_clients(f.num_clients, q_clients, cfg.run.seed, r)
         else:
             clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
         if home is None:
@@ -209,12 +209,10 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         if pv.level == "client":  # theta + sum of clipped updates / (qN) + noise, even with no client
             delta_sum = buffer[:P] - n * global_flat
             average = global_flat + client_dp.noisy_update(
-                delta_sum, pv.noise_multiplier, pv.clip, f.num_clients, accountant.client_level_rate(cfg),
-                cfg.run.seed, r)
+                delta_sum, pv.noise_multiplier, pv.clip, f.num_clients, q_clients, cfg.run.seed, r)
         if ledger is not None:  # the same record on every rank: it follows from the config
             if pv.level == "client":
-                q = accountant.client_level_rate(cfg)
-                ledger.record(accountant.FEDERATION, pv.noise_multiplier, q, 1)
+                ledger.record(accountant.FEDERATION, pv.noise_multiplier, q_clients, 1)
             else:
                 for k in clients:
                     if sizes[k]:

@@ -41,6 +41,7 @@ from .. import seeding
 from ..data import ImageSet, to_uint8
 from ..diffusion import Diffusion, alpha_sigma
 from ..errors import CheckpointError, ConfigError
+from ..evaluation.evaluator import eval_labels
 
 MEMBERS, NON_MEMBERS, SAMPLES = 0, 1, 2  # sub-tags of seeding.AUDIT
 
@@ -161,14 +162,6 @@ def membership_inference(model: nn.Module, diffusion: Diffusion, train: ImageSet
 # Memorisation
 
 
-def proportional_labels(labels: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
-    """n labels in class order with the class shares of ``labels`` (deterministic quantiles)."""
-    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
-    cdf = counts.cumsum(0) / counts.sum()
-    quantiles = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    return torch.searchsorted(cdf, quantiles).clamp_(max=num_classes - 1)
-
-
 @torch.no_grad()
 def generate(model: nn.Module, diffusion: Diffusion, labels: torch.Tensor, shape: tuple[int, int, int],
              steps: int, eta: float, seed: int, batch: int = 256) -> torch.Tensor:
@@ -221,7 +214,7 @@ def memorization(model: nn.Module, diffusion: Diffusion, reference: ImageSet, se
     """Generate ``settings.samples`` images (of ``labels``, default the reference's class shares)
     and count near-copies (nearest / k-th nearest reference-image distance < threshold)."""
     if labels is None:
-        labels = proportional_labels(reference.labels, reference.num_classes, settings.samples)
+        labels = eval_labels(reference.labels, reference.num_classes, settings.samples)
     shape = tuple(reference.images.shape[1:])
     samples = generate(model, diffusion, labels, shape, steps, eta, seed, settings.batch)
     samples = torch.nan_to_num(samples, nan=0.0)  # a diverged model's NaN images: grey, not copies

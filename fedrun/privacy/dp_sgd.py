@@ -36,10 +36,10 @@ from torch import nn
 
 from .. import faults, seeding
 from ..config import Config
-from ..data import ImageSet, random_hflip
+from ..data import ImageSet
 from ..diffusion import Diffusion
 from ..errors import ConfigError
-from ..federated.client import LocalResult, lr_at_round
+from ..federated.client import LocalResult, batch_loss, client_adam
 from ..models import FourierFeatures
 from ..precision import autocast_dtype
 from .accountant import require_opacus, sample_level_step
@@ -139,12 +139,7 @@ def train_local_dp(model: nn.Module, diffusion: Diffusion, data: ImageSet, indic
     quiet.__enter__()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
-        adam = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                weight_decay=o.weight_decay, foreach=True)
-        if optimizer_state is not None:
-            adam.load_state_dict(optimizer_state)
-        for group in adam.param_groups:
-            group["lr"] = lr_at_round(o, round_, cfg.fed.rounds)
+        adam = client_adam(model, cfg, round_, optimizer_state)
         opt = DPOptimizer(adam, noise_multiplier=pv.noise_multiplier, max_grad_norm=pv.clip,
                           expected_batch_size=expected_batch, loss_reduction="mean", generator=noise)
         model.train()
@@ -156,16 +151,7 @@ def train_local_dp(model: nn.Module, diffusion: Diffusion, data: ImageSet, indic
             idx = indices[take.nonzero()[:, 0].to(indices.device)].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             if len(idx):
-                x, y = data.images[idx], data.labels[idx]
-                if cfg.data.hflip:
-                    x = random_hflip(x)
-                if cfg.model.label_dropout > 0:
-                    drop = torch.rand(len(y), device=y.device) < cfg.model.label_dropout
-                    y = y.masked_fill(drop, data.num_classes)
-                x = x.contiguous(memory_format=memory_format)
-                u = sobol.draw(len(idx))[:, 0].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = diffusion.loss(gsm, x, y, u)
+                loss = batch_loss(gsm, diffusion, data, idx, sobol, cfg, amp, memory_format)
                 loss.backward()
                 loss_sum += loss.detach()  # summed batch means, as train_local
                 images += len(idx)
