@@ -147,7 +147,8 @@ def _stack_png(parts: list[tuple[str, Path]], path: Path) -> None:
 
 def write_results(sweeps: list[tuple[Path, dict[str, Any], list[run_table.Job]]],
                   trains: dict[str, run_table.Job], out: Path, results: Path,
-                  command: str) -> dict[str, Path]:
+                  command: str, name: str = "fidelity_study",
+                  title: str = "The paper's study on the embedded digits") -> dict[str, Path]:
     """Per-sweep ``fedrun report`` and the combined md / png / json; returns their paths."""
     results.mkdir(parents=True, exist_ok=True)
     sessions = read_sessions(out)
@@ -156,7 +157,7 @@ def write_results(sweeps: list[tuple[Path, dict[str, Any], list[run_table.Job]]]
     run_wall = sum(json.loads((j.run_dir / "summary.json").read_text()).get("wall_s") or 0.0
                    for j in finished)
     base = next(iter(unique)).config if unique else None
-    lines = ["# The paper's study on the embedded digits", "",
+    lines = [f"# {title}", "",
              f"Written by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
              f"({platform.machine()}, {run_table.cores()} cores).", ""]
     if base is not None:
@@ -187,7 +188,7 @@ def write_results(sweeps: list[tuple[Path, dict[str, Any], list[run_table.Job]]]
         if missing:
             lines += ["", f"Not finished: {', '.join(missing)}."]
         lines.append("")
-    md, png, js = (results / f"fidelity_study.{ext}" for ext in ("md", "png", "json"))
+    md, png, js = (results / f"{name}.{ext}" for ext in ("md", "png", "json"))
     md.write_text("\n".join(lines))
     if pngs:
         _stack_png(pngs, png)
@@ -203,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="run folder (default: base.toml's run.out_dir, runs/digits_study)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
-                   help="where fidelity_study.md/.png/.json go")
+                   help="where <name>.md/.png/.json go")
+    p.add_argument("--name", default="fidelity_study",
+                   help="file stem of the results (default fidelity_study)")
+    p.add_argument("--title", default="The paper's study on the embedded digits",
+                   help="heading of <name>.md")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one rank each (default 2)")
     p.add_argument("--seeds", type=run_table.parse_seeds, default=None, help="e.g. 0,1: replaces the sweeps'")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "runs": len(todo)}]
             sessions_file(out).write_text(json.dumps(sessions, indent=2))
     command = shlex.join(["python", "benchmarks/fidelity_study.py", *given])
-    paths = write_results(sweeps, trains, out, args.results, command)
+    paths = write_results(sweeps, trains, out, args.results, command, args.name, args.title)
     print(f"fidelity_study: wrote {', '.join(str(p) for p in paths.values() if p.exists())}")
     return code
 
