@@ -53,10 +53,11 @@ from fedrun.data import ImageSet, load_split, random_hflip  # noqa: E402
 from fedrun.diffusion import Diffusion  # noqa: E402
 from fedrun.ema import PowerEMA  # noqa: E402
 from fedrun.evaluation.evaluator import Evaluator  # noqa: E402
+from fedrun.federated import placement  # noqa: E402
 from fedrun.federated.client_state import ClientStates  # noqa: E402
-from fedrun.federated.flat import buffer_size, num_flat  # noqa: E402
 from fedrun.federated.rounds import RoundHook, run_fedavg, sample_clients  # noqa: E402
 from fedrun.federated.server import build_server_optimizer  # noqa: E402
+from fedrun.flat import buffer_size, num_flat  # noqa: E402
 from fedrun.logs import RunLogger  # noqa: E402
 from fedrun.models import build, count_parameters  # noqa: E402
 from fedrun.partition import partition  # noqa: E402
@@ -188,8 +189,8 @@ class InterleavedPlain:
 def rank_images(cfg: Config, sizes: dict[int, int], world: int, round_: int) -> list[int]:
     """Images each rank trains in a round (the same assignment run_fedavg computes)."""
     f = cfg.fed
-    per_rank = dist.assign_clients(sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, round_),
-                                   sizes, world)
+    clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, round_)
+    per_rank = placement.assign_clients(clients, sizes, world)
     return [sum(sizes[c] for c in mine) * f.local_epochs for mine in per_rank]
 
 

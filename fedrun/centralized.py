@@ -28,8 +28,8 @@ from .data import ImageSet
 from .diffusion import Diffusion
 from .ema import PowerEMA
 from .evaluation.evaluator import Evaluator
-from .federated.client import local_steps, lr_at_round, train_step
-from .federated.flat import flatten
+from .flat import flatten
+from .local_training import local_steps, lr_at_round, train_step
 from .logs import RunLogger
 from .precision import autocast_dtype
 

@@ -1,4 +1,4 @@
-"""Process-group setup and the client-to-rank assignment.
+"""Process-group setup, and the one place that calls collectives.
 
 This is the only module that reads launcher environment variables. It understands torchrun
 (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), SLURM tasks started by ``srun``
@@ -215,26 +215,3 @@ def gather_object_to_main(obj: object) -> list[object] | None:
     out: list[object] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
-
-
-def home_ranks(sizes: dict[int, int], world_size: int) -> dict[int, int]:
-    """A fixed rank for every client (LPT over all clients): where a client's kept state lives.
-
-    With every client in every round this is the same split as ``assign_clients``."""
-    return {k: r for r, ks in enumerate(assign_clients(list(sizes), sizes, world_size)) for k in ks}
-
-
-def assign_clients(clients: list[int], sizes: dict[int, int], world_size: int) -> list[list[int]]:
-    """Split the round's clients over ranks, balanced by data size (greedy LPT).
-
-    Deterministic: largest client first (ties by id), each to the least-loaded rank (ties by
-    rank). Every rank computes the same assignment from the same inputs, so no communication is
-    needed.
-    """
-    per_rank: list[list[int]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for c in sorted(clients, key=lambda c: (-sizes[c], c)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        per_rank[r].append(c)
-        load[r] += max(sizes[c], 1)  # count empty clients too, so they spread out
-    return per_rank

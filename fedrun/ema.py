@@ -14,7 +14,7 @@ starts at the first round's model: no warm-up bias to correct.
 
 It is updated once per round (FedAvg: after the server step; centralized: after each round's E
 epochs), on every rank from the same global model, so every rank holds the same EMA and no
-communication is added. Its state is one flat fp32 vector (fedrun.federated.flat order) that the
+communication is added. Its state is one flat fp32 vector (fedrun.flat order) that the
 checkpoint carries; resuming restores it bit for bit.
 """
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import EMAConfig
-from .federated.flat import load_flat_
+from .flat import load_flat_
 
 
 def gamma_from_sigma_rel(sigma_rel: float) -> float:

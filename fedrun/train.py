@@ -30,10 +30,11 @@ from .evaluation.evaluator import (
     scores_table,
 )
 from .evaluation.grids import save_partition_histogram
+from .federated import placement
 from .federated.client_state import ClientStates
-from .federated.flat import num_flat
 from .federated.rounds import RoundHook, run_fedavg, sample_clients
 from .federated.server import build_server_optimizer
+from .flat import num_flat
 from .logs import RunLogger
 from .models import build, count_parameters
 from .partition import class_counts, partition
@@ -131,7 +132,7 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             model.load_state_dict(resumed.model)
             server.load_state_dict(resumed.server, info.device)
             ema.load_state_dict(resumed.ema, info.device)
-            home = dist.home_ranks({k: len(s) for k, s in enumerate(shards)}, info.world_size)
+            home = placement.home_ranks({k: len(s) for k, s in enumerate(shards)}, info.world_size)
             client_states.load_state_dict(resumed.clients, {k for k, r in home.items() if r == info.rank})
             if ledger is not None and "privacy" in resumed.extra:
                 ledger.load_state_dict(resumed.extra["privacy"])

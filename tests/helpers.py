@@ -212,9 +212,9 @@ def guarded_processes(env: dict[str, str]) -> int:
 
 def clients_of_rank(world: int, **extra: object) -> list[list[int]]:
     """Which clients each rank trains under the tiny config when every client takes part."""
-    from fedrun import dist
     from fedrun.config import load_config
     from fedrun.data import load_split
+    from fedrun.federated import placement
     from fedrun.partition import partition
 
     cfg = load_config(None, tiny_overrides(Path("/unused"), "x", **extra))
@@ -222,4 +222,5 @@ def clients_of_rank(world: int, **extra: object) -> list[list[int]]:
     f = cfg.fed
     shards = partition(labels, f.num_clients, f.partition, f.alpha, cfg.run.seed, f.min_client_size,
                        f.max_resample)
-    return dist.assign_clients(list(range(f.num_clients)), {k: len(s) for k, s in enumerate(shards)}, world)
+    sizes = {k: len(s) for k, s in enumerate(shards)}
+    return placement.assign_clients(list(range(f.num_clients)), sizes, world)

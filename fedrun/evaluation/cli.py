@@ -56,7 +56,7 @@ def eval_main(argv: list[str]) -> int:
         model.load_state_dict(state["model"])
         ema = state.get("ema", {}).get("flat")
         if ema is not None:  # the run sampled and scored its EMA: so does its evaluation
-            from ..federated.flat import load_flat_  # a leaf module: no import cycle
+            from ..flat import load_flat_  # a leaf module: no import cycle
             load_flat_(model, ema.to(info.device))
         evaluator = Evaluator(cfg, info, train_set, test_set, shards=shards)
         scores = evaluator.evaluate(model, diffusion, int(state["round"]))

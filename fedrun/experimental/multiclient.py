@@ -38,7 +38,7 @@ from .. import seeding
 from ..config import Config
 from ..data import ImageSet
 from ..diffusion import Diffusion, alpha_sigma
-from ..federated.client import LocalResult, local_steps
+from ..local_training import LocalResult, local_steps
 from ..precision import autocast_dtype
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, which train_local uses

@@ -13,96 +13,18 @@ or on what that rank did before.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import faults, seeding
-from ..config import Config, OptimConfig
-from ..data import ImageSet, random_hflip
+from ..config import Config
+from ..data import ImageSet
 from ..diffusion import Diffusion
+from ..local_training import LocalResult, client_adam, train_step
 from ..precision import autocast_dtype
-
-
-def local_steps(num_images: int, batch_size: int, epochs: int) -> int:
-    """Optimizer steps of ``epochs`` passes over ``num_images`` (the last batch may be short)."""
-    return epochs * -(-num_images // batch_size)
-
-
-def lr_at_round(o: OptimConfig, round_: int, rounds: int) -> float:
-    """The learning rate of round ``round_`` (1-based) of ``rounds``: constant, or a cosine from
-    optim.lr in round 1 down to optim.lr * optim.min_lr_ratio in the last round."""
-    if o.lr_schedule == "constant" or rounds <= 1:
-        return o.lr
-    progress = (round_ - 1) / (rounds - 1)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@dataclass
-class LocalResult:
-    loss_sum: torch.Tensor  # on the device: summed batch losses, read once per client
-    steps: int
-    images: int
-    optimizer_state: dict[str, Any] | None = None  # the client's Adam state, when it keeps it
-
-
-def batch_loss(model: nn.Module, diffusion: Diffusion, data: ImageSet, idx: torch.Tensor,
-               sobol: torch.quasirandom.SobolEngine, cfg: Config, amp: torch.dtype | None,
-               memory_format: torch.memory_format) -> torch.Tensor:
-    """The diffusion loss of data[idx]: flip, label dropout, Sobol noise levels, autocast.
-    Shared by ``train_step`` and DP-SGD (fedrun.privacy.dp_sgd), which steps differently."""
-    x, y = data.images[idx], data.labels[idx]
-    if cfg.data.hflip:
-        x = random_hflip(x)
-    if cfg.model.label_dropout > 0:  # classifier-free guidance: some labels become the null class
-        drop = torch.rand(len(y), device=y.device) < cfg.model.label_dropout
-        y = y.masked_fill(drop, data.num_classes)
-    x = x.contiguous(memory_format=memory_format)
-    u = sobol.draw(len(idx))[:, 0].to(x.device, non_blocking=True)
-    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        return diffusion.loss(model, x, y, u)
-
-
-def client_adam(model: nn.Module, cfg: Config, round_: int,
-                state: dict[str, Any] | None = None) -> torch.optim.Adam:
-    """The client's Adam for round ``round_``: fresh (the authors), or resuming ``state``
-    (client_optimizer = "keep"), at the round's learning rate."""
-    o = cfg.optim
-    opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                           weight_decay=o.weight_decay, foreach=True)
-    if state is not None:
-        opt.load_state_dict(state)
-    lr = lr_at_round(o, round_, cfg.fed.rounds)
-    for group in opt.param_groups:
-        group["lr"] = lr  # the round's rate (also over a loaded state's old one)
-    return opt
-
-
-def train_step(model: nn.Module, diffusion: Diffusion, opt: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, data: ImageSet, idx: torch.Tensor,
-               sobol: torch.quasirandom.SobolEngine, cfg: Config, amp: torch.dtype | None,
-               memory_format: torch.memory_format, loss_scale: float = 1.0,
-               adjust_grads: Callable[[], None] | None = None) -> torch.Tensor:
-    """One optimizer step on data[idx] (flip, label dropout, Sobol noise levels, autocast,
-    drift term, clip); the loss is returned detached and on the device. Shared by FedAvg clients
-    and the centralized run. ``loss_scale`` multiplies the loss before backward (DDP: this rank's
-    share of the batch); ``adjust_grads`` edits the unscaled gradients before clipping."""
-    loss = batch_loss(model, diffusion, data, idx, sobol, cfg, amp, memory_format)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss * loss_scale).backward()  # x 1.0 is exact: the default changes no bit
-    if cfg.optim.grad_clip or adjust_grads is not None:
-        scaler.unscale_(opt)  # a no-op unless fp16
-    if adjust_grads is not None:
-        adjust_grads()
-    if cfg.optim.grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    return loss.detach()
 
 
 def train_local(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices: torch.Tensor,

@@ -33,12 +33,7 @@ from ..diffusion import Diffusion
 from ..ema import PowerEMA
 from ..errors import TrainingDivergedError
 from ..evaluation.evaluator import Evaluator
-from ..logs import RunLogger
-from ..telemetry import memory_record, reset_device_peak
-from .client import local_steps, train_local
-from .client_state import ClientStates
-from .drift import FedProx, ScaffoldClient
-from .flat import (
+from ..flat import (
     IMAGES_SLOT,
     LOSS_SLOT,
     N_SLOT,
@@ -52,6 +47,13 @@ from .flat import (
     load_flat_,
     weighted_average,
 )
+from ..local_training import local_steps
+from ..logs import RunLogger
+from ..telemetry import memory_record, reset_device_peak
+from . import placement
+from .client import train_local
+from .client_state import ClientStates
+from .drift import FedProx, ScaffoldClient
 from .server import ServerOptimizer
 
 if TYPE_CHECKING:
@@ -100,7 +102,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
     CONTROL = buffer_size(P, info.world_size)  # SCAFFOLD: sum_k n_k (c_k+ - c_k) from here on
     buffer = torch.zeros(CONTROL + (P if scaffold else 0), device=device)
     TIMES = P + TAIL  # first of the per-rank timing slots
-    home = dist.home_ranks(sizes, info.world_size) if client_states.active else None
+    home = placement.home_ranks(sizes, info.world_size) if client_states.active else None
     total_data = float(sum(sizes.values()))
     pv = cfg.privacy
     train_client = train_local
@@ -124,7 +126,7 @@ def run_fedavg(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Di
         else:
             clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
         if home is None:
-            assignment = dist.assign_clients(clients, sizes, info.world_size)
+            assignment = placement.assign_clients(clients, sizes, info.world_size)
         else:  # clients with kept state train where it lives
             order = sorted(clients, key=lambda k: (-sizes[k], k))  # assign_clients' order: same sums
             assignment = [[k for k in order if home[k] == rank] for rank in range(info.world_size)]

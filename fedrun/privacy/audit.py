@@ -247,7 +247,7 @@ def load_audited_model(run_dir: Path, cfg: Any, num_classes: int,
                        device: torch.device) -> tuple[nn.Module, Diffusion, dict[str, Any]]:
     """The run's newest checkpoint as a model: its EMA when it holds one, else "model"."""
     from .. import checkpoint
-    from ..federated.flat import load_flat_, num_flat
+    from ..flat import load_flat_, num_flat
     from ..models import build
     found = checkpoint.load_latest(run_dir)
     if found is None:

@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from .. import seeding
-from ..federated.flat import float_tensors
+from ..flat import float_tensors
 
 
 @torch.no_grad()
 def update_norm(model: nn.Module, global_flat: torch.Tensor) -> float:
-    """L2 norm of theta_k - theta over every float tensor in fedrun.federated.flat order."""
+    """L2 norm of theta_k - theta over every float tensor in fedrun.flat order."""
     sq = torch.zeros((), dtype=torch.float64, device=global_flat.device)
     offset = 0
     for t in float_tensors(model):

@@ -39,7 +39,7 @@ from ..config import Config
 from ..data import ImageSet
 from ..diffusion import Diffusion
 from ..errors import ConfigError
-from ..federated.client import LocalResult, batch_loss, client_adam
+from ..local_training import LocalResult, batch_loss, client_adam
 from ..models import FourierFeatures
 from ..precision import autocast_dtype
 from .accountant import require_opacus, sample_level_step

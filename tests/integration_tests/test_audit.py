@@ -14,7 +14,7 @@ from fedrun.__main__ import main
 from fedrun.config import load_config
 from fedrun.data import load_split
 from fedrun.federated.client import train_local
-from fedrun.federated.flat import flatten
+from fedrun.flat import flatten
 from fedrun.models import build
 from fedrun.privacy.audit import AuditSettings, membership_inference, memorization
 

@@ -16,7 +16,7 @@ from fedrun.config import load_config
 from fedrun.data import load_split
 from fedrun.experimental.multiclient import train_group
 from fedrun.federated.client import train_local
-from fedrun.federated.flat import TAIL, accumulate_, flatten, load_flat_, num_flat
+from fedrun.flat import TAIL, accumulate_, flatten, load_flat_, num_flat
 from fedrun.models import build
 from fedrun.precision import autocast_dtype
 

@@ -4,8 +4,9 @@ import torch
 
 from fedrun import checkpoint
 from fedrun.config import load_config
-from fedrun.dist import assign_clients
-from fedrun.federated.flat import (
+from fedrun.federated.placement import assign_clients
+from fedrun.federated.rounds import sample_clients
+from fedrun.flat import (
     N_SLOT,
     accumulate_,
     buffer_size,
@@ -14,7 +15,6 @@ from fedrun.federated.flat import (
     num_flat,
     weighted_average,
 )
-from fedrun.federated.rounds import sample_clients
 from fedrun.models import build, build_model
 from fedrun.train import train
 

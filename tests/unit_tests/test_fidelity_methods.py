@@ -16,9 +16,10 @@ from fedrun.config import DiffusionConfig, EMAConfig, OptimConfig, load_config
 from fedrun.data import load_split
 from fedrun.diffusion import Diffusion
 from fedrun.ema import PowerEMA, gamma_from_sigma_rel, sigma_rel_of
-from fedrun.federated.client import lr_at_round, train_local
+from fedrun.federated.client import train_local
 from fedrun.federated.drift import FedProx, ScaffoldClient
-from fedrun.federated.flat import flatten
+from fedrun.flat import flatten
+from fedrun.local_training import lr_at_round
 from fedrun.models import build
 from fedrun.train import train
 
@@ -140,7 +141,7 @@ def test_kept_client_adam_continues_its_moments(tmp_path):
     second = train_local(model, diffusion, data, idx, cfg, 2, 0, optimizer_state=first.optimizer_state)
     assert second.optimizer_state["state"][0]["step"] == 2 * steps
     kept = flatten(model)
-    from fedrun.federated.flat import load_flat_
+    from fedrun.flat import load_flat_
     load_flat_(model, after_first)
     train_local(model, diffusion, data, idx, cfg, 2, 0)  # the same round with a fresh Adam
     assert not torch.equal(kept, flatten(model)) and not torch.equal(start, after_first)

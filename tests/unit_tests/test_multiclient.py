@@ -21,7 +21,7 @@ from fedrun.config import ConfigError, load_config
 from fedrun.data import load_split
 from fedrun.experimental.multiclient import group_clients, train_group
 from fedrun.federated.client import train_local
-from fedrun.federated.flat import flatten, load_flat_
+from fedrun.flat import flatten, load_flat_
 from fedrun.models import build
 from fedrun.train import train
 

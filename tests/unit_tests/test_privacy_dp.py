@@ -16,7 +16,7 @@ from fedrun.config import load_config  # noqa: E402
 from fedrun.data import load_split  # noqa: E402
 from fedrun.diffusion import alpha_sigma  # noqa: E402
 from fedrun.federated.client import train_local  # noqa: E402
-from fedrun.federated.flat import flatten, load_flat_, num_flat  # noqa: E402
+from fedrun.flat import flatten, load_flat_, num_flat  # noqa: E402
 from fedrun.models import FourierFeatures, build  # noqa: E402
 from fedrun.privacy import client_dp  # noqa: E402
 from fedrun.privacy.dp_sgd import attach, detach, train_local_dp  # noqa: E402
