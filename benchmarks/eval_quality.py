@@ -5,7 +5,8 @@
 
 Scores, with the run's own feature extractor (the digits default: a classifier trained on
 the digits' train split) and as many samples as the test split:
-  * ``trained``:   the run's newest checkpoint (the number to look at),
+  * ``trained``:   the run's newest valid checkpoint, its EMA when it holds one (what
+                   ``fedrun eval`` scores, opened the same way: ``fedrun.saved_run.open_run``),
   * ``real_test``: the real held-out test images themselves (the best a model could do
                    against the train split; its FID vs test is 0 by construction),
   * ``untrained``: the same U-Net at its initialisation (the worst case).
@@ -24,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedrun import checkpoint, dist  # noqa: E402
-from fedrun.config import load_config  # noqa: E402
-from fedrun.data import load_split  # noqa: E402
+from fedrun import dist  # noqa: E402
+from fedrun.errors import FedrunError  # noqa: E402
 from fedrun.evaluation.evaluator import Evaluator  # noqa: E402
 from fedrun.models import build  # noqa: E402
+from fedrun.saved_run import open_run  # noqa: E402
 
 
 def main() -> int:
@@ -36,24 +37,23 @@ def main() -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/eval_quality.json"))
     args = p.parse_args()
-    cfg = load_config(args.run_dir / "config.toml", {"eval.enabled": "true"})
-    cfg.run.out_dir, cfg.run.name = str(args.run_dir.parent), args.run_dir.name
-    train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    try:
+        run = open_run(args.run_dir, device="cpu", overrides={"eval.enabled": "true"})
+    except FedrunError as exc:
+        print(f"eval_quality: {exc}", file=sys.stderr)
+        return 2
+    cfg, test_set = run.cfg, run.test
+    assert test_set is not None
     info = dist.init("cpu", cfg.run.threads)
-    evaluator = Evaluator(cfg, info, train_set, test_set)
+    evaluator = Evaluator(cfg, info, run.train, test_set)
     assert evaluator.scorer is not None
 
     results: dict[str, dict] = {}
     results["real_test"] = evaluator.scorer.score(test_set.images, test_set.labels)
-    model, diffusion = build(cfg, train_set.num_classes, info.device)
-    results["untrained"] = evaluator.evaluate(model, diffusion, 0) or {}
-    state, path = checkpoint.load_latest(args.run_dir) or (None, None)
-    if state is None:
-        print(f"no checkpoint in {args.run_dir}", file=sys.stderr)
-        return 2
-    model.load_state_dict(state["model"])
-    results["trained"] = evaluator.evaluate(model, diffusion, int(state["round"])) or {}
-    results["trained"]["checkpoint"] = str(path)
+    untrained, diffusion = build(cfg, run.train.num_classes, info.device)
+    results["untrained"] = evaluator.evaluate(untrained, diffusion, 0) or {}
+    results["trained"] = evaluator.evaluate(run.model, run.diffusion, run.round) or {}
+    results["trained"].update(checkpoint=str(run.checkpoint), weights=run.weights)
     out = {"run_dir": str(args.run_dir), "date": time.strftime("%Y-%m-%d"),
            "threads": torch.get_num_threads(), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

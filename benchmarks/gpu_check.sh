@@ -6,7 +6,8 @@
 #
 # Steps (each with its own timeout; a failing step is recorded and the next one runs):
 #   cuda        torch sees a GPU (otherwise the GPU tests below would only be skipped)
-#   tests       pytest -m gpu tests/integration_tests/test_gpu.py (bf16, no host sync, fp16, K-at-once, compile, NCCL)
+#   tests       pytest -m gpu tests/unit_tests/test_gpu_fast_path.py tests/integration_tests/test_gpu.py
+#               (bf16, no host sync, fp16, K-at-once, compile, NCCL)
 #   nccl_small  torchrun, 1 GPU: the digits model, 3 rounds, aggregation through a 1-rank NCCL group
 #   unet_bf16   the 23.2M U-Net at batch 512 in bf16, synthetic 32x32 data, with the plain baseline
 #   k_small     the digits model with 5 clients at once (compare with nccl_small)
@@ -64,7 +65,8 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 step cuda 60 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; \
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.nccl.version())"
-step tests 300 "$PY" -m pytest tests/integration_tests/test_gpu.py -m gpu -q -rA --junitxml="$OUT/tests.xml"
+step tests 300 "$PY" -m pytest tests/unit_tests/test_gpu_fast_path.py tests/integration_tests/test_gpu.py -m gpu -q -rA \
+  --junitxml="$OUT/tests.xml"
 step nccl_small 150 "$PY" -m torch.distributed.run --nproc_per_node=1 --master_port=29561 \
   "${BENCH[@]}" "${DIGITS[@]}" --rounds 3 --out "$OUT/nccl_small.json"
 step unet_bf16 180 "$PY" "${BENCH[@]}" "${UNET[@]}" --rounds 4 --out "$OUT/unet_bf16.json"

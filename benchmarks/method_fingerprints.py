@@ -12,7 +12,9 @@ be fingerprinted with the same script), one thread per process. The fingerprint 
 SHA-256 of every tensor of its last checkpoint (model, server state, EMA, per-client state,
 RNG state), the privacy ledger's epsilons, and the bytes of its final sample grid; the config
 dict and file layout are left out, so adding a config key or a checkpoint field does not count
-as a change. ``--compare`` prints, per method, which parts differ and exits 1 if any does.
+as a change, and neither does an entry written as None (a kind of state the run does not
+keep, which earlier releases wrote for every client). ``--compare`` prints, per method, which
+parts differ and exits 1 if any does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ METHODS: dict[str, dict[str, str]] = {
     "dp_sgd": {"privacy.level": "sample", "privacy.noise_multiplier": "1.5"},
     "dp_fedavg": {"privacy.level": "client", "privacy.noise_multiplier": "0.5",
                   "fed.clients_per_round": "2", "privacy.clip": "0.5"},
+    "feddyn": {"fed.drift": "feddyn", "fed.feddyn_alpha": "0.1", "fed.rounds": "3"},
     "cosine_lr": {"optim.lr_schedule": "cosine", "fed.rounds": "3"},
     "partial_rounds": {"fed.clients_per_round": "2", "fed.rounds": "3"},
     "grouped_trainer": {"train.clients_at_once": "2"},
@@ -64,8 +67,9 @@ def _digest(obj: Any) -> Any:
         buf.write(str((t.dtype, tuple(t.shape))).encode())
         buf.write(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
         return hashlib.sha256(buf.getvalue()).hexdigest()[:16]
-    if isinstance(obj, dict):
-        return {str(k): _digest(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, dict):  # None entries (a kind of state a run does not keep) count as absent
+        return {str(k): _digest(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))
+                if v is not None}
     if isinstance(obj, (list, tuple)):
         return [_digest(v) for v in obj]
     return obj

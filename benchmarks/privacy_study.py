@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedrun.config import load_config, parse_overrides  # noqa: E402
 from fedrun.data import load_split  # noqa: E402
-from fedrun.federated.rounds import sample_clients  # noqa: E402
-from fedrun.partition import partition  # noqa: E402
+from fedrun.federated.participation import sample_clients  # noqa: E402
+from fedrun.partition import client_shards  # noqa: E402
 from fedrun.privacy.accountant import planned_epsilon, smallest_noise  # noqa: E402
 
 CONFIG = ROOT / "configs" / "digits.toml"
@@ -58,9 +58,7 @@ def plan(out_dir: Path, seed: int) -> list[dict]:
             cfg = load_config(CONFIG, parse_overrides(args))
             train = load_split(cfg.data, "train")
             f = cfg.fed
-            shards = partition(train.labels.numpy(), f.num_clients, f.partition, f.alpha, cfg.run.seed,
-                               f.min_client_size, f.max_resample)
-            sizes = [len(s) for s in shards]
+            sizes = [len(s) for s in client_shards(cfg, train.labels.numpy())]
             rounds = [sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
                       for r in range(1, f.rounds + 1)]
             participation = rounds if level == "sample" else None

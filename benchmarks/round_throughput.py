@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 benchmarks/round_throughput.py --rounds 5
 
 What it measures (every rank takes part; rank 0 prints and writes the JSON):
-* R rounds of the real round loop (federated.rounds.run_fedavg), each split into local training,
+* R rounds of the real round loop (federated.rounds.FederatedRounds), each split into local training,
   aggregation, checkpoint and evaluation (+ the rest: server step, bookkeeping);
 * img/s per rank and in total, over the steady rounds (2..R; round 1 pays for warm-up: cuDNN
   autotuning, torch.compile, allocator growth);
@@ -54,15 +54,16 @@ from fedrun.diffusion import Diffusion  # noqa: E402
 from fedrun.ema import PowerEMA  # noqa: E402
 from fedrun.evaluation.evaluator import Evaluator  # noqa: E402
 from fedrun.federated import placement  # noqa: E402
-from fedrun.federated.client_state import ClientStates  # noqa: E402
-from fedrun.federated.rounds import RoundHook, run_fedavg, sample_clients  # noqa: E402
-from fedrun.federated.server import build_server_optimizer  # noqa: E402
+from fedrun.federated.participation import sample_clients  # noqa: E402
+from fedrun.federated.rounds import FederatedRounds, RoundHook  # noqa: E402
 from fedrun.flat import buffer_size, num_flat  # noqa: E402
 from fedrun.logs import RunLogger  # noqa: E402
 from fedrun.models import build, count_parameters  # noqa: E402
-from fedrun.partition import partition  # noqa: E402
+from fedrun.partition import client_shards  # noqa: E402
 from fedrun.precision import autocast_dtype  # noqa: E402
+from fedrun.privacy.mechanisms import build_mechanism  # noqa: E402
 from fedrun.telemetry import host_peak_rss_mb  # noqa: E402
+from fedrun.train import build_round_parts  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
@@ -168,7 +169,7 @@ class InterleavedPlain:
 
     Interleaving makes both sides see the same machine: on a shared box the load changes from
     minute to minute, and an FL phase followed by a plain phase would compare two different
-    machines. The round loop itself runs unmodified; run_fedavg calls this hook (``on_round_end``)
+    machines. The round loop itself runs unmodified; FederatedRounds calls this hook (``on_round_end``)
     after the round is logged, outside its timings. Round 1 (warm-up) gets no plain chunk.
     """
 
@@ -187,7 +188,7 @@ class InterleavedPlain:
 
 
 def rank_images(cfg: Config, sizes: dict[int, int], world: int, round_: int) -> list[int]:
-    """Images each rank trains in a round (the same assignment run_fedavg computes)."""
+    """Images each rank trains in a round (the same assignment the round loop computes)."""
     f = cfg.fed
     clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, round_)
     per_rank = placement.assign_clients(clients, sizes, world)
@@ -245,8 +246,7 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     train_set = load_split(cfg.data, "train")
     test_set = load_split(cfg.data, "test") if cfg.eval.enabled else None
     f = cfg.fed
-    shards = partition(train_set.labels.numpy(), f.num_clients, f.partition, f.alpha, cfg.run.seed,
-                       f.min_client_size, f.max_resample)
+    shards = client_shards(cfg, train_set.labels.numpy())
     sizes = {k: len(s) for k, s in enumerate(shards)}
     evaluator = Evaluator(cfg, info, train_set, test_set)
     train_set = train_set.to(device)
@@ -265,10 +265,11 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
         plain = PlainLoop(cfg, base, diffusion, train_set, device)
         hooks.append(InterleavedPlain(plain, images_of))
     log = RunLogger(cfg.run_dir, info.is_main, f.rounds)
-    net = torch.compile(model) if cfg.train.compile else None
-    history = run_fedavg(cfg, info, model, diffusion, train_set, shards, 0, build_server_optimizer(f), log,
-                         evaluator, Checkpointer(cfg, info), PowerEMA(cfg.ema, model),
-                         ClientStates(cfg, num_flat(model), device), train_model=net, on_round_end=hooks)
+    # the parts fedrun.train builds, from the same builder: the benchmark runs the real round
+    parts = build_round_parts(cfg, info, model, diffusion, train_set, shards,
+                              build_mechanism(cfg, list(sizes.values())), log.step)
+    history = FederatedRounds(cfg, info, model, diffusion, sizes, parts, log, evaluator,
+                              Checkpointer(cfg, info), PowerEMA(cfg.ema, model), hooks).run(0)
     log.close()
 
     raw_after = raw_allreduce_ms(numel, device, args.raw_iters)

@@ -3,6 +3,8 @@
 Subcommands: ``fedrun [train]`` (the default), ``fedrun eval RUN_DIR``, ``fedrun report RUN_DIR...``,
 ``fedrun audit RUN_DIR`` (membership inference and memorisation of a trained run).
 With no --config, the embedded digits default (configs/digits.toml) runs: no download needed.
+Every subcommand parses its options with argparse (``fedrun.argparsing.ArgParser``); the
+``--section.key VALUE`` overrides that argparse does not know go to ``config.parse_overrides``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import ConfigError, FedrunError  # no torch: a config error answers in milliseconds
+# no torch in these: a config error answers in milliseconds
+from .argparsing import ArgParser
+from .dist import exit_process, launch_rank
+from .errors import ConfigError, FedrunError
 
 USAGE = """\
 usage: torchrun --nproc_per_node=W -m fedrun [--config FILE] [--section.key VALUE ...]
@@ -40,29 +45,16 @@ def default_config_path() -> Path | None:
 
 
 def parse_train_args(argv: list[str]) -> tuple[Path | None, dict[str, str], bool]:
+    """(config file, overrides, --print-config) of ``fedrun [train] ...``."""
     from .config import parse_overrides
-    config_path: Path | None = None
-    rest: list[str] = []
-    print_config = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--config" or arg.startswith("--config="):
-            if "=" in arg:
-                config_path = Path(arg.split("=", 1)[1])
-            elif i + 1 < len(argv):
-                config_path = Path(argv[i + 1])
-                i += 1
-            else:
-                raise ConfigError("--config: missing file name; write --config configs/cifar10.toml")
-        elif arg == "--print-config":
-            print_config = True
-        else:
-            rest.append(arg)
-        i += 1
-    if config_path is None:
-        config_path = default_config_path()
-    return config_path, parse_overrides(rest), print_config
+    parser = ArgParser("", "fedrun [train] [--config FILE] [--print-config] [--section.key VALUE ...]")
+    parser.add_argument("--config", metavar="file name")
+    parser.add_argument("--print-config", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    if args.config == "":
+        raise ConfigError("--config: missing file name; write --config configs/cifar10.toml")
+    config_path = Path(args.config) if args.config is not None else default_config_path()
+    return config_path, parse_overrides(rest), args.print_config
 
 
 def train_main(argv: list[str]) -> int:
@@ -79,8 +71,7 @@ def train_main(argv: list[str]) -> int:
 
 def _quiet_warnings() -> None:
     """One line per warning, from rank 0 only: other ranks stay quiet unless they fail."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if rank != 0:
+    if launch_rank() != 0:
         warnings.simplefilter("ignore")
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"fedrun: warning: {message}\n"
 
@@ -96,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
-    if any(a in ("-h", "--help") for a in argv[:1]) or argv[:1] == ["help"]:
-        print(USAGE)
-        return 0
     command = argv[0] if argv and not argv[0].startswith("-") else "train"
     if argv and command == argv[0]:
         argv = argv[1:]
+    # also `fedrun eval --help`; report parses (and answers) its own --help
+    if command == "help" or (command != "report" and argv[:1] in (["-h"], ["--help"])):
+        print(USAGE)
+        return 0
     try:
         if command == "train":
             return train_main(argv)
@@ -118,7 +110,7 @@ def _main(argv: list[str] | None = None) -> int:
         return 2
     except FedrunError as exc:
         # One line, no traceback; a config error is the same on every rank, so rank 0 says it.
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        rank = launch_rank()
         if rank == 0 or not isinstance(exc, ConfigError):
             prefix = f"[rank {rank}] " if rank else ""
             print(f"fedrun: error: {prefix}{exc}", file=sys.stderr)
@@ -126,5 +118,4 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .dist import exit_process
     exit_process(main())

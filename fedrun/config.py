@@ -5,6 +5,22 @@ The defaults are the paper authors' settings (CIFAR-10, 32x32, R=300 rounds of E
 only lists what differs; CLI overrides use one convention, ``--section.key value`` (or
 ``--section.key=value``), and are applied last. Every check runs here, before any process group or
 GPU is touched, and every error names the key that is wrong and how to fix it.
+
+Each key is a dataclass field with its docstring under it (README "Config reference" is the
+user-facing copy). What other code needs to know about a key is kept once, on the field
+(``setting(...)``'s metadata, read through ``key_facts``):
+
+* ``hashed``: does the key change the trained model (``Config.hash``, which decides whether a run
+  dir may be resumed)? ``"when set"`` marks keys added after runs existed: they count only when
+  they differ from their default, so that older run dirs keep their hash.
+* ``label``: may the key tell runs apart in ``fedrun report``? (Names, paths, places and schedules
+  of a run never do.)
+* ``applies``: when the key means anything (``fed.prox_mu`` only when ``fed.drift = "fedprox"``).
+* ``off``: the value that switches a method off (``fed.drift = "none"``).
+* ``choices``: the allowed values of a string key.
+
+A section's own fields are checked by its ``validate()``; the few rules that span sections are
+one table, ``CROSS_SECTION_RULES``, that ``validate(cfg)`` walks after the sections.
 """
 
 from __future__ import annotations
@@ -14,9 +30,11 @@ import json
 import math
 import sys
 import typing
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 
@@ -25,170 +43,526 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "config_from_dict"]
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "config_from_dict", "key_facts",
+           "validate"]
+
+
+# --------------------------------------------------------------------------------------------
+# Facts about keys, kept on the fields
+
+
+HASHED, HASHED_WHEN_SET, NOT_HASHED = "always", "when set", "never"
+NO_OFF = object()  # ``off`` of a key that is no on/off switch
+
+
+@dataclass(frozen=True)
+class When:
+    """A condition on keys of one config: every clause ``(key, values, negate)`` holds when the
+    key's value is among ``values`` (``negate``: is not). ``&`` joins conditions; ``ALWAYS`` has no
+    clause. A key missing from the config (a run older than the key) reads as its default."""
+
+    clauses: tuple[tuple[str, tuple[Any, ...], bool], ...] = ()
+
+    def holds(self, flat: Mapping[str, Any]) -> bool:
+        """``flat``: "section.key" -> value, e.g. a summary.json's config flattened."""
+        return all((flat.get(key, default_of(key)) in values) != negate
+                   for key, values, negate in self.clauses)
+
+    def __and__(self, other: When) -> When:
+        return When(self.clauses + other.clauses)
+
+    def __str__(self) -> str:
+        return " and ".join(f"{key} {'not in' if negate else 'in'} {list(values)}"
+                            for key, values, negate in self.clauses) or "always"
+
+
+def when(key: str, *values: Any) -> When:
+    """Holds when ``key`` is one of ``values``."""
+    return When(((key, values, False),))
+
+
+def unless(key: str, *values: Any) -> When:
+    """Holds when ``key`` is none of ``values``."""
+    return When(((key, values, True),))
+
+
+ALWAYS = When()
+FEDERATED = unless("run.mode", "centralized")  # a setting of the federation, not of a centralized run
+
+
+def setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None, hashed: str = HASHED,
+            label: bool = True, applies: When | None = None, off: Any = NO_OFF,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its facts (see the module docstring).
+
+    ``applies`` replaces the condition of the key's section (``Config``'s field of the section);
+    without it the key applies whenever its section does. A plain ``name: type = value`` field is
+    hashed, may label a report row and applies whenever its section does.
+    """
+    meta = {"hashed": hashed, "label": label, "applies": applies, "off": off, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, *, hashed: str = HASHED, label: bool = True, applies: When = ALWAYS) -> Any:
+    """A section of ``Config``; its facts hold for every key of the section. ``hashed = "when set"``:
+    the section counts in the hash, with all its keys, only when one of them differs from its default."""
+    return field(default_factory=cls, metadata={"hashed": hashed, "label": label, "applies": applies})
+
+
+class KeyFacts(NamedTuple):
+    """What ``key_facts`` says about one "section.key" (section facts folded in)."""
+
+    hashed: str
+    label: bool
+    applies: When
+    off: Any
+    choices: tuple[str, ...] | None
+
+
+class Section:
+    """Base of the config sections: the checks every field gets from its type and metadata."""
+
+    def validate(self) -> None:
+        """Allowed choices and finite numbers; each section adds its own rules after this."""
+        name = _SECTION_NAMES[type(self)]
+        for f in fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
+            key, value = f"{name}.{f.name}", getattr(self, f.name)
+            allowed = f.metadata.get("choices")
+            if allowed is not None:
+                _require(value in allowed, key, f"got {value!r}; choose one of {', '.join(allowed)}")
+            if isinstance(value, float):
+                _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+EMA_SIGMA_REL_MAX = 0.5 / math.sqrt(3)  # the power-function EMA's widest profile (gamma -> 0)
+DATASETS = ("cifar10", "fashion_mnist", "svhn", "image_folder", "digits", "synthetic")
+STATEFUL_DRIFT = ("scaffold", "feddyn")  # drift terms that keep state per client between rounds
+
+
+# --------------------------------------------------------------------------------------------
+# The sections
 
 
 @dataclass
-class RunConfig:
-    name: str = "cifar10_fedavg"
-    out_dir: str = "runs"  # outputs go to <out_dir>/<name>/
-    seed: int = 0
-    mode: str = "fedavg"  # "fedavg" | "centralized"
-    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda"
-    threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
+class RunConfig(Section):
+    """Naming, placing and seeding the job."""
+
+    name: str = setting("cifar10_fedavg", hashed=NOT_HASHED, label=False)
+    """Run directory name under ``run.out_dir``."""
+    out_dir: str = setting("runs", hashed=NOT_HASHED, label=False)
+    """Outputs go to ``<out_dir>/<name>/``."""
+    seed: int = setting(0, label=False)
+    """Every random stream derives from (seed, round, client). Runs that differ only in the seed
+    form one report row (mean and std over seeds)."""
+    mode: str = setting("fedavg", choices=("fedavg", "centralized"))
+    """"fedavg" | "centralized" (the baseline: R x E epochs of data-parallel training)."""
+    device: str = setting("auto", hashed=NOT_HASHED, label=False, choices=("auto", "cpu", "cuda"))
+    """"auto" (cuda if available) | "cpu" | "cuda"."""
+    threads: int = setting(0, hashed=NOT_HASHED, label=False)
+    """CPU threads per rank; 0 = cores / local ranks."""
+    tensorboard: bool = setting(False, hashed=NOT_HASHED, label=False)
+    """Rank 0 also writes every round's numbers as TensorBoard scalars to ``<run dir>/tensorboard/``
+    (metrics.jsonl stays the record); needs ``pip install tensorboard``."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
+        _require(self.threads >= 0, "run.threads", "must be >= 0 (0 = automatic)")
+        _require(0 <= self.seed < 2**32, "run.seed",
+                 f"must be in [0, 2**32) (one 32-bit word of every derived seed), got {self.seed}")
 
 
 @dataclass
-class DataConfig:
-    name: str = "cifar10"  # cifar10 | fashion_mnist | svhn | image_folder | digits | synthetic
-    root: str = "data"
-    download: bool = False
+class DataConfig(Section):
+    """The data set and how its images are fed."""
+
+    name: str = setting("cifar10", label=False, choices=DATASETS)
+    """cifar10 | fashion_mnist | svhn | image_folder | digits | synthetic. Never a report label:
+    the data set is the report's column group."""
+    root: str = setting("data", label=False)
+    """Data folder (for image_folder: one sub-folder per class, optional train/ and test/)."""
+    download: bool = setting(False, label=False)
+    """Let torchvision download the set."""
     image_size: int = 32
-    channels: int = 3  # grayscale sets: 1, or 3 (repeated) as the authors fed Fashion-MNIST
-    hflip: bool = True  # random horizontal flip (authors: CIFAR-10, Fashion-MNIST, CT; not SVHN)
-    num_classes: int = 10  # used by "synthetic" only; the others know their classes
-    synthetic_size: int = 5000  # images of the "synthetic" set
+    """Images are resized to this; the U-Net must be able to halve it len(channel_mults) - 1 times."""
+    channels: int = 3
+    """Grayscale sets: 1, or 3 (repeated) as the authors fed Fashion-MNIST."""
+    hflip: bool = True
+    """Random horizontal flip on the device (authors: CIFAR-10, Fashion-MNIST, CT; not SVHN)."""
+    num_classes: int = 10
+    """Used by "synthetic" only; the others know their classes."""
+    synthetic_size: int = 5000
+    """Images of the "synthetic" set."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.image_size >= 4, "data.image_size", f"must be >= 4, got {self.image_size}")
+        _require(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
+        _require(self.num_classes >= 1, "data.num_classes", "must be >= 1")
+        _require(self.synthetic_size >= 1, "data.synthetic_size", "must be >= 1")
+        if self.name in ("cifar10", "svhn"):
+            _require(self.channels == 3, "data.channels", f"{self.name} is an RGB set; set data.channels = 3")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    """The residual U-Net (the authors': attention-free, class-conditional)."""
+
     base_channels: int = 64
-    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    blocks_per_level: int = 2  # residual blocks per resolution, encoder and decoder each
-    mid_blocks: int = 4  # residual blocks at the lowest resolution
+    """Width of the first level."""
+    channel_mults: list[int] = setting(factory=lambda: [1, 2, 4, 8])
+    """Width multiplier per level (one level per entry)."""
+    blocks_per_level: int = 2
+    """Residual blocks per resolution, encoder and decoder each."""
+    mid_blocks: int = 4
+    """Residual blocks at the lowest resolution."""
     dropout: float = 0.1
-    attention_levels: list[int] = field(default_factory=list)  # e.g. [2, 3]; authors: none
+    """Dropout2d in every block."""
+    attention_levels: list[int] = setting(factory=list)
+    """Levels with self-attention, e.g. [2, 3]; authors: none."""
     fourier_features: int = 16
+    """Fourier features of log-SNR."""
     class_embed_dim: int = 4
-    label_dropout: float = 0.0  # classifier-free guidance: share of labels replaced by a null class (0 = off)
+    """Class embedding width (0 = unconditional)."""
+    label_dropout: float = setting(0.0, hashed=HASHED_WHEN_SET, off=0.0)
+    """Classifier-free guidance training: share of labels replaced by a null class (0 = off)."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.base_channels >= 1, "model.base_channels", "must be >= 1")
+        _require(len(self.channel_mults) >= 2 and all(x >= 1 for x in self.channel_mults),
+                 "model.channel_mults",
+                 "needs at least two multipliers (levels), each >= 1, e.g. [1, 2, 4, 8]")
+        _require(self.blocks_per_level >= 1, "model.blocks_per_level", "must be >= 1")
+        _require(self.mid_blocks >= 2, "model.mid_blocks", "must be >= 2 (one in, one out)")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _require(self.fourier_features >= 2 and self.fourier_features % 2 == 0, "model.fourier_features",
+                 "must be an even number >= 2")
+        _require(self.class_embed_dim >= 0, "model.class_embed_dim", "must be >= 0 (0 = unconditional)")
+        levels = len(self.channel_mults)
+        _require(all(0 <= a < levels for a in self.attention_levels), "model.attention_levels",
+                 f"levels are 0..{levels - 1} (one per entry of model.channel_mults)")
+        _require(0.0 <= self.label_dropout < 1.0, "model.label_dropout",
+                 f"must be in [0, 1) (0 = no classifier-free guidance training), got {self.label_dropout}")
 
 
 @dataclass
-class DiffusionConfig:
-    objective: str = "v"  # "v": continuous DDPM log-SNR (authors) | "eps": discrete betas (paper eqs. 2-3)
-    timesteps: int = 1000  # T for objective "eps"
+class DiffusionConfig(Section):
+    """Noise schedule, training objective and sampler."""
+
+    objective: str = setting("v", choices=("v", "eps"))
+    """"v": continuous DDPM log-SNR schedule, v-prediction (authors' code) | "eps": discrete betas
+    and eps-MSE (the paper's eqs. 2-3)."""
+    timesteps: int = 1000
+    """T for objective "eps"."""
     beta_start: float = 1e-4
+    """First linear beta of objective "eps"."""
     beta_end: float = 0.02
+    """Last linear beta of objective "eps"."""
     sample_steps: int = 300
-    eta: float = 1.0  # 1 = ancestral (authors), 0 = DDIM
-    guidance: float = 0.0  # classifier-free guidance w: (1 + w) cond - w uncond; needs label_dropout
+    """Sampler steps for grids."""
+    eta: float = 1.0
+    """1 = ancestral (authors), 0 = DDIM."""
+    guidance: float = setting(0.0, hashed=NOT_HASHED, off=0.0)
+    """Classifier-free guidance w: (1 + w) cond - w uncond; needs model.label_dropout. A sampling
+    setting: not hashed (the trained model is the same), but a report label."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.timesteps >= 2, "diffusion.timesteps", "must be >= 2")
+        _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start",
+                 "need 0 < beta_start < beta_end < 1")
+        _require(self.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
+        _require(0.0 <= self.eta <= 1.0, "diffusion.eta", "must be in [0, 1] (1 = ancestral, 0 = DDIM)")
+        _require(self.guidance >= 0, "diffusion.guidance", f"must be >= 0 (0 = off), got {self.guidance}")
 
 
 @dataclass
-class FedConfig:
-    rounds: int = 300
-    local_epochs: int = 5
+class FedConfig(Section):
+    """The federation: rounds, clients, partition, server rule, client drift. Its keys apply to
+    federated runs only (``Config.fed``), except the two that set a centralized run's epochs."""
+
+    rounds: int = setting(300, hashed=NOT_HASHED, applies=ALWAYS)
+    """Communication rounds R (centralized: R "rounds" of E epochs). Not hashed: raising it
+    continues a finished run."""
+    local_epochs: int = setting(5, applies=ALWAYS)
+    """Local epochs E (centralized: a "round" is E epochs)."""
     num_clients: int = 10
+    """Clients N."""
     clients_per_round: int = 10
-    partition: str = "dirichlet"  # "dirichlet" | "iid"
-    alpha: float = 0.5
-    min_client_size: int = 0  # resample the Dirichlet draw until every client has this many
-    max_resample: int = 100
-    server_opt: str = "fedavg"  # "fedavg" | "fedavgm" | "fedadam" | "fedyogi" | "fedadagrad"
-    server_lr: float = 1.0  # all but fedavg
-    server_momentum: float = 0.9  # fedavgm's momentum; beta1 of fedadam / fedyogi / fedadagrad
-    server_beta2: float = 0.99  # second-moment decay of fedadam / fedyogi
-    server_tau: float = 1e-3  # adaptivity of fedadam / fedyogi / fedadagrad (added to sqrt(v))
-    max_bad_rounds: int = 3  # stop after this many rounds in a row where every client failed
-    drift: str = "none"  # client drift correction: "none" | "fedprox" | "scaffold"
-    prox_mu: float = 0.01  # FedProx: weight of (mu / 2) ||theta - theta_global||^2
-    client_optimizer: str = "reset"  # "reset": fresh Adam per client per round (authors) | "keep"
+    """Clients sampled per round (uniform, seeded by round)."""
+    partition: str = setting("dirichlet", choices=("dirichlet", "iid"))
+    """"dirichlet" (per-class Dirichlet(alpha)) | "iid"."""
+    alpha: float = setting(0.5, applies=FEDERATED & unless("fed.partition", "iid"))
+    """Dirichlet concentration (smaller = more skewed)."""
+    min_client_size: int = setting(0, applies=FEDERATED & unless("fed.partition", "iid"))
+    """Resample the Dirichlet draw until every client has this many images."""
+    max_resample: int = setting(100, applies=FEDERATED & unless("fed.partition", "iid"))
+    """Tries for min_client_size."""
+    server_opt: str = setting("fedavg", off="fedavg",
+                              choices=("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"))
+    """Server rule: "fedavg" | "fedavgm" (server momentum) | "fedadam" | "fedyogi" | "fedadagrad"
+    (Reddi et al. 2021)."""
+    server_lr: float = setting(1.0, applies=FEDERATED & unless("fed.server_opt", "fedavg"))
+    """Server learning rate (all but fedavg)."""
+    server_momentum: float = setting(0.9, applies=FEDERATED & unless("fed.server_opt", "fedavg"))
+    """fedavgm's momentum; beta1 of fedadam / fedyogi / fedadagrad."""
+    server_beta2: float = setting(0.99, applies=FEDERATED & when("fed.server_opt", "fedadam", "fedyogi"))
+    """Second-moment decay of fedadam / fedyogi."""
+    server_tau: float = setting(1e-3, applies=FEDERATED & when("fed.server_opt", "fedadam", "fedyogi",
+                                                               "fedadagrad"))
+    """Adaptivity of fedadam / fedyogi / fedadagrad: x -= lr * m / (sqrt(v) + tau)."""
+    max_bad_rounds: int = 3
+    """Stop after this many rounds in a row where every client failed."""
+    drift: str = setting("none", hashed=HASHED_WHEN_SET, off="none",
+                         choices=("none", "fedprox", "scaffold", "feddyn"))
+    """Client drift correction: "none" | "fedprox" (Li et al. 2020) | "scaffold" (Karimireddy et
+    al. 2020) | "feddyn" (Acar et al. 2021)."""
+    prox_mu: float = setting(0.01, hashed=HASHED_WHEN_SET, applies=FEDERATED & when("fed.drift", "fedprox"))
+    """FedProx: weight of (mu / 2) ||theta - theta_global||^2."""
+    client_optimizer: str = setting("reset", hashed=HASHED_WHEN_SET, off="reset", choices=("reset", "keep"))
+    """"reset": fresh Adam per client per round (authors) | "keep": each client keeps its Adam
+    moments across rounds."""
+    feddyn_alpha: float = setting(0.01, hashed=HASHED_WHEN_SET,
+                                  applies=FEDERATED & when("fed.drift", "feddyn"))
+    """FedDyn: weight alpha of the quadratic term (alpha / 2) ||theta - theta_global||^2 of each
+    client's dynamic regulariser; must be > 0."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.rounds >= 1, "fed.rounds", f"must be >= 1, got {self.rounds}")
+        _require(self.local_epochs >= 1, "fed.local_epochs", f"must be >= 1, got {self.local_epochs}")
+        _require(self.num_clients >= 1, "fed.num_clients", f"must be >= 1, got {self.num_clients}")
+        _require(1 <= self.clients_per_round <= self.num_clients, "fed.clients_per_round",
+                 f"must be between 1 and fed.num_clients ({self.num_clients}), got {self.clients_per_round}")
+        _require(self.alpha > 0, "fed.alpha", f"the Dirichlet concentration must be > 0, got {self.alpha}")
+        _require(self.min_client_size >= 0, "fed.min_client_size", "must be >= 0")
+        _require(self.max_resample >= 1, "fed.max_resample", "must be >= 1")
+        _require(self.server_lr > 0, "fed.server_lr", "must be > 0")
+        _require(0 <= self.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
+        _require(0 <= self.server_beta2 < 1, "fed.server_beta2", "must be in [0, 1)")
+        _require(self.server_tau > 0, "fed.server_tau", "must be > 0 (it keeps 1 / (sqrt(v) + tau) finite)")
+        _require(self.max_bad_rounds >= 1, "fed.max_bad_rounds", "must be >= 1")
+        _require(self.prox_mu >= 0, "fed.prox_mu", f"must be >= 0 (the proximal weight), got {self.prox_mu}")
+        _require(self.feddyn_alpha > 0, "fed.feddyn_alpha",
+                 f"must be > 0 (FedDyn's regulariser weight), got {self.feddyn_alpha}")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
+    """Each client's Adam (centralized: the one Adam of the run)."""
+
     lr: float = 2e-4
+    """Adam learning rate."""
     batch_size: int = 512
+    """Per client (centralized: global, split over ranks)."""
     beta1: float = 0.9
+    """Adam beta1."""
     beta2: float = 0.999
+    """Adam beta2."""
     weight_decay: float = 0.0
-    grad_clip: float = 0.0  # 0 = off
-    lr_schedule: str = "constant"  # "constant" | "cosine" (over rounds, down to lr * min_lr_ratio)
-    min_lr_ratio: float = 0.1  # cosine: the last round's lr / optim.lr
+    """Adam weight decay."""
+    grad_clip: float = 0.0
+    """Gradient-norm clip (0 = off)."""
+    lr_schedule: str = setting("constant", hashed=HASHED_WHEN_SET, off="constant",
+                               choices=("constant", "cosine"))
+    """"constant" | "cosine" (over rounds, down to lr * min_lr_ratio; centralized: the same
+    per-round schedule)."""
+    min_lr_ratio: float = setting(0.1, hashed=HASHED_WHEN_SET,
+                                  applies=unless("optim.lr_schedule", "constant"))
+    """Cosine: the last round's lr / optim.lr."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1", "Adam betas must be in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio",
+                 f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
-class EMAConfig:
+class EMAConfig(Section):
     """Exponential moving average of the global model, updated once per round on the server."""
 
-    sigma_rel: float = 0.0
+    sigma_rel: float = setting(0.0, off=0.0)
     """0 = off. Else the power-function EMA of Karras et al. (2024): beta_t = (1 - 1/t)^(gamma + 1)
     at round t, gamma set by this relative width of the averaging profile, in (0, 0.288)."""
 
+    def validate(self) -> None:
+        super().validate()
+        s = self.sigma_rel
+        _require(s == 0 or 0 < s < EMA_SIGMA_REL_MAX, "ema.sigma_rel",
+                 f"must be 0 (off) or in (0, {EMA_SIGMA_REL_MAX:.4f}), e.g. 0.05 to 0.15; got {s}")
+
 
 @dataclass
-class PrivacyConfig:
-    """Differential privacy: per image (DP-SGD in every client) or per client (DP-FedAvg)."""
+class PrivacyConfig(Section):
+    """Differential privacy: per image (DP-SGD in every client) or per client (DP-FedAvg). Its
+    keys apply only when privacy.level is set (``Config.privacy``)."""
 
-    level: str = "none"
-    """"none" | "sample" (DP-SGD with Opacus: the image is the unit) | "client" (DP-FedAvg: the site)"""
+    level: str = setting("none", applies=ALWAYS, off="none", choices=("none", "sample", "client"))
+    """"none" | "sample" (DP-SGD with Opacus: the image is the unit) | "client" (DP-FedAvg: the site)."""
     clip: float = 1.0
-    """sample: L2 bound of each per-sample gradient; client: L2 bound of each client's update"""
+    """sample: L2 bound of each per-sample gradient; client: L2 bound of each client's update."""
     noise_multiplier: float = 1.0
-    """Gaussian noise std divided by the sensitivity (clip)"""
+    """Gaussian noise std divided by the sensitivity (clip)."""
     delta: float = 1e-5
-    """the delta of (epsilon, delta)-DP; should be well below 1 / (number of units protected)"""
+    """The delta of (epsilon, delta)-DP; should be well below 1 / (number of units protected)."""
     target_epsilon: float = 0.0
-    """0 = no budget; else a run whose planned epsilon exceeds it is refused before training"""
-    accountant: str = "rdp"
-    """Opacus accountant: "rdp" (Renyi DP, Mironov 2017) | "prv" (Gopi et al. 2021)"""
+    """0 = no budget; else a run whose planned epsilon exceeds it is refused before training."""
+    accountant: str = setting("rdp", choices=("rdp", "prv"))
+    """Opacus accountant: "rdp" (Renyi DP, Mironov 2017) | "prv" (Gopi et al. 2021)."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.clip > 0, "privacy.clip", f"must be > 0 (an L2 norm bound), got {self.clip}")
+        _require(self.noise_multiplier > 0, "privacy.noise_multiplier",
+                 f"must be > 0 (no noise, no privacy); got {self.noise_multiplier}")
+        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), e.g. 1e-5; got {self.delta}")
+        _require(self.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0 (0 = no budget)")
 
 
 @dataclass
-class TrainConfig:
-    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp16" | "fp32"
-    channels_last: bool = True
-    compile: bool = False
-    clients_at_once: int = 1  # experimental: K clients of a rank at once (fedrun/experimental/multiclient.py)
+class TrainConfig(Section):
+    """How the local steps run on the hardware."""
+
+    precision: str = setting("auto", choices=("auto", "bf16", "fp16", "fp32"))
+    """"auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp16" (with a GradScaler) | "fp32"."""
+    channels_last: bool = setting(True, label=False)
+    """channels_last memory format."""
+    compile: bool = setting(False, label=False)
+    """torch.compile the model."""
+    clients_at_once: int = setting(1, hashed=NOT_HASHED)
+    """Experimental: K clients of a rank at once (fedrun/experimental/multiclient.py). Not hashed:
+    the same maths either way."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.clients_at_once >= 1, "train.clients_at_once",
+                 f"must be >= 1 (1 = one client after another), got {self.clients_at_once}")
+        if self.clients_at_once > 1:
+            _require(self.precision != "fp16", "train.precision", "fp16 needs a GradScaler per client, which "
+                     "train.clients_at_once > 1 does not have; use bf16 (or auto), or clients_at_once = 1")
+            _require(not self.compile, "train.compile", "torch.compile is used for one client at a time "
+                     "only; set train.compile = false or train.clients_at_once = 1")
 
 
 @dataclass
-class CheckpointConfig:
-    every: int = 1  # rounds between checkpoints
-    keep: int = 3  # newest checkpoints kept on disk
-    resume: str = "auto"  # "auto" | "never" | "force" (resume even if the config changed)
+class CheckpointConfig(Section):
+    """When checkpoints are written and whether a run resumes (never hashed, never a label)."""
+
+    every: int = 1
+    """Rounds between checkpoints."""
+    keep: int = 3
+    """Newest checkpoints kept on disk."""
+    resume: str = setting("auto", choices=("auto", "never", "force"))
+    """"auto" | "never" | "force" (resume even if the config changed)."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.every >= 1, "checkpoint.every", "must be >= 1")
+        _require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
 
 
 @dataclass
-class SampleConfig:
-    per_class: int = 10  # images per class in samples/final.png
-    steps: int = 0  # sampler steps for the grid; 0 = diffusion.sample_steps
+class SampleConfig(Section):
+    """The sample grids (never hashed, never a label)."""
+
+    per_class: int = 10
+    """Images per class in samples/final.png and the client grids (0 = none)."""
+    steps: int = 0
+    """Sampler steps for the grids; 0 = diffusion.sample_steps."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.per_class >= 0, "sample.per_class", "must be >= 0 (0 = no final grid)")
+        _require(self.steps >= 0, "sample.steps", "must be >= 0 (0 = diffusion.sample_steps)")
 
 
 @dataclass
-class EvalConfig:
-    every: int = 0  # rounds between FID/IS evaluations; 0 = only at the end
-    enabled: bool = False  # score FID/IS at all (needs Inception weights or the classifier)
-    num_samples: int = 0  # 0 = size of the test split (authors)
+class EvalConfig(Section):
+    """Scores: FID/IS, KID, precision/recall, per class and per client (never hashed). The keys
+    that change the numbers (sampler, sample count, features, KID/PRDC settings) may label a
+    report row; those that only schedule or place the work never do."""
+
+    every: int = setting(0, label=False)
+    """Rounds between FID/IS evaluations; 0 = only at the end."""
+    enabled: bool = setting(False, label=False)
+    """Score FID/IS at all (needs Inception weights or the classifier)."""
+    num_samples: int = 0
+    """Samples to score; 0 = size of the test split (authors)."""
     steps: int = 300
+    """Sampler steps for evaluation (authors: 300)."""
     eta: float = 1.0
-    feature_extractor: str = "inception"  # "inception" | "classifier"
-    inception_weights: str = ""  # "" = $FEDRUN_INCEPTION_WEIGHTS, then clean-fid's location
-    batch_size: int = 500
-    cache_dir: str = ""  # "" = $FEDRUN_CACHE_DIR or ~/.cache/fedrun
-    local_models_at: list[int] = field(default_factory=list)  # rounds with per-client grids and scores
-    kid: bool = True  # KID against the test split (and per class)
-    kid_subsets: int = 100  # KID: random subsets averaged (clean-fid's default)
-    kid_subset_size: int = 1000  # KID: vectors per subset, capped by both set sizes (clean-fid's default)
-    prdc_k: int = 5  # k of precision/recall/density/coverage against the test split; 0 = off
-    per_class: bool = True  # FID/KID of the samples of class c against the test images of class c
-    client_samples: int = 0  # per-client scores: samples of each local model at local_models_at; 0 = off
+    """Sampler eta for evaluation (authors: 1)."""
+    feature_extractor: str = setting("inception", choices=("inception", "classifier"))
+    """"inception" | "classifier" (a small CNN trained on the data set's own train split)."""
+    inception_weights: str = setting("", label=False)
+    """"" = $FEDRUN_INCEPTION_WEIGHTS, then clean-fid's location, then the installed package."""
+    batch_size: int = setting(500, label=False)
+    """Sampling chunk and feature batch."""
+    cache_dir: str = setting("", label=False)
+    """Reference statistics and classifiers; "" = $FEDRUN_CACHE_DIR or ~/.cache/fedrun."""
+    local_models_at: list[int] = setting(factory=list, label=False)
+    """Rounds with per-client grids and per-client scores (empty = the final round)."""
+    kid: bool = True
+    """KID against the test split (and per class)."""
+    kid_subsets: int = 100
+    """KID: random subsets averaged (clean-fid's default)."""
+    kid_subset_size: int = 1000
+    """KID: vectors per subset, capped by both set sizes (clean-fid's default)."""
+    prdc_k: int = 5
+    """k of precision/recall/density/coverage against the test split; 0 = off."""
+    per_class: bool = setting(True, label=False)
+    """FID/KID of the samples of class c against the test images of class c."""
+    client_samples: int = setting(0, label=False)
+    """Per-client scores: samples of each local model at local_models_at; 0 = off."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.every >= 0, "eval.every", "must be >= 0 (0 = only at the end)")
+        _require(self.num_samples >= 0, "eval.num_samples", "must be >= 0 (0 = size of the test split)")
+        _require(self.steps >= 1, "eval.steps", "must be >= 1")
+        _require(0.0 <= self.eta <= 1.0, "eval.eta", "must be in [0, 1]")
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _require(self.kid_subsets >= 1, "eval.kid_subsets", f"must be >= 1, got {self.kid_subsets}")
+        _require(self.kid_subset_size >= 2, "eval.kid_subset_size",
+                 f"KID's unbiased estimate needs subsets of >= 2 vectors, got {self.kid_subset_size}")
+        _require(self.prdc_k >= 0, "eval.prdc_k",
+                 f"must be >= 0 (0 = no precision/recall), got {self.prdc_k}")
+        _require(self.client_samples >= 0, "eval.client_samples",
+                 f"must be >= 0 (0 = no per-client scores), got {self.client_samples}")
 
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    fed: FedConfig = field(default_factory=FedConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The whole job: one field per section; a section's facts hold for all of its keys."""
+
+    run: RunConfig = section(RunConfig)
+    data: DataConfig = section(DataConfig)
+    model: ModelConfig = section(ModelConfig)
+    diffusion: DiffusionConfig = section(DiffusionConfig)
+    fed: FedConfig = section(FedConfig, applies=FEDERATED)
+    optim: OptimConfig = section(OptimConfig)
+    train: TrainConfig = section(TrainConfig)
+    # ema and privacy came after runs existed: counted, as a whole, only when not the default
+    ema: EMAConfig = section(EMAConfig, hashed=HASHED_WHEN_SET)
+    privacy: PrivacyConfig = section(PrivacyConfig, hashed=HASHED_WHEN_SET,
+                                     applies=unless("privacy.level", "none"))
+    # how often a run checkpoints, samples or scores must not stop it from resuming
+    checkpoint: CheckpointConfig = section(CheckpointConfig, hashed=NOT_HASHED, label=False)
+    sample: SampleConfig = section(SampleConfig, hashed=NOT_HASHED, label=False)
+    eval: EvalConfig = section(EvalConfig, hashed=NOT_HASHED)
 
     @property
     def run_dir(self) -> Path:
@@ -201,53 +575,73 @@ class Config:
         return dump_toml(self.to_dict())
 
     def hash(self) -> str:
-        """Hash of everything that changes the trained model.
+        """Hash of everything that changes the trained model: the keys and sections whose
+        ``hashed`` fact is not "never" (see the module docstring).
 
         Rounds, checkpointing, sampling and evaluation settings are left out: raising
         ``fed.rounds`` to continue a finished run, or changing how often it checkpoints or
         scores, must still resume from its checkpoint.
         """
-        d = self.to_dict()
-        d["fed"].pop("rounds")
-        for section in ("checkpoint", "sample", "eval"):
-            d.pop(section)
-        for key in ("name", "out_dir", "device", "threads"):
-            d["run"].pop(key)
-        d["train"].pop("clients_at_once")  # same maths either way (multiclient.py); keeps old hashes valid
-        d["diffusion"].pop("guidance")  # a sampling setting: the trained model is the same
-        # keys added after runs existed count only when set, so that older run dirs still resume
-        defaults = Config().to_dict()
-        for key in _HASHED_WHEN_SET:
-            section, _, name = key.partition(".")
-            if name and d[section][name] == defaults[section][name]:
-                d[section].pop(name)
-            elif not name and d[section] == defaults[section]:
-                d.pop(section)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(_hashed(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hashed(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The part of ``cfg.to_dict()`` that ``Config.hash`` hashes."""
+    d, defaults = cfg.to_dict(), _default_dict()
+    out: dict[str, dict[str, Any]] = {}
+    for sec in fields(Config):
+        if sec.metadata["hashed"] == NOT_HASHED:
+            continue
+        body, default_body = {}, {}
+        for f in fields(_HINTS[sec.name]):
+            value, default = d[sec.name][f.name], defaults[sec.name][f.name]
+            hashed = f.metadata.get("hashed", HASHED)
+            if hashed == NOT_HASHED or (hashed == HASHED_WHEN_SET and value == default):
+                continue
+            body[f.name], default_body[f.name] = value, default
+        if sec.metadata["hashed"] == HASHED_WHEN_SET and body == default_body:
+            continue
+        out[sec.name] = body
+    return out
 
 
 _HINTS = typing.get_type_hints(Config)
-_HASHED_WHEN_SET = ("model.label_dropout", "fed.drift", "fed.prox_mu", "fed.client_optimizer",
-                    "optim.lr_schedule", "optim.min_lr_ratio", "ema", "privacy")
-EMA_SIGMA_REL_MAX = 0.5 / math.sqrt(3)  # the power-function EMA's widest profile (gamma -> 0)
+_SECTION_NAMES = {cls: name for name, cls in _HINTS.items()}
 
-DATASETS = ("cifar10", "fashion_mnist", "svhn", "image_folder", "digits", "synthetic")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "run.mode": ("fedavg", "centralized"),
-    "run.device": ("auto", "cpu", "cuda"),
-    "data.name": DATASETS,
-    "diffusion.objective": ("v", "eps"),
-    "fed.partition": ("dirichlet", "iid"),
-    "fed.server_opt": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
-    "fed.drift": ("none", "fedprox", "scaffold"),
-    "fed.client_optimizer": ("reset", "keep"),
-    "optim.lr_schedule": ("constant", "cosine"),
-    "privacy.level": ("none", "sample", "client"),
-    "privacy.accountant": ("rdp", "prv"),
-    "train.precision": ("auto", "bf16", "fp16", "fp32"),
-    "checkpoint.resume": ("auto", "never", "force"),
-    "eval.feature_extractor": ("inception", "classifier"),
-}
+
+@cache
+def _default_dict() -> dict[str, dict[str, Any]]:
+    return Config().to_dict()
+
+
+def default_of(key: str) -> Any:
+    """The default of "section.key"; None for a key fedrun does not know (e.g. one removed)."""
+    section_name, _, name = key.partition(".")
+    return _default_dict().get(section_name, {}).get(name)
+
+
+@cache
+def key_facts(key: str) -> KeyFacts:
+    """Facts about "section.key", its section's folded in. A key fedrun does not know (from an
+    older run) is hashed, may label, always applies and has no off value."""
+    section_name, _, name = key.partition(".")
+    sec = next((f for f in fields(Config) if f.name == section_name), None)
+    if sec is None:
+        return KeyFacts(HASHED, True, ALWAYS, NO_OFF, None)
+    meta: Mapping[str, Any] = next((f.metadata for f in fields(_HINTS[section_name]) if f.name == name), {})
+    hashed = NOT_HASHED if sec.metadata["hashed"] == NOT_HASHED else meta.get("hashed", HASHED)
+    applies = meta.get("applies")
+    return KeyFacts(hashed, sec.metadata["label"] and meta.get("label", True),
+                    sec.metadata["applies"] if applies is None else applies,
+                    meta.get("off", NO_OFF), meta.get("choices"))
+
+
+def all_keys() -> list[str]:
+    """Every "section.key", in config order."""
+    return [f"{s}.{f.name}" for s, cls in _HINTS.items() for f in fields(cls)]
+
+
+CHOICES: dict[str, tuple[str, ...]] = {k: c for k in all_keys() if (c := key_facts(k).choices) is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +704,8 @@ def _type_name(hint: Any) -> str:
 
 
 def _section_hints(section: str) -> dict[str, Any]:
-    return typing.get_type_hints(_HINTS[section])
+    hints = typing.get_type_hints(_HINTS[section])
+    return {f.name: hints[f.name] for f in fields(_HINTS[section])}
 
 
 def _set(cfg: Config, key: str, value: Any, from_cli: bool = False) -> None:
@@ -390,153 +785,89 @@ def config_from_dict(table: dict[str, Any]) -> Config:
 # Validation: every impossible value is caught here, with the key and the fix
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
+class Rule(NamedTuple):
+    """A combination of keys of different sections that fedrun refuses: when ``refused(cfg)``,
+    the error is ``"<key>: <message>"`` (``message`` may be computed from the config)."""
+
+    refused: Callable[[Config], bool]
+    key: str
+    message: str | Callable[[Config], str]
+
+
+def _halvings(cfg: Config) -> int:
+    """The factor the U-Net divides the image side by: 2 ** (levels - 1)."""
+    return 2 ** (len(cfg.model.channel_mults) - 1)
+
+
+def _dp(cfg: Config) -> bool:
+    return cfg.privacy.level != "none"
+
+
+# In order: the first rule that refuses the config gives the error.
+CROSS_SECTION_RULES: tuple[Rule, ...] = (
+    Rule(lambda c: c.data.image_size % _halvings(c) != 0, "data.image_size",
+         lambda c: f"{c.data.image_size} cannot be halved {len(c.model.channel_mults) - 1} times by the "
+                   f"U-Net (model.channel_mults has {len(c.model.channel_mults)} levels); use a multiple "
+                   f"of {_halvings(c)} or fewer levels"),
+    Rule(lambda c: c.train.clients_at_once > 1 and not (
+            c.model.label_dropout == 0 and c.fed.drift == "none" and c.optim.lr_schedule == "constant"),
+         "train.clients_at_once", "the experimental grouped trainer has no label dropout, drift term or "
+         "learning-rate schedule; set train.clients_at_once = 1"),
+    Rule(lambda c: c.diffusion.guidance > 0 and not (
+            c.model.label_dropout > 0 and c.model.class_embed_dim > 0), "diffusion.guidance",
+         "classifier-free guidance needs a model trained with a null class: set "
+         "model.label_dropout (e.g. 0.1) and model.class_embed_dim > 0, or guidance = 0"),
+    # per-client state lives on the client's home rank; the grouped trainer has none
+    Rule(lambda c: c.fed.drift in STATEFUL_DRIFT and c.train.clients_at_once != 1, "train.clients_at_once",
+         lambda c: f"fed.drift = {c.fed.drift!r} keeps per-client state, which the experimental grouped "
+                   f"trainer does not; set train.clients_at_once = 1"),
+    Rule(lambda c: c.fed.client_optimizer == "keep" and c.train.clients_at_once != 1, "train.clients_at_once",
+         "fed.client_optimizer = 'keep' keeps per-client state, which the experimental grouped trainer "
+         "does not; set train.clients_at_once = 1"),
+    # the drift terms add to raw gradients; under fp16 the GradScaler has scaled them
+    Rule(lambda c: c.fed.drift == "scaffold" and c.train.precision == "fp16", "train.precision",
+         "SCAFFOLD corrects unscaled gradients; fp16's GradScaler scales them: use bf16 (or auto), or "
+         "another fed.drift"),
+    Rule(lambda c: c.fed.drift == "feddyn" and c.train.precision == "fp16", "train.precision",
+         "FedDyn adds its terms to unscaled gradients; fp16's GradScaler scales them: use bf16 (or auto), "
+         "or another fed.drift"),
+    Rule(lambda c: c.run.mode == "centralized" and c.fed.drift != "none", "fed.drift",
+         "client drift correction is a federated setting; set fed.drift = \"none\" for the centralized run"),
+    Rule(lambda c: c.run.mode == "centralized" and c.fed.client_optimizer != "reset", "fed.client_optimizer",
+         "the centralized run keeps its one Adam for the whole run already; set "
+         "fed.client_optimizer = \"reset\""),
+    Rule(lambda c: _dp(c) and c.run.mode != "fedavg", "privacy.level",
+         "differential privacy is implemented for federated runs; use run.mode = \"fedavg\" or "
+         "privacy.level = \"none\""),
+    Rule(lambda c: _dp(c) and c.fed.drift == "scaffold", "fed.drift",
+         "SCAFFOLD's control variates travel without noise and would leak what DP protects; use "
+         "fed.drift = \"none\" or \"fedprox\" with privacy"),
+    # DP-FedAvg weighs clients uniformly and clips their updates; FedDyn's server correction
+    # assumes the data-size-weighted sum of unclipped updates
+    Rule(lambda c: c.privacy.level == "client" and c.fed.drift == "feddyn", "fed.drift",
+         "FedDyn's server correction assumes the data-weighted sum of unclipped client updates, which "
+         "DP-FedAvg (privacy.level = \"client\") replaces by clipped, uniformly weighted ones; use "
+         "fed.drift = \"none\" or \"fedprox\", or privacy.level = \"sample\""),
+    Rule(lambda c: _dp(c) and c.train.clients_at_once != 1, "train.clients_at_once",
+         "DP training runs one client at a time; set train.clients_at_once = 1"),
+    Rule(lambda c: c.privacy.level == "sample" and c.train.precision == "fp16", "train.precision",
+         "DP-SGD clips per-sample gradients that fp16's GradScaler would scale; use bf16 (or auto) or fp32"),
+    Rule(lambda c: c.privacy.level == "sample" and c.train.compile, "train.compile",
+         "Opacus's per-sample gradient hooks do not go through torch.compile; set train.compile = false"),
+    Rule(lambda c: c.privacy.level == "client" and bool(c.eval.local_models_at or c.eval.client_samples),
+         "eval.local_models_at", "client-level DP protects only the noised global model; local models and "
+         "their samples are not private: set eval.local_models_at = [] and eval.client_samples = 0"),
+)
 
 
 def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _require(value in allowed, key, f"got {value!r}; choose one of {', '.join(allowed)}")
-    for section in _HINTS:  # no NaN/inf anywhere
-        for name, value in asdict(getattr(cfg, section)).items():
-            if isinstance(value, float):
-                _require(math.isfinite(value), f"{section}.{name}", f"must be a finite number, got {value}")
-
-    r, d, m, f, o = cfg.run, cfg.data, cfg.model, cfg.fed, cfg.optim
-    _require(bool(r.name) and "/" not in r.name, "run.name", "must be a non-empty name without '/'")
-    _require(r.threads >= 0, "run.threads", "must be >= 0 (0 = automatic)")
-    _require(r.seed >= 0, "run.seed", f"must be >= 0 (numpy seeds are non-negative), got {r.seed}")
-    _require(d.image_size >= 4, "data.image_size", f"must be >= 4, got {d.image_size}")
-    _require(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
-    _require(d.num_classes >= 1, "data.num_classes", "must be >= 1")
-    _require(d.synthetic_size >= 1, "data.synthetic_size", "must be >= 1")
-    if d.name in ("cifar10", "svhn"):
-        _require(d.channels == 3, "data.channels", f"{d.name} is an RGB set; set data.channels = 3")
-
-    _require(m.base_channels >= 1, "model.base_channels", "must be >= 1")
-    _require(len(m.channel_mults) >= 2 and all(x >= 1 for x in m.channel_mults), "model.channel_mults",
-             "needs at least two multipliers (levels), each >= 1, e.g. [1, 2, 4, 8]")
-    _require(m.blocks_per_level >= 1, "model.blocks_per_level", "must be >= 1")
-    _require(m.mid_blocks >= 2, "model.mid_blocks", "must be >= 2 (one in, one out)")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    _require(m.fourier_features >= 2 and m.fourier_features % 2 == 0, "model.fourier_features",
-             "must be an even number >= 2")
-    _require(m.class_embed_dim >= 0, "model.class_embed_dim", "must be >= 0 (0 = unconditional)")
-    levels = len(m.channel_mults)
-    _require(all(0 <= a < levels for a in m.attention_levels), "model.attention_levels",
-             f"levels are 0..{levels - 1} (one per entry of model.channel_mults)")
-    factor = 2 ** (levels - 1)
-    _require(d.image_size % factor == 0, "data.image_size",
-             f"{d.image_size} cannot be halved {levels - 1} times by the U-Net (model.channel_mults has "
-             f"{levels} levels); use a multiple of {factor} or fewer levels")
-
-    df = cfg.diffusion
-    _require(df.timesteps >= 2, "diffusion.timesteps", "must be >= 2")
-    _require(0 < df.beta_start < df.beta_end < 1, "diffusion.beta_start",
-             "need 0 < beta_start < beta_end < 1")
-    _require(df.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
-    _require(0.0 <= df.eta <= 1.0, "diffusion.eta", "must be in [0, 1] (1 = ancestral, 0 = DDIM)")
-
-    _require(f.rounds >= 1, "fed.rounds", f"must be >= 1, got {f.rounds}")
-    _require(f.local_epochs >= 1, "fed.local_epochs", f"must be >= 1, got {f.local_epochs}")
-    _require(f.num_clients >= 1, "fed.num_clients", f"must be >= 1, got {f.num_clients}")
-    _require(1 <= f.clients_per_round <= f.num_clients, "fed.clients_per_round",
-             f"must be between 1 and fed.num_clients ({f.num_clients}), got {f.clients_per_round}")
-    _require(f.alpha > 0, "fed.alpha", f"the Dirichlet concentration must be > 0, got {f.alpha}")
-    _require(f.min_client_size >= 0, "fed.min_client_size", "must be >= 0")
-    _require(f.max_resample >= 1, "fed.max_resample", "must be >= 1")
-    _require(f.server_lr > 0, "fed.server_lr", "must be > 0")
-    _require(0 <= f.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
-    _require(0 <= f.server_beta2 < 1, "fed.server_beta2", "must be in [0, 1)")
-    _require(f.server_tau > 0, "fed.server_tau", "must be > 0 (it keeps 1 / (sqrt(v) + tau) finite)")
-    _require(f.max_bad_rounds >= 1, "fed.max_bad_rounds", "must be >= 1")
-
-    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _require(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
-    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "Adam betas must be in [0, 1)")
-    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
-
-    t, e = cfg.train, cfg.eval
-    _require(t.clients_at_once >= 1, "train.clients_at_once", f"must be >= 1 (1 = one client after "
-             f"another), got {t.clients_at_once}")
-    if t.clients_at_once > 1:
-        _require(m.label_dropout == 0 and f.drift == "none" and o.lr_schedule == "constant",
-                 "train.clients_at_once", "the experimental grouped trainer has no label dropout, drift "
-                 "term or learning-rate schedule; set train.clients_at_once = 1")
-        _require(t.precision != "fp16", "train.precision", "fp16 needs a GradScaler per client, which "
-                 "train.clients_at_once > 1 does not have; use bf16 (or auto), or clients_at_once = 1")
-        _require(not t.compile, "train.compile", "torch.compile is used for one client at a time only; "
-                 "set train.compile = false or train.clients_at_once = 1")
-
-    _require(0.0 <= m.label_dropout < 1.0, "model.label_dropout",
-             f"must be in [0, 1) (0 = no classifier-free guidance training), got {m.label_dropout}")
-    _require(df.guidance >= 0, "diffusion.guidance", f"must be >= 0 (0 = off), got {df.guidance}")
-    if df.guidance > 0:
-        _require(m.label_dropout > 0 and m.class_embed_dim > 0, "diffusion.guidance",
-                 "classifier-free guidance needs a model trained with a null class: set "
-                 "model.label_dropout (e.g. 0.1) and model.class_embed_dim > 0, or guidance = 0")
-    _require(f.prox_mu >= 0, "fed.prox_mu", f"must be >= 0 (the proximal weight), got {f.prox_mu}")
-    if f.drift == "scaffold" or f.client_optimizer == "keep":
-        key = "fed.drift" if f.drift == "scaffold" else "fed.client_optimizer"
-        _require(t.clients_at_once == 1, "train.clients_at_once",
-                 f"{key} = {getattr(f, key.split('.')[1])!r} keeps per-client state, which the experimental "
-                 f"grouped trainer does not; set train.clients_at_once = 1")
-    if f.drift == "scaffold":
-        _require(t.precision != "fp16", "train.precision", "SCAFFOLD corrects unscaled gradients; fp16's "
-                 "GradScaler scales them: use bf16 (or auto), or another fed.drift")
-    if cfg.run.mode == "centralized":
-        _require(f.drift == "none", "fed.drift", "client drift correction is a federated setting; "
-                 "set fed.drift = \"none\" for the centralized run")
-        _require(f.client_optimizer == "reset", "fed.client_optimizer", "the centralized run keeps its "
-                 "one Adam for the whole run already; set fed.client_optimizer = \"reset\"")
-    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    s_rel = cfg.ema.sigma_rel
-    _require(s_rel == 0 or 0 < s_rel < EMA_SIGMA_REL_MAX, "ema.sigma_rel",
-             f"must be 0 (off) or in (0, {EMA_SIGMA_REL_MAX:.4f}), e.g. 0.05 to 0.15; got {s_rel}")
-
-    pv = cfg.privacy
-    _require(pv.clip > 0, "privacy.clip", f"must be > 0 (an L2 norm bound), got {pv.clip}")
-    _require(pv.noise_multiplier > 0, "privacy.noise_multiplier",
-             f"must be > 0 (no noise, no privacy); got {pv.noise_multiplier}")
-    _require(0 < pv.delta < 1, "privacy.delta", f"must be in (0, 1), e.g. 1e-5; got {pv.delta}")
-    _require(pv.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0 (0 = no budget)")
-    if pv.level != "none":
-        _require(cfg.run.mode == "fedavg", "privacy.level", "differential privacy is implemented for "
-                 "federated runs; use run.mode = \"fedavg\" or privacy.level = \"none\"")
-        _require(f.drift != "scaffold", "fed.drift", "SCAFFOLD's control variates travel without noise and "
-                 "would leak what DP protects; use fed.drift = \"none\" or \"fedprox\" with privacy")
-        _require(t.clients_at_once == 1, "train.clients_at_once", "DP training runs one client at a time; "
-                 "set train.clients_at_once = 1")
-    if pv.level == "sample":
-        _require(t.precision != "fp16", "train.precision", "DP-SGD clips per-sample gradients that fp16's "
-                 "GradScaler would scale; use bf16 (or auto) or fp32")
-        _require(not t.compile, "train.compile", "Opacus's per-sample gradient hooks do not go through "
-                 "torch.compile; set train.compile = false")
-    if pv.level == "client":
-        _require(not e.local_models_at and e.client_samples == 0, "eval.local_models_at",
-                 "client-level DP protects only the noised global model; local models and their samples "
-                 "are not private: set eval.local_models_at = [] and eval.client_samples = 0")
-
-    c = cfg.checkpoint
-    _require(c.every >= 1, "checkpoint.every", "must be >= 1")
-    _require(c.keep >= 1, "checkpoint.keep", "must be >= 1")
-    _require(cfg.sample.per_class >= 0, "sample.per_class", "must be >= 0 (0 = no final grid)")
-    _require(cfg.sample.steps >= 0, "sample.steps", "must be >= 0 (0 = diffusion.sample_steps)")
-    _require(e.every >= 0, "eval.every", "must be >= 0 (0 = only at the end)")
-    _require(e.num_samples >= 0, "eval.num_samples", "must be >= 0 (0 = size of the test split)")
-    _require(e.steps >= 1, "eval.steps", "must be >= 1")
-    _require(0.0 <= e.eta <= 1.0, "eval.eta", "must be in [0, 1]")
-    _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
-    _require(e.kid_subsets >= 1, "eval.kid_subsets", f"must be >= 1, got {e.kid_subsets}")
-    _require(e.kid_subset_size >= 2, "eval.kid_subset_size",
-             f"KID's unbiased estimate needs subsets of >= 2 vectors, got {e.kid_subset_size}")
-    _require(e.prdc_k >= 0, "eval.prdc_k", f"must be >= 0 (0 = no precision/recall), got {e.prdc_k}")
-    _require(e.client_samples >= 0, "eval.client_samples",
-             f"must be >= 0 (0 = no per-client scores), got {e.client_samples}")
+    """Every section checks its own keys, in config order; then the cross-section rules."""
+    for name in _HINTS:
+        getattr(cfg, name).validate()
+    for rule in CROSS_SECTION_RULES:
+        if rule.refused(cfg):
+            message = rule.message if isinstance(rule.message, str) else rule.message(cfg)
+            raise ConfigError(f"{rule.key}: {message}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,18 +55,37 @@ class Diffusion:
         t = (u * self.cfg.timesteps).long().clamp_(max=self.cfg.timesteps - 1)
         return self.discrete_log_snr.to(u.device)[t]
 
+    def _predict(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, log_snr: torch.Tensor,
+                 eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(the network's output on z = alpha x0 + sigma eps, its target, the per-image weight of
+        the squared error or None for none): the objective, without its reduction."""
+        alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(log_snr))
+        z = alpha * x0 + sigma * eps
+        out = model(z, log_snr.expand(len(x0)), labels).float()
+        if self.objective == "v":
+            return out, alpha * eps - sigma * x0, alpha.view(-1) ** 2
+        return out, eps, None
+
     def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Mean training loss of a batch; ``u`` in [0, 1) are the (Sobol) noise-level draws."""
         log_snr = self.log_snr(u)
-        alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(log_snr))
         eps = torch.randn_like(x0)
-        z = alpha * x0 + sigma * eps
-        out = model(z, log_snr, labels).float()
-        if self.objective == "v":
-            target = alpha * eps - sigma * x0
-            weight = alpha.view(-1) ** 2
-            return ((out - target).pow(2).mean((1, 2, 3)) * weight).mean()
-        return (out - eps).pow(2).mean()
+        out, target, weight = self._predict(model, x0, labels, log_snr, eps)
+        # the reductions are the training objective's, operation for operation: eps takes the
+        # plain mean over every element, which sums in another order than a mean of image means
+        if weight is None:
+            return (out - target).pow(2).mean()
+        return ((out - target).pow(2).mean((1, 2, 3)) * weight).mean()
+
+    def per_image_loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, log_snr: torch.Tensor,
+                       eps: torch.Tensor) -> torch.Tensor:
+        """[B] training objective of each image at noise level ``log_snr`` ([B], or [1] for one
+        level for all) with the noise ``eps`` (no randomness drawn): v, the alpha^2-weighted MSE of
+        v; eps, the MSE of eps. Its mean is ``loss`` given the same draws (for eps up to the order
+        of the sum)."""
+        out, target, weight = self._predict(model, x0, labels, log_snr, eps)
+        per_image = (out - target).pow(2).mean((1, 2, 3))
+        return per_image if weight is None else per_image * weight
 
     def sample_levels(self, steps: int, device: torch.device) -> torch.Tensor:
         """Decreasing log-SNRs visited by the sampler (noisiest first)."""

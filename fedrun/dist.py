@@ -4,6 +4,10 @@ This is the only module that reads launcher environment variables. It understand
 (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), SLURM tasks started by ``srun``
 without torchrun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_JOB_NODELIST), and a plain
 single process. NCCL on GPU, gloo on CPU.
+
+Importing it does not import torch (each function that needs torch imports it): ``fedrun``'s
+command line asks it for the rank (``launch_rank``) to say a config error once, and ends through
+``exit_process``, both without paying torch's import for a config error.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NoReturn
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, NoReturn
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -81,10 +86,35 @@ def _slurm_local_world_size(env: dict[str, str]) -> int:
     return 1
 
 
-def launch_env(env: dict[str, str] | None = None) -> dict[str, int | str]:
+def _launcher(env: Mapping[str, str]) -> str:
+    """"torchrun" (also accelerate, and torchrun inside a SLURM allocation), "slurm" (tasks
+    started by srun) or "" (one plain process)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    return ""
+
+
+def launch_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank as its launcher numbered it (0 for one plain process), read from the
+    environment alone: nothing is started, torch is not imported."""
+    env = os.environ if env is None else env
+    kind = _launcher(env)
+    if kind == "torchrun":
+        return int(env["RANK"])
+    return int(env["SLURM_PROCID"]) if kind == "slurm" else 0
+
+
+def local_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank on its node (which GPU it takes), 0 for one plain process."""
+    return int(launch_env(env)["local_rank"])
+
+
+def launch_env(env: Mapping[str, str] | None = None) -> dict[str, int | str]:
     """rank / world / local rank and rendezvous address from torchrun, SLURM or nothing."""
     env = dict(os.environ if env is None else env)
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also inside a SLURM allocation)
+    if _launcher(env) == "torchrun":
         return {
             "rank": int(env["RANK"]),
             "world_size": int(env["WORLD_SIZE"]),
@@ -93,7 +123,7 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, int | str]:
             "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
             "master_port": env.get("MASTER_PORT", "29500"),
         }
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun, one task per GPU
+    if _launcher(env) == "slurm":  # srun, one task per GPU
         nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
         job_id = int(env.get("SLURM_JOB_ID", "0"))
         return {
@@ -110,6 +140,7 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, int | str]:
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
+    import torch
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -124,6 +155,8 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 def init(device: str = "auto", threads: int = 0) -> DistInfo:
     """Start the process group (if more than one process) and choose this rank's device."""
+    import torch
+    import torch.distributed as dist
     env = launch_env()
     dev = pick_device(device, int(env["local_rank"]))
     if dev.type == "cpu":
@@ -185,22 +218,26 @@ def exit_process(code: int) -> NoReturn:
 
 
 def shutdown() -> None:
+    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
+    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
+    import torch.distributed as dist
     if not dist.is_initialized():
         return obj
     box = [obj]
@@ -210,6 +247,7 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 
 def gather_object_to_main(obj: object) -> list[object] | None:
     """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere); [obj] on one process."""
+    import torch.distributed as dist
     if not dist.is_initialized():
         return [obj]
     out: list[object] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None

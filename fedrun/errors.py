@@ -15,7 +15,8 @@ exit code  class                       raised when
 2          ConfigError, PartitionError  a key, a value or the command line is wrong; a
                                         partition cannot be drawn with the given fed.* keys
 3          DataError                   a data set is missing or unreadable (data.*)
-4          RunDirError                 the run directory cannot be used as asked (run.*)
+4          RunDirError, ReportError    the run directory cannot be used as asked (run.*);
+                                        ``fedrun report`` cannot read a run dir's files
 5          CheckpointError             no usable checkpoint, or one of another config
 6          MetricsError                scores cannot be set up (eval.*, Inception weights)
 7          TrainingDivergedError       fed.max_bad_rounds rounds in a row without a usable
@@ -52,6 +53,11 @@ class RunDirError(FedrunError):
     """The run directory cannot be used as asked; the message says how to fix it."""
 
     exit_code = 4
+
+
+class ReportError(RunDirError):
+    """``fedrun report`` cannot use a run dir (no summary.json, a file that does not parse). The
+    message names the file and the fix."""
 
 
 class CheckpointError(FedrunError):

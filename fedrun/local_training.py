@@ -48,6 +48,11 @@ class LocalResult:
     images: int
     optimizer_state: dict[str, Any] | None = None  # the client's Adam state, when it keeps it
 
+    @property
+    def state(self) -> dict[str, Any]:
+        """What the client keeps from this round, by kind (``{"optimizer": ...}`` with kept Adam)."""
+        return {} if self.optimizer_state is None else {"optimizer": self.optimizer_state}
+
 
 def batch_loss(model: nn.Module, diffusion: Diffusion, data: ImageSet, idx: torch.Tensor,
                sobol: torch.quasirandom.SobolEngine, cfg: Config, amp: torch.dtype | None,

@@ -1,5 +1,6 @@
 """What a person sees (rich progress and one line per round) and what a program reads
-(metrics.jsonl). Only rank 0 logs; the others stay quiet unless they fail."""
+(metrics.jsonl; with run.tensorboard also TensorBoard scalars). Only rank 0 logs; the others stay
+quiet unless they fail."""
 
 from __future__ import annotations
 
@@ -19,13 +20,52 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .errors import ConfigError
+
+TENSORBOARD_HINT = ("run.tensorboard: the tensorboard package is not installed; pip install tensorboard "
+                    "(or pip install 'fedrun[tensorboard]'), or set run.tensorboard = false")
+
+
+def summary_writer_class() -> type:
+    """torch.utils.tensorboard.SummaryWriter, or a ConfigError that names run.tensorboard and the
+    pip command (torch ships the writer, the tensorboard package its event-file format)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(TENSORBOARD_HINT) from None
+    return SummaryWriter
+
+
+def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric fields of a round's record, nested dicts as "scores/fid_test"; lists (per
+    rank, per client), strings, booleans and the round itself are left out."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if key in ("round", "time") and not prefix:
+            continue
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool, total_rounds: int, start_round: int = 0):
+    """Progress on the terminal and one metrics.jsonl line per round (rank 0 only).
+
+    ``tensorboard``: rank 0 also writes each record's numbers as TensorBoard scalars to
+    ``<run dir>/tensorboard/`` (step = the round). Checked on every rank at construction, so a
+    missing package stops every rank with the same ConfigError before training."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total_rounds: int, start_round: int = 0,
+                 tensorboard: bool = False):
         self.enabled = enabled
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self.console = Console(stderr=True)
         self.progress: Progress | None = None
+        self.tensorboard_dir = Path(run_dir) / "tensorboard"
+        self._writer_class = summary_writer_class() if tensorboard else None
+        self._writer: Any = None  # opened at the first round written: that round is the purge step
         if enabled:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -58,6 +98,8 @@ class RunLogger:
         record = {"time": round(time.time(), 3), **record}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._writer_class is not None:
+            self._write_scalars(record)
         if "scores" in record:
             sc = record["scores"]
             line += (f"  IS {sc['is_mean']:.2f}  FID train {sc['fid_train']:.2f}  "
@@ -77,6 +119,16 @@ class RunLogger:
         self.console.print(line)
         if self.progress is not None:
             self.progress.advance(self.rounds_task)
+
+    def _write_scalars(self, record: dict[str, Any]) -> None:
+        step = int(record["round"])
+        if self._writer is None:
+            # purge_step: after a resume, events of this round and later from the crashed
+            # session are hidden, as metrics.jsonl drops its lines past the checkpoint
+            self._writer = self._writer_class(log_dir=str(self.tensorboard_dir), purge_step=step)
+        for tag, value in scalars(record).items():
+            self._writer.add_scalar(tag, value, step)
+        self._writer.flush()  # a round is minutes apart: make it visible now, not in 2 minutes
 
     def has_round(self, round_: int) -> bool:
         """Does metrics.jsonl hold a line for ``round_``?"""
@@ -103,6 +155,9 @@ class RunLogger:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _round_of(line: str) -> float:

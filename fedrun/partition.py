@@ -1,14 +1,21 @@
 """Splitting one training set over N clients: per-class Dirichlet (non-IID) or IID.
 
 Seeded by numpy's PCG64 from ``seed`` alone, so every rank computes the same partition without
-talking to the others.
+talking to the others. ``client_shards(cfg, labels)`` is the one call of ``partition`` from a
+config: training, ``fedrun eval``, ``fedrun audit``, the benchmarks and the tests all draw the
+run's shards through it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .errors import PartitionError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float,
@@ -51,6 +58,18 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, s
         f"fed.min_client_size: no Dirichlet(alpha={alpha}) draw in {max_resample} tries gave every "
         f"client >= {min_client_size} images; lower fed.min_client_size, raise fed.alpha, or raise "
         f"fed.max_resample")
+
+
+def client_shards(cfg: Config, train_labels: np.ndarray) -> list[np.ndarray]:
+    """Each client's indices into the train split, as the run trains them: the partition of
+    fed.num_clients / fed.partition / fed.alpha / fed.min_client_size / fed.max_resample drawn
+    from run.seed; a centralized run trains one shard of every image."""
+    labels = np.asarray(train_labels)
+    if cfg.run.mode != "fedavg":
+        return [np.arange(len(labels))]
+    f = cfg.fed
+    return partition(labels, f.num_clients, f.partition, f.alpha, cfg.run.seed, f.min_client_size,
+                     f.max_resample)
 
 
 def class_counts(labels: np.ndarray, shards: list[np.ndarray], num_classes: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Memory figures for metrics.jsonl: host peak RSS and the GPU's per-round peak.
+"""What a round cost: its timings (``RoundTimer``) and memory figures for metrics.jsonl.
 
 Host: the process's peak resident set size since it started (getrusage; no extra dependency),
 so a rising value from round to round means memory grows. GPU: the peak of allocated memory
@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -35,3 +39,54 @@ def memory_record(device: torch.device) -> dict[str, float | None]:
     gpu = device_peak_mb(device)
     return {"peak_rss_mb": round(host_peak_rss_mb(), 1),
             "peak_gpu_mb": None if gpu is None else round(gpu, 1)}
+
+
+class RoundTimer:
+    """The wall time of one round, split into named phases. Phases nest and are exclusive: while
+    an inner phase runs (a client's grid inside local training), the outer one's clock stops, so
+    no phase's seconds count twice and the loop subtracts nothing. A phase opened with
+    ``evaluation=True`` counts as evaluation, not training (img/s leaves it out)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._evaluation: set[str] = set()
+        self._open: list[list] = []  # [name, start of its current stretch]
+
+    @contextmanager
+    def phase(self, name: str, evaluation: bool = False, sync: bool = False) -> Iterator[None]:
+        """Time the body as ``name``; ``sync``: wait for the device's queued work before stopping
+        the clock (what a GPU phase really took, not what it queued)."""
+        now = time.perf_counter()
+        if self._open:
+            outer = self._open[-1]
+            self.seconds[outer[0]] += now - outer[1]
+        if evaluation:
+            self._evaluation.add(name)
+        self._open.append([name, now])
+        try:
+            yield
+        finally:
+            if sync and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            inner = self._open.pop()
+            self.seconds[inner[0]] += now - inner[1]
+            if self._open:
+                self._open[-1][1] = now  # the outer phase's clock runs again
+
+    def __getitem__(self, name: str) -> float:
+        return self.seconds.get(name, 0.0)
+
+    def wall(self) -> float:
+        """Seconds since the round started."""
+        return time.perf_counter() - self.start
+
+    def evaluation(self) -> float:
+        """Seconds spent in evaluation phases so far."""
+        return sum(self.seconds[name] for name in self._evaluation)
+
+    def training(self) -> float:
+        """Seconds of the round so far that were not evaluation: the base of img/s."""
+        return self.wall() - self.evaluation()

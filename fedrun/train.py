@@ -1,7 +1,8 @@
 """One training job from config to summary.json: the order in which the pieces are called.
 
-config (validated) -> run-dir checks -> data + partition (CPU) -> process group -> model
--> resume -> FedAvg or centralized rounds -> final sample grid -> summary.json
+config (validated) -> run-dir checks -> data + partition (CPU) -> privacy budget -> process
+group -> model -> the round's parts (``build_round_parts``) -> resume -> FedAvg or centralized
+rounds -> final sample grid -> summary.json
 Every user error is raised before the process group starts or any GPU time is spent.
 """
 
@@ -10,16 +11,19 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from rich.table import Table
+from torch import nn
 
 from . import checkpoint, dist
 from .centralized import run_centralized
 from .config import Config, load_config
-from .data import load_split
+from .data import ImageSet, load_split
+from .diffusion import Diffusion
 from .ema import PowerEMA
 from .errors import ConfigError, RunDirError
 from .evaluation.evaluator import (
@@ -30,14 +34,19 @@ from .evaluation.evaluator import (
     scores_table,
 )
 from .evaluation.grids import save_partition_histogram
+from .experimental.multiclient import GroupedClientTrainer
 from .federated import placement
+from .federated.client import PlainTrainer
 from .federated.client_state import ClientStates
-from .federated.rounds import RoundHook, run_fedavg, sample_clients
-from .federated.server import build_server_optimizer
+from .federated.drift import drift_rules
+from .federated.participation import UniformParticipation, sample_clients
+from .federated.rounds import FederatedRounds, RoundHook, RoundParts
+from .federated.server import RuleServer, build_server_optimizer
 from .flat import num_flat
 from .logs import RunLogger
 from .models import build, count_parameters
-from .partition import class_counts, partition
+from .partition import class_counts, client_shards
+from .privacy.mechanisms import Mechanism, build_mechanism
 
 
 def check_run_dir(cfg: Config) -> bool:
@@ -80,6 +89,31 @@ def partition_table(counts: np.ndarray) -> Table:
     return table
 
 
+def build_round_parts(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Diffusion,
+                      train_set: ImageSet, shards: list[np.ndarray], mechanism: Mechanism,
+                      on_step: Callable[[], None] | None = None) -> RoundParts:
+    """The parts of a federated run (fedrun.parts), built once from the config: where each
+    method joins the round (README "Adding a method")."""
+    f, device, world = cfg.fed, info.device, info.world_size
+    sizes = {k: len(s) for k, s in enumerate(shards)}
+    shard_idx = {k: torch.as_tensor(s, dtype=torch.long, device=device) for k, s in enumerate(shards)}
+    # the compiled module wraps the same parameters: training goes through it, while
+    # aggregation, checkpoints and sampling keep using `model` (plain state_dict keys)
+    net = torch.compile(model) if cfg.train.compile else model
+    # K clients at once is experimental (fedrun/experimental/): injected here, never imported by the loop
+    trainer_class = GroupedClientTrainer if cfg.train.clients_at_once > 1 else PlainTrainer
+    trainer = mechanism.trainer_class(trainer_class)(net, diffusion, train_set, shard_idx, cfg, on_step)
+    rules = drift_rules(cfg, num_flat(model), sum(sizes.values()), device) + mechanism.rules()
+    kinds = trainer.state_kinds + tuple(kind for rule in rules for kind in rule.state_kinds)
+    states = ClientStates(kinds, device, rules)
+    # clients that keep state train where it lives; the others wherever the sizes balance best
+    where = placement.HomeRanks(sizes, world) if states.active else placement.BySize(sizes, world)
+    participation = mechanism.participation(UniformParticipation(f.num_clients, f.clients_per_round,
+                                                                 cfg.run.seed))
+    server = mechanism.wrap_server(RuleServer(build_server_optimizer(f), rules))
+    return RoundParts(participation, where, trainer, rules, server, states)
+
+
 def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str, Any]:
     """Run the job described by ``cfg`` on this process's rank; returns the summary (rank 0).
 
@@ -92,24 +126,20 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
     test_set = load_split(cfg.data, "test") if cfg.eval.enabled else None
     check_eval_sizes(cfg, test_set)
     f = cfg.fed
-    shards = partition(train_set.labels.numpy(), f.num_clients, f.partition, f.alpha, cfg.run.seed,
-                       f.min_client_size, f.max_resample) if cfg.run.mode == "fedavg" \
-        else [np.arange(len(train_set))]
+    shards = client_shards(cfg, train_set.labels.numpy())
 
-    ledger = None
-    if cfg.privacy.level != "none":  # the budget is checked before any process group or GPU
-        from .privacy.accountant import PrivacyLedger, check_budget
-        plan = [sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
-                for r in range(1, f.rounds + 1)]
-        check_budget(cfg, [len(s) for s in shards], plan if cfg.privacy.level == "sample" else None)
-        ledger = PrivacyLedger(cfg.privacy.accountant)
+    sizes = {k: len(s) for k, s in enumerate(shards)}
+    # the privacy budget is checked here, before any process group or GPU
+    plan = [sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
+            for r in range(1, f.rounds + 1)] if cfg.privacy.level == "sample" else None
+    mechanism = build_mechanism(cfg, list(sizes.values()), plan)
 
     info = dist.init(cfg.run.device, cfg.run.threads)
     try:
         if cfg.run.mode == "centralized" and cfg.optim.batch_size % info.world_size:
             raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} does not split evenly over "
                               f"{info.world_size} ranks; use a multiple of {info.world_size}")
-        log = RunLogger(cfg.run_dir, info.is_main, f.rounds)
+        log = RunLogger(cfg.run_dir, info.is_main, f.rounds, tensorboard=cfg.run.tensorboard)
         counts = class_counts(train_set.labels.numpy(), shards, train_set.num_classes)
         if cfg.run.mode == "fedavg":
             log.console.print(partition_table(counts)) if info.is_main else None
@@ -121,21 +151,21 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
                               shards=shards if cfg.run.mode == "fedavg" else None)
         train_set = train_set.to(info.device)
         model, diffusion = build(cfg, train_set.num_classes, info.device)
-        server = build_server_optimizer(f)
         ema = PowerEMA(cfg.ema, model)
-        client_states = ClientStates(cfg, num_flat(model), info.device)
         checkpointer = checkpoint.Checkpointer(cfg, info)
+        parts = build_round_parts(cfg, info, model, diffusion, train_set, shards, mechanism, log.step) \
+            if cfg.run.mode == "fedavg" else None
 
         start_round, optimizer_state = 0, None
         resumed = checkpointer.load() if resuming else None
         if resumed is not None:
             model.load_state_dict(resumed.model)
-            server.load_state_dict(resumed.server, info.device)
             ema.load_state_dict(resumed.ema, info.device)
-            home = placement.home_ranks({k: len(s) for k, s in enumerate(shards)}, info.world_size)
-            client_states.load_state_dict(resumed.clients, {k for k, r in home.items() if r == info.rank})
-            if ledger is not None and "privacy" in resumed.extra:
-                ledger.load_state_dict(resumed.extra["privacy"])
+            if parts is not None:
+                parts.server.load_state_dict(resumed.server, info.device)
+                parts.server.load_extra_state(resumed.extra)
+                home = placement.home_ranks(sizes, info.world_size)
+                parts.states.load_state_dict(resumed.clients, {k for k, r in home.items() if r == info.rank})
             optimizer_state = resumed.optimizer
             checkpoint.set_rng_state(resumed.rng)
             start_round = resumed.round
@@ -153,13 +183,9 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
         if log.progress is not None:
             log.progress.update(log.rounds_task, completed=start_round)
 
-        if cfg.run.mode == "fedavg":
-            # the compiled module wraps the same parameters: training goes through it, while
-            # aggregation, checkpoints and sampling keep using `model` (plain state_dict keys)
-            net = torch.compile(model) if cfg.train.compile else None
-            run_fedavg(cfg, info, model, diffusion, train_set, shards, start_round, server, log, evaluator,
-                       checkpointer, ema, client_states, train_model=net, on_round_end=on_round_end,
-                       ledger=ledger)
+        if parts is not None:
+            FederatedRounds(cfg, info, model, diffusion, sizes, parts, log, evaluator, checkpointer, ema,
+                            on_round_end).run(start_round)
         else:
             run_centralized(cfg, info, model, diffusion, train_set, start_round, optimizer_state, log,
                             evaluator, checkpointer, ema)
@@ -190,14 +216,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
                 "score_history": scored,
                 "client_scores": client_scores,  # round -> one row per client scored then
             }
-            if ledger is not None:
-                pv = cfg.privacy
-                summary["privacy"] = {
-                    "level": pv.level, "accountant": pv.accountant, "delta": pv.delta,
-                    "noise_multiplier": pv.noise_multiplier, "clip": pv.clip,
-                    "epsilon_max": ledger.max_epsilon(pv.delta),
-                    "epsilon_per_client": ledger.epsilons(pv.delta) if pv.level == "sample" else {},
-                }
+            if mechanism.summary() is not None:
+                summary["privacy"] = mechanism.summary()
             if scored:
                 log.console.print(scores_table(scored))
             if client_scores:

@@ -215,12 +215,9 @@ def clients_of_rank(world: int, **extra: object) -> list[list[int]]:
     from fedrun.config import load_config
     from fedrun.data import load_split
     from fedrun.federated import placement
-    from fedrun.partition import partition
+    from fedrun.partition import client_shards
 
     cfg = load_config(None, tiny_overrides(Path("/unused"), "x", **extra))
-    labels = load_split(cfg.data, "train").labels.numpy()
-    f = cfg.fed
-    shards = partition(labels, f.num_clients, f.partition, f.alpha, cfg.run.seed, f.min_client_size,
-                       f.max_resample)
+    shards = client_shards(cfg, load_split(cfg.data, "train").labels.numpy())
     sizes = {k: len(s) for k, s in enumerate(shards)}
-    return placement.assign_clients(list(range(f.num_clients)), sizes, world)
+    return placement.assign_clients(list(range(cfg.fed.num_clients)), sizes, world)

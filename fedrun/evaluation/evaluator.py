@@ -8,11 +8,14 @@
 * ``Evaluator.sample_client`` / ``score_clients``: at eval.local_models_at rounds, the rank that
   trained a client draws eval.client_samples images from its local model, seeded by (seed,
   round, client, chunk) so that no result depends on which rank trained it; once per such
-  round one ``gather_object`` brings them to rank 0, which scores them against the client's
-  own data and against the test split (also per class).
+  round one gather (``dist.gather_object_to_main``) brings them to rank 0, which scores them
+  against the client's own data and against the test split (also per class).
 * ``Evaluator.client_grid``: a client's local model, right after its local training, draws a
   class-ordered grid with a colour-cluster strip: ``clients/round_XXXX/client_YY.png``.
 * ``Evaluator.final_grid``: ``samples/final.png`` of the global model at the end of a run.
+
+Every draw comes from a stream registered in ``fedrun.seeding.STREAMS`` ("eval_samples",
+"final_grid", "client_grid", "client_eval").
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from rich.table import Table
 
 from .. import dist, seeding
@@ -34,10 +36,8 @@ from ..errors import MetricsError
 from ..precision import autocast_dtype
 from . import grids
 from .extractors import inception_weights_path, load_inception
-from .sampling import class_balanced_labels, sample_sharded
+from .sampling import class_balanced_labels, eval_labels, sample_sharded
 from .scorer import Scorer
-
-GRID, EVAL, CLIENT, CLIENT_EVAL = 0, 1, 2, 3  # seed tags: grids, scored samples, client grids, client scores
 
 
 def check_inception_weights(cfg: Config) -> None:
@@ -78,16 +78,6 @@ def check_eval_sizes(cfg: Config, test_set: ImageSet | None) -> None:
     if e.client_samples == 1:
         raise MetricsError("eval.client_samples: FID/KID need at least 2 samples per client; "
                            "use 0 (off) or >= 2")
-
-
-def eval_labels(test_labels: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
-    """n labels in class order whose class mix follows the test split (largest remainder)."""
-    counts = torch.bincount(test_labels.cpu(), minlength=num_classes).double()
-    exact = counts / counts.sum() * n
-    out = exact.floor().long()
-    order = torch.argsort(exact - out, descending=True, stable=True)
-    out[order[: n - int(out.sum())]] += 1
-    return class_balanced_labels(out)
 
 
 def grid_scale(image_size: int) -> int:
@@ -133,9 +123,11 @@ class Evaluator:
         """All ranks call this. Rank 0 returns the scores (plus timings); the others None."""
         e = self.cfg.eval
         t0 = time.perf_counter()
+        seed, device = self.cfg.run.seed, self.info.device
         images = sample_sharded(model, diffusion, self.labels, self.shape, e.steps, e.eta,
-                                (self.cfg.run.seed, round_, EVAL), self.info, chunk=e.batch_size,
-                                autocast_dtype=self.amp)
+                                lambda j: seeding.stream_generator(device, "eval_samples", seed=seed,
+                                                                   round=round_, chunk=j),
+                                self.info, chunk=e.batch_size, autocast_dtype=self.amp)
         t_sample = time.perf_counter() - t0
         if images is None:
             return None
@@ -163,9 +155,12 @@ class Evaluator:
         if cfg.sample.per_class == 0:
             return None
         labels = class_balanced_labels([cfg.sample.per_class] * self.num_classes)
+        seed, device = cfg.run.seed, self.info.device
         images = sample_sharded(model, diffusion, labels, self.shape,
                                 cfg.sample.steps or cfg.diffusion.sample_steps, cfg.diffusion.eta,
-                                (cfg.run.seed, cfg.fed.rounds, GRID), self.info, autocast_dtype=self.amp)
+                                lambda j: seeding.stream_generator(device, "final_grid", seed=seed,
+                                                                   round=cfg.fed.rounds, chunk=j),
+                                self.info, autocast_dtype=self.amp)
         if images is None:
             return None
         path = cfg.run_dir / "samples" / "final.png"
@@ -199,24 +194,22 @@ class Evaluator:
         out = []
         for j, start in enumerate(range(0, len(self.client_labels), e.batch_size)):
             lab = self.client_labels[start:start + e.batch_size].to(self.info.device)
-            g = seeding.generator(self.info.device, seeding.SAMPLE, self.cfg.run.seed, round_, CLIENT_EVAL,
-                                  client, j)
+            g = seeding.stream_generator(self.info.device, "client_eval", seed=self.cfg.run.seed,
+                                         round=round_, client=client, chunk=j)
             x = diffusion.sample(model, lab, self.shape, e.steps, e.eta, generator=g, autocast_dtype=self.amp)
             out.append(to_uint8(x).cpu())
         model.train(was_training)
         self._pending[client] = torch.cat(out)
 
     def score_clients(self, round_: int) -> list[dict[str, Any]] | None:
-        """All ranks call this in a round of ``client_score_rounds`` (one gather_object); rank 0
+        """All ranks call this in a round of ``client_score_rounds`` (one gather); rank 0
         returns one row per client sampled this round, the others None."""
         mine, self._pending = self._pending, {}
         if self.info.world_size > 1:
-            gathered: list[dict[int, torch.Tensor]] | None = (
-                [{}] * self.info.world_size if self.info.is_main else None)
-            torch_dist.gather_object(mine, gathered, dst=0)
-            if not self.info.is_main:
+            gathered = dist.gather_object_to_main(mine)
+            if gathered is None:  # not rank 0
                 return None
-            mine = {k: v for part in gathered for k, v in part.items()}  # type: ignore[union-attr]
+            mine = {k: v for part in gathered for k, v in part.items()}  # type: ignore[attr-defined]
         assert self.scorer is not None and self.shards is not None
         rows = []
         for k in sorted(mine):
@@ -235,7 +228,9 @@ class Evaluator:
         """Called by the rank that trained ``client``, with the client's local model."""
         s = self.cfg.sample
         labels = class_balanced_labels([s.per_class] * self.num_classes).to(self.info.device)
-        g = seeding.generator(self.info.device, self.cfg.run.seed, round_, CLIENT, client)
+        # its own stream: untagged, (seed, round, 2, client) was another client's training stream
+        g = seeding.stream_generator(self.info.device, "client_grid", seed=self.cfg.run.seed, round=round_,
+                                     client=client)
         was_training = model.training
         model.eval()
         x = diffusion.sample(model, labels, self.shape, s.steps or self.cfg.diffusion.sample_steps,

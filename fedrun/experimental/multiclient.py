@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -334,28 +335,38 @@ def train_group(model: nn.Module, diffusion: Diffusion, data: ImageSet,
 
 
 class GroupedClientTrainer:
-    """The round loop's view of K-at-once training: ``result(k)`` as if train_local had run.
+    """The round loop's client trainer (fedrun.parts.ClientTrainer) for K-at-once training:
+    ``train(round, k, ...)`` returns what train_local would have, with client k's weights loaded.
 
-    Clients are grouped up front (group_clients); a group is trained when its first client is
-    asked for, and ``result(k)`` then loads client k's weights into ``model``. A group's stacked
-    weights are freed once all of its clients were read.
+    ``begin_round`` groups the rank's clients up front (group_clients); a group is trained when
+    its first client is asked for, and client k's weights are then loaded into ``model``. A
+    group's stacked weights are freed once all of its clients were read. No per-client state and
+    no gradient terms (config validation refuses them with ``train.clients_at_once > 1``).
     """
 
+    state_kinds: tuple[str, ...] = ()
+
     def __init__(self, model: nn.Module, diffusion: Diffusion, data: ImageSet,
-                 shards: dict[int, torch.Tensor], cfg: Config, round_: int,
-                 on_step: Callable[[], None] | None = None):
-        self.model, self.diffusion, self.data, self.cfg, self.round = model, diffusion, data, cfg, round_
-        self.shards, self.on_step = shards, on_step
-        # the start of every client: the weights the model holds now (the global model)
-        self.start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        steps = {k: local_steps(len(s), cfg.optim.batch_size, cfg.fed.local_epochs)
-                 for k, s in shards.items()}
-        self.groups = group_clients(list(shards), steps, cfg.train.clients_at_once)
+                 shards: dict[int, torch.Tensor], cfg: Config, on_step: Callable[[], None] | None = None):
+        self.model, self.diffusion, self.data, self.cfg = model, diffusion, data, cfg
+        self.all_shards, self.on_step = shards, on_step
         Trained = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, LocalResult]
         self._trained: dict[int, Trained] = {}
 
+    def begin_round(self, round_: int, clients: list[int]) -> None:
+        self.round = round_
+        self.shards = {k: self.all_shards[k] for k in clients}
+        # the start of every client: the weights the model holds now (the global model)
+        self.start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        steps = {k: local_steps(len(s), self.cfg.optim.batch_size, self.cfg.fed.local_epochs)
+                 for k, s in self.shards.items()}
+        self.groups = group_clients(list(self.shards), steps, self.cfg.train.clients_at_once)
+        self._trained.clear()
+
     @torch.no_grad()
-    def result(self, client: int) -> LocalResult:
+    def train(self, round_: int, client: int, state: dict[str, Any],
+              grad_term: Callable[[], None] | None) -> LocalResult:
+        assert round_ == self.round and grad_term is None and not state
         if client not in self._trained:
             group = next(g for g in self.groups if client in g)
             self.model.load_state_dict(self.start)

@@ -1,14 +1,18 @@
-"""Federated learning: what one client does, what travels, what the server does with it.
+"""Federated learning: the parts of a FedAvg round (fedrun.parts) and the loop that calls them.
 
-* ``client``  one client's local training (Adam, E epochs over its own shard);
-* ``drift``   client drift terms added to its gradients: FedProx, SCAFFOLD;
-* ``client_state`` what a client keeps between rounds (Adam moments, SCAFFOLD control
-              variates), on its home rank, gathered only into checkpoints;
-* ``flat``    the model as one flat fp32 vector, and the buffer that one all_reduce sums;
-* ``server``  server rules that turn (global model, client average) into the next global
-              model: FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, one small class each;
-* ``rounds``  the round loop that ties them together, readable top to bottom.
+* ``participation`` who takes part in round r (uniform, from (seed, round));
+* ``placement``     which rank trains which client (by size; fixed home ranks for clients with
+                    kept state);
+* ``client``        one client's local training (Adam, E epochs over its own shard) and
+                    ``PlainTrainer``, the client trainer around it;
+* ``drift``         update rules for client drift: FedProx, SCAFFOLD, FedDyn;
+* ``client_state``  what clients keep between rounds, by kind, on their home ranks, gathered
+                    only into checkpoints;
+* ``server``        server rules that turn (global model, client average) into the next global
+                    model (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, one small class each),
+                    and ``RuleServer``, the server step around them;
+* ``rounds``        the round loop, which only calls the parts ``fedrun.train`` built.
 
-Client rules that change local training belong in ``client`` / ``drift``; server rules in
-``server``. Nothing here imports ``fedrun.train`` or ``fedrun.centralized``.
+Nothing here imports ``fedrun.privacy`` or ``fedrun.experimental`` (``fedrun.train`` plugs their
+parts in), nor ``fedrun.train`` or ``fedrun.centralized``.
 """

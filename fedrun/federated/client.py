@@ -1,4 +1,5 @@
-"""One client's local training: Adam, E epochs over its own shard, optional drift terms.
+"""One client's local training: Adam, E epochs over its own shard, optional drift terms; and
+``PlainTrainer``, the round loop's client trainer (fedrun.parts.ClientTrainer) around it.
 
 By default (the authors' method) each client starts a fresh Adam every round and nothing but its
 weights leaves it. Options: the client keeps its Adam moments across rounds
@@ -68,3 +69,26 @@ def train_local(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices:
                 on_step()
     kept = opt.state_dict() if cfg.fed.client_optimizer == "keep" else None
     return LocalResult(loss_sum, steps, n * cfg.fed.local_epochs, kept)
+
+
+class PlainTrainer:
+    """The client trainer of FedAvg and its drift variants: ``train_local`` on the client's shard.
+
+    ``model`` is what local training calls (e.g. ``torch.compile`` of the global model's module:
+    it shares its parameters); ``shards`` maps each client to its train indices on the device.
+    """
+
+    def __init__(self, model: nn.Module, diffusion: Diffusion, data: ImageSet,
+                 shards: dict[int, torch.Tensor], cfg: Config, on_step: Callable[[], None] | None = None):
+        self.model, self.diffusion, self.data, self.shards, self.cfg = model, diffusion, data, shards, cfg
+        self.on_step = on_step
+        self.state_kinds: tuple[str, ...] = ("optimizer",) if cfg.fed.client_optimizer == "keep" else ()
+
+    def begin_round(self, round_: int, clients: list[int]) -> None:
+        pass  # one client at a time: nothing to prepare
+
+    def train(self, round_: int, client: int, state: dict[str, Any],
+              grad_term: Callable[[], None] | None) -> LocalResult:
+        return train_local(self.model, self.diffusion, self.data, self.shards[client], self.cfg, round_,
+                           client, on_step=self.on_step, optimizer_state=state.get("optimizer"),
+                           adjust_grads=grad_term)

@@ -1,4 +1,8 @@
-"""Client drift corrections, as gradient terms added after each backward pass of a client.
+"""Client drift corrections as update rules: FedProx, SCAFFOLD, FedDyn (``fed.drift``).
+
+Each is an ``UpdateRule`` (fedrun.parts): a gradient term for the client's local steps and,
+where the method needs them, per-client state, extra sums in the round's all_reduce and a
+server-side correction. ``DRIFT_RULES`` maps ``fed.drift`` to the rule.
 
 FedProx (Li et al., MLSys 2020) adds (mu / 2) ||theta - theta_global||^2 to each client's loss,
 i.e. mu * (theta - theta_global) to its gradient, pulling local models back toward the round's
@@ -15,19 +19,37 @@ so fedrun keeps that *meaning* rather than the formula: c_k+ is the mean raw gra
 client's local steps (before the correction), and the correction is applied to the gradient Adam
 receives. This needs no learning rate, works with any client optimizer, and is option II for SGD.
 The server keeps c as the data-weighted mean of every client's c_k (c = sum_k n_k c_k / n):
-the round's sum_k n_k (c_k+ - c_k) travels in the same all_reduce as the models (fedrun's flat
-buffer), so c moves by that sum / n. In round 1 every control variate is zero and the correction
-adds zeros: SCAFFOLD's first round is FedAvg's, bit for bit.
+the round's sum_k n_k (c_k+ - c_k) travels in the same all_reduce as the models (its own region
+of the buffer), so c moves by that sum / n. In round 1 every control variate is zero and the
+correction adds zeros: SCAFFOLD's first round is FedAvg's, bit for bit.
 
-Control variates cover every float tensor of the flat layout (buffers stay zero).
+FedDyn (Acar et al., "Federated Learning Based on Dynamic Regularization", ICLR 2021): client k
+minimises L_k(theta) - <g_k, theta> + (alpha / 2) ||theta - theta_global||^2, where g_k (its
+state, zero at first) is the gradient of L_k at its previous local optimum; after training,
+g_k <- g_k - alpha (theta_k - theta_global). The server keeps h (zero at first):
+
+    h     <- h - alpha * sum_{k in round} (n_k / n) (theta_k - theta_global)
+    theta <- average_k(theta_k) - h / alpha
+
+with n the images of all clients. The paper weighs clients equally (1/m for m clients, and a
+plain mean over the participants); fedrun uses its data-size weights, which are the paper's
+when clients are equal in size. sum_k n_k (theta_k - theta_global) is (sum_k n_k theta_k) -
+(sum_k n_k) theta_global, both already in the buffer: FedDyn adds nothing to the all_reduce.
+
+Control variates and FedDyn's state cover every float tensor of the flat layout (buffers get
+zero gradients, so their entries stay zero).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from ..flat import float_tensors
+from ..config import Config
+from ..flat import flatten, float_tensors
+from ..parts import Aggregate, ClientUpdate, GradTerm, UpdateRule
 
 
 def _views(model: nn.Module, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -39,6 +61,10 @@ def _views(model: nn.Module, flat: torch.Tensor) -> list[tuple[torch.Tensor, tor
             out.append((t, flat[offset:offset + t.numel()].view(t.shape)))
         offset += t.numel()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient terms (one client's local training)
 
 
 class FedProx:
@@ -79,3 +105,118 @@ class ScaffoldClient:
     def new_control(self) -> torch.Tensor:
         """c_k+ : the mean raw gradient over this round's local steps."""
         return self.grad_sum / max(self.steps, 1)
+
+
+class FedDynClient:
+    """grad += alpha * (theta - theta_global) - g_k, for every parameter."""
+
+    def __init__(self, alpha: float, model: nn.Module, global_flat: torch.Tensor, g: torch.Tensor):
+        self.alpha = alpha
+        self.triples = [(p, w, gk) for (p, w), (_, gk) in zip(_views(model, global_flat), _views(model, g),
+                                                              strict=True)]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for p, w, gk in self.triples:
+            if p.grad is None:  # unused: the loss part of its gradient is zero
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(p - w, alpha=self.alpha).sub_(gk)
+
+
+# --------------------------------------------------------------------------------------------
+# The rules
+
+
+class FedProxRule(UpdateRule):
+    """FedProx's proximal term; no state, nothing extra travels."""
+
+    name = "fedprox"
+
+    def __init__(self, mu: float):
+        self.mu = mu
+
+    def begin_client(self, model: nn.Module, global_flat: torch.Tensor,
+                     state: dict[str, Any]) -> GradTerm | None:
+        return FedProx(self.mu, model, global_flat) if self.mu > 0 else None  # mu = 0: FedAvg's bits
+
+
+class ScaffoldRule(UpdateRule):
+    """SCAFFOLD for Adam clients: per-client c_k, the server's c, sum_k n_k (c_k+ - c_k) in the buffer."""
+
+    name = "scaffold"
+    state_kinds = ("control",)
+
+    def __init__(self, num_params: int, total_images: int, device: torch.device):
+        self.server_control = torch.zeros(num_params, device=device)
+        self.total_images = float(total_images)
+
+    def extra_floats(self, num_params: int) -> int:
+        return num_params
+
+    def begin_client(self, model: nn.Module, global_flat: torch.Tensor,
+                     state: dict[str, Any]) -> GradTerm | None:
+        return ScaffoldClient(model, self.server_control, state.get("control"))
+
+    def end_client(self, update: ClientUpdate, term: GradTerm | None, extra: torch.Tensor) -> None:
+        assert isinstance(term, ScaffoldClient)  # the term begin_client made for this client
+        new_control = term.new_control()
+        extra.add_(new_control - term.old, alpha=float(update.size))
+        update.new_state["control"] = new_control
+
+    def on_server(self, global_flat: torch.Tensor, average: torch.Tensor, agg: Aggregate) -> torch.Tensor:
+        # c stays the data-weighted mean of all clients' c_k
+        self.server_control.add_(agg.extra[self.name], alpha=1.0 / self.total_images)
+        return average
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {"server_control": self.server_control}
+
+    def load_shared_state(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        if state.get("server_control") is not None:
+            self.server_control = state["server_control"].to(device)
+
+
+class FedDynRule(UpdateRule):
+    """FedDyn: the linear + quadratic client term with state g_k, and the server's h."""
+
+    name = "feddyn"
+    state_kinds = ("feddyn_grad",)
+
+    def __init__(self, alpha: float, num_params: int, total_images: int, device: torch.device):
+        self.alpha = alpha
+        self.h = torch.zeros(num_params, device=device)
+        self.total_images = float(total_images)
+
+    def begin_client(self, model: nn.Module, global_flat: torch.Tensor,
+                     state: dict[str, Any]) -> GradTerm | None:
+        g = state.get("feddyn_grad")
+        return FedDynClient(self.alpha, model, global_flat, torch.zeros_like(global_flat) if g is None else g)
+
+    def end_client(self, update: ClientUpdate, term: GradTerm | None, extra: torch.Tensor) -> None:
+        g = update.state.get("feddyn_grad")
+        g = torch.zeros_like(update.global_flat) if g is None else g
+        update.new_state["feddyn_grad"] = g - self.alpha * (flatten(update.model) - update.global_flat)
+
+    def on_server(self, global_flat: torch.Tensor, average: torch.Tensor, agg: Aggregate) -> torch.Tensor:
+        moved = agg.total - agg.weight * global_flat  # sum_k n_k (theta_k - theta_global)
+        self.h.sub_(moved, alpha=self.alpha / self.total_images)
+        return average - self.h / self.alpha
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {"feddyn_h": self.h}
+
+    def load_shared_state(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        if state.get("feddyn_h") is not None:
+            self.h = state["feddyn_h"].to(device)
+
+
+def drift_rules(cfg: Config, num_params: int, total_images: int, device: torch.device) -> list[UpdateRule]:
+    """The rule of ``fed.drift`` ([] for "none")."""
+    f = cfg.fed
+    builders = {  # the registry: one line per method
+        "none": lambda: [],
+        "fedprox": lambda: [FedProxRule(f.prox_mu)],
+        "scaffold": lambda: [ScaffoldRule(num_params, total_images, device)],
+        "feddyn": lambda: [FedDynRule(f.feddyn_alpha, num_params, total_images, device)],
+    }
+    return builders[f.drift]()

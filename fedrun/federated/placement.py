@@ -34,3 +34,32 @@ def assign_clients(clients: list[int], sizes: dict[int, int], world_size: int) -
         per_rank[r].append(c)
         load[r] += max(sizes[c], 1)  # count empty clients too, so they spread out
     return per_rank
+
+
+class BySize:
+    """Each round, the round's clients split over ranks by data size (``assign_clients``)."""
+
+    def __init__(self, sizes: dict[int, int], world_size: int):
+        self.sizes, self.world_size = sizes, world_size
+
+    def assign(self, clients: list[int]) -> list[list[int]]:
+        return assign_clients(clients, self.sizes, self.world_size)
+
+
+class HomeRanks:
+    """Every client trains on its fixed home rank (``home_ranks``), which holds its kept state.
+
+    Within a rank, clients come in ``assign_clients``' order (largest first, ties by id), so the
+    fp32 sum of a rank is formed in the same order as with ``BySize`` when the split agrees."""
+
+    def __init__(self, sizes: dict[int, int], world_size: int):
+        self.sizes, self.world_size = sizes, world_size
+        self.home = home_ranks(sizes, world_size)
+
+    def assign(self, clients: list[int]) -> list[list[int]]:
+        order = sorted(clients, key=lambda k: (-self.sizes[k], k))
+        return [[k for k in order if self.home[k] == rank] for rank in range(self.world_size)]
+
+    def ranks_of(self, rank: int) -> set[int]:
+        """The clients whose home is ``rank``."""
+        return {k for k, r in self.home.items() if r == rank}

@@ -15,16 +15,22 @@ where tau keeps the denominator away from zero anyway.
 Each rule is a small class with its hyperparameters as named fields and its state (the
 moments) as tensors that ``state_dict`` hands to the checkpoint; resuming restores them exactly.
 ``build_server_optimizer`` maps ``fed.server_opt`` and the ``fed.server_*`` keys onto them.
+
+``RuleServer`` is the round's server step (fedrun.parts.ServerStep): the update rules' server
+halves (SCAFFOLD's control variate, FedDyn's correction) and then the server rule. Privacy wraps
+it (fedrun.privacy.mechanisms).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..config import FedConfig
+from ..parts import Aggregate, UpdateRule
 
 
 @dataclass
@@ -144,3 +150,34 @@ def build_server_optimizer(fed: FedConfig) -> ServerOptimizer:
     if cls is FedAvgM:
         return FedAvgM(lr=fed.server_lr, momentum=fed.server_momentum)
     return cls(lr=fed.server_lr, beta1=fed.server_momentum, beta2=fed.server_beta2, tau=fed.server_tau)
+
+
+class RuleServer:
+    """The server step without privacy: nothing to do without a usable update; else the rules'
+    server halves turn the average into the one the server rule steps toward, in order."""
+
+    def __init__(self, rule: ServerOptimizer, rules: Sequence[UpdateRule] = ()):
+        self.rule, self.rules = rule, list(rules)
+
+    def step(self, global_flat: torch.Tensor, agg: Aggregate) -> torch.Tensor | None:
+        if not agg.usable:
+            return None
+        average = agg.average
+        for rule in self.rules:
+            average = rule.on_server(global_flat, average, agg)
+        return self.rule.step(global_flat, average)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.rule.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.rule.load_state_dict(state, device)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        pass
+
+    def metrics(self) -> dict[str, Any]:
+        return {}

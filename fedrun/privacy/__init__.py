@@ -8,7 +8,8 @@ Two units of privacy (``privacy.level``):
 * ``"client"``: DP-FedAvg (McMahan et al., ICLR 2018): each client's update is clipped, the
   server adds Gaussian noise once per round: one whole client (a site) is protected.
 
-Modules: ``accountant`` (per-client ledgers over Opacus's RDP/PRV accountants, the planned
+Modules: ``mechanisms`` (each level as parts of the round: participation, trainer, update
+rule, server wrapper), ``accountant`` (per-client ledgers over Opacus's RDP/PRV accountants, the planned
 budget and its check), ``dp_sgd`` (a client's DP-SGD local training), ``client_dp`` (clipping,
 Poisson client sampling and the server's noise for DP-FedAvg), ``audit`` (membership inference
 and memorisation measured on a saved run: ``fedrun audit RUN_DIR``).

@@ -19,6 +19,11 @@ Two measurements on the newest checkpoint of a run (the EMA model when the check
   the 50 nearest, which is stricter; ours is a simple, documented variant. The closest pairs
   are drawn to ``audit_pairs.png`` (generated | nearest training image).
 
+The run is opened by ``fedrun.saved_run.open_run`` (the newest valid checkpoint, or
+``--checkpoint``; its EMA when it holds one), the loss is ``Diffusion.per_image_loss`` (the
+training objective, per image), and every draw comes from a stream of ``fedrun.seeding``
+("audit_members", "audit_member_noise", "audit_non_member_noise", "audit_samples").
+
 Results go to ``RUN_DIR/audit.json``; the top-level keys ``auc``, ``tpr_at_1pct_fpr``,
 ``near_copies`` and ``num_samples`` are the summary that ``fedrun report`` reads.
 """
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import seeding
+from ..argparsing import ArgParser
 from ..data import ImageSet, to_uint8
-from ..diffusion import Diffusion, alpha_sigma
-from ..errors import CheckpointError, ConfigError
-from ..evaluation.evaluator import eval_labels
-
-MEMBERS, NON_MEMBERS, SAMPLES = 0, 1, 2  # sub-tags of seeding.AUDIT
+from ..diffusion import Diffusion
+from ..errors import ConfigError
+from ..evaluation.sampling import eval_labels
+from ..saved_run import open_run
 
 
 @dataclass
@@ -68,29 +73,24 @@ class AuditSettings:
 
 @torch.no_grad()
 def per_image_losses(model: nn.Module, diffusion: Diffusion, images: torch.Tensor, labels: torch.Tensor,
-                     levels: Sequence[float], draws: int, seed_parts: tuple[int, ...],
+                     levels: Sequence[float], draws: int, noise: Callable[[int, int, int], torch.Generator],
                      batch: int = 256) -> torch.Tensor:
-    """[len(levels), N] diffusion losses (the training objective, per image) at fixed noise
-    levels, averaged over ``draws`` noise draws. The noise of chunk c, level j, draw d comes
-    from (AUDIT, *seed_parts, j, d, c), so it does not depend on anything but its position."""
+    """[len(levels), N] diffusion losses (``Diffusion.per_image_loss``, the training objective)
+    at fixed noise levels, averaged over ``draws`` noise draws. The noise of level j, draw d,
+    chunk c comes from the CPU generator ``noise(j, d, c)``, so it depends on nothing but its
+    position."""
     was_training = model.training
     model.eval()  # dropout off: the attacker queries the deterministic model
     device = next(model.parameters()).device
     out = torch.zeros(len(levels), len(images), dtype=torch.float64)
     for j, u in enumerate(levels):
         log_snr = diffusion.log_snr(torch.tensor([float(u)], device=device))
-        alpha, sigma = alpha_sigma(log_snr)
         for d in range(draws):
             for c, start in enumerate(range(0, len(images), batch)):
                 x = images[start:start + batch].to(device)
                 y = labels[start:start + batch].to(device)
-                g = seeding.generator("cpu", seeding.AUDIT, *seed_parts, j, d, c)
-                eps = torch.randn(x.shape, generator=g).to(device)
-                pred = model(alpha * x + sigma * eps, log_snr.expand(len(x)), y).float()
-                if diffusion.objective == "v":
-                    loss = (pred - (alpha * eps - sigma * x)).pow(2).mean((1, 2, 3)) * alpha**2
-                else:
-                    loss = (pred - eps).pow(2).mean((1, 2, 3))
+                eps = torch.randn(x.shape, generator=noise(j, d, c)).to(device)
+                loss = diffusion.per_image_loss(model, x, y, log_snr, eps)
                 out[j, start:start + len(x)] += loss.double().cpu() / draws
     model.train(was_training)
     return out
@@ -128,16 +128,22 @@ def membership_inference(model: nn.Module, diffusion: Diffusion, train: ImageSet
         owner[np.asarray(s, dtype=int)] = k
     members = np.flatnonzero(owner >= 0)
     if settings.max_members and len(members) > settings.max_members:
-        rng = np.random.default_rng(seeding.derive_seed(seeding.AUDIT, seed, MEMBERS))
+        rng = np.random.default_rng(seeding.stream_seed("audit_members", seed=seed))
         members = np.sort(rng.choice(members, settings.max_members, replace=False))
     if len(members) == 0 or len(test) == 0:
         raise ConfigError("audit: needs training images (members) and a test split (non-members); "
                           "check data.* and fed.* of the run's config")
     idx = torch.as_tensor(members)
-    m_loss = per_image_losses(model, diffusion, train.images[idx], train.labels[idx], settings.levels,
-                              settings.draws, (seed, MEMBERS), settings.batch).numpy()
-    n_loss = per_image_losses(model, diffusion, test.images, test.labels, settings.levels,
-                              settings.draws, (seed, NON_MEMBERS), settings.batch).numpy()
+    m_loss = per_image_losses(
+        model, diffusion, train.images[idx], train.labels[idx], settings.levels, settings.draws,
+        lambda j, d, c: seeding.stream_generator("cpu", "audit_member_noise", seed=seed, level=j, draw=d,
+                                                 chunk=c),
+        settings.batch).numpy()
+    n_loss = per_image_losses(
+        model, diffusion, test.images, test.labels, settings.levels, settings.draws,
+        lambda j, d, c: seeding.stream_generator("cpu", "audit_non_member_noise", seed=seed, level=j, draw=d,
+                                                 chunk=c),
+        settings.batch).numpy()
     per_level = [{"u": float(u), **attack_metrics(m_loss[j], n_loss[j])}
                  for j, u in enumerate(settings.levels)]
     best = max(range(len(per_level)), key=lambda j: per_level[j]["auc"])
@@ -166,13 +172,13 @@ def membership_inference(model: nn.Module, diffusion: Diffusion, train: ImageSet
 def generate(model: nn.Module, diffusion: Diffusion, labels: torch.Tensor, shape: tuple[int, int, int],
              steps: int, eta: float, seed: int, batch: int = 256) -> torch.Tensor:
     """Samples in [-1, 1] on the CPU, rounded to the uint8 grid (what a PNG of them holds);
-    chunk c drawn from (AUDIT, seed, SAMPLES, c)."""
+    chunk c drawn from the stream "audit_samples" (seed, c)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = []
     for c, start in enumerate(range(0, len(labels), batch)):
-        g = seeding.generator(device, seeding.AUDIT, seed, SAMPLES, c)
+        g = seeding.stream_generator(device, "audit_samples", seed=seed, chunk=c)
         lab = labels[start:start + batch].to(device)
         x = diffusion.sample(model, lab, shape, steps, eta, generator=g)
         out.append(to_uint8(x).cpu().float().div(127.5).sub(1))
@@ -243,54 +249,24 @@ def memorization(model: nn.Module, diffusion: Diffusion, reference: ImageSet, se
 # The command
 
 
-def load_audited_model(run_dir: Path, cfg: Any, num_classes: int,
-                       device: torch.device) -> tuple[nn.Module, Diffusion, dict[str, Any]]:
-    """The run's newest checkpoint as a model: its EMA when it holds one, else "model"."""
-    from .. import checkpoint
-    from ..flat import load_flat_, num_flat
-    from ..models import build
-    found = checkpoint.load_latest(run_dir)
-    if found is None:
-        raise CheckpointError(f"audit: {run_dir}/checkpoints holds no checkpoint; train the run first")
-    state, path = found
-    model, diffusion = build(cfg, num_classes, device)
-    model.load_state_dict(state["model"])
-    ema = state.get("ema")
-    flat = ema.get("flat") if isinstance(ema, dict) else ema
-    which = "model"
-    if isinstance(flat, torch.Tensor) and flat.numel() == num_flat(model):
-        load_flat_(model, flat.to(device))
-        which = "ema"
-    return model, diffusion, {"checkpoint": str(path), "round": int(state.get("round", 0)), "audited": which}
-
-
-def run_audit(run_dir: Path, settings: AuditSettings, out: Path | None = None,
-              device: str = "cpu") -> dict[str, Any]:
+def run_audit(run_dir: Path, settings: AuditSettings, out: Path | None = None, device: str = "cpu",
+              checkpoint: Path | None = None) -> dict[str, Any]:
     """Audit a run directory; writes ``out`` (default RUN_DIR/audit.json) and audit_pairs.png."""
-    from ..config import load_config
-    from ..data import load_split
-    from ..partition import partition
     run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"audit: {run_dir} holds no config.toml; pass a run directory made by fedrun")
-    cfg = load_config(run_dir / "config.toml")
-    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-    f = cfg.fed
-    shards = (partition(train.labels.numpy(), f.num_clients, f.partition, f.alpha, cfg.run.seed,
-                        f.min_client_size, f.max_resample) if cfg.run.mode == "fedavg" else None)
-    dev = torch.device(device)
-    model, diffusion, info = load_audited_model(run_dir, cfg, train.num_classes, dev)
+    run = open_run(run_dir, checkpoint, device=device)
+    cfg, train, test, model, diffusion = run.cfg, run.train, run.test, run.model, run.diffusion
+    assert test is not None
     seed = cfg.run.seed
-    mia = membership_inference(model, diffusion, train, test, shards, settings, seed)
-    if shards is not None:  # the reference set: every image some client trained on
-        used = torch.as_tensor(np.sort(np.concatenate([np.asarray(s, dtype=int) for s in shards])))
-        reference = ImageSet(train.images[used], train.labels[used], train.num_classes)
-    else:
-        reference = train
+    # members: every client's shard (a centralized run: one shard of the whole train split)
+    mia = membership_inference(model, diffusion, train, test, run.shards, settings, seed)
+    # the reference set of the memorisation test: every image some client trained on
+    used = torch.as_tensor(np.sort(np.concatenate([np.asarray(s, dtype=int) for s in run.shards])))
+    reference = ImageSet(train.images[used], train.labels[used], train.num_classes)
     steps = settings.steps or cfg.eval.steps or cfg.diffusion.sample_steps
     out = Path(out) if out is not None else run_dir / "audit.json"
     mem = memorization(model, diffusion, reference, settings, steps, cfg.diffusion.eta, seed,
                        pairs_png=out.with_name("audit_pairs.png"))
+    info = {"checkpoint": str(run.checkpoint), "round": run.round, "audited": run.weights}
     result = {"auc": mia["auc"], "tpr_at_1pct_fpr": mia["tpr_at_1pct_fpr"],
               "near_copies": mem["near_copies"], "num_samples": mem["num_samples"],
               "best_u": mia["best_u"], "auc_standard_error": mia["auc_standard_error"],
@@ -303,53 +279,44 @@ def run_audit(run_dir: Path, settings: AuditSettings, out: Path | None = None,
     return result
 
 
-USAGE = ("audit: usage: fedrun audit RUN_DIR [--out FILE] [--samples N] [--levels U,U,...] "
-         "[--draws N] [--max-members N] [--k K] [--threshold T] [--steps S] [--device DEV]")
+USAGE = ("fedrun audit RUN_DIR [--out FILE] [--checkpoint FILE] [--samples N] [--levels U,U,...] [--draws N] "
+         "[--max-members N] [--k K] [--threshold T] [--steps S] [--batch N] [--pairs N] [--device DEV]")
 
 
-def parse_args(argv: list[str]) -> tuple[Path, Path | None, AuditSettings, str]:
-    if not argv or argv[0].startswith("-"):
-        raise ConfigError(USAGE)
-    run_dir, rest = Path(argv[0]), argv[1:]
-    s, out, device = AuditSettings(), None, "cpu"
-    casts = {"--samples": ("samples", int), "--draws": ("draws", int), "--max-members": ("max_members", int),
-             "--k": ("k", int), "--threshold": ("threshold", float), "--steps": ("steps", int),
-             "--batch": ("batch", int), "--pairs": ("pairs", int)}
-    i = 0
-    while i < len(rest):
-        arg, value = rest[i], None
-        if "=" in arg:
-            arg, value = arg.split("=", 1)
-        elif i + 1 < len(rest):
-            value, i = rest[i + 1], i + 1
-        if value is None:
-            raise ConfigError(f"audit: {arg} needs a value; {USAGE}")
-        try:
-            if arg == "--out":
-                out = Path(value)
-            elif arg == "--device":
-                device = value
-            elif arg == "--levels":
-                s.levels = tuple(float(v) for v in value.split(","))
-            elif arg in casts:
-                name, cast = casts[arg]
-                setattr(s, name, cast(value))
-            else:
-                raise ConfigError(f"audit: unknown option {arg}; {USAGE}")
-        except ValueError:
-            raise ConfigError(f"audit: {arg}: cannot read {value!r}; {USAGE}") from None
-        i += 1
-    if not all(0 < u < 1 for u in s.levels) or not s.levels:
+def noise_levels(text: str) -> tuple[float, ...]:
+    """``0.1,0.3,0.5`` -> (0.1, 0.3, 0.5)."""
+    return tuple(float(v) for v in text.split(","))
+
+
+def parse_args(argv: list[str]) -> tuple[Path, Path | None, AuditSettings, str, Path | None]:
+    """(run directory, audit.json path or None, settings, device, checkpoint or None)."""
+    s = AuditSettings()
+    parser = ArgParser("audit", USAGE)
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    parser.add_argument("--out", metavar="file name", type=Path)
+    parser.add_argument("--checkpoint", metavar="file name", type=Path)
+    parser.add_argument("--device", metavar="device", default="cpu")
+    parser.add_argument("--levels", metavar="list of levels", type=noise_levels, default=s.levels)
+    for name, cast in (("samples", int), ("draws", int), ("max-members", int), ("k", int),
+                       ("threshold", float), ("steps", int), ("batch", int), ("pairs", int)):
+        dest = name.replace("-", "_")
+        parser.add_argument(f"--{name}", dest=dest, metavar="number", type=cast, default=getattr(s, dest))
+    args = parser.parse_args(argv)
+    settings = AuditSettings(**{k: v for k, v in vars(args).items()
+                                if k not in ("run_dir", "out", "checkpoint", "device")})
+    if not settings.levels or not all(0 < u < 1 for u in settings.levels):
         raise ConfigError("audit: --levels: noise levels must lie in (0, 1), e.g. --levels 0.1,0.3,0.5")
+    s = settings
     if s.draws < 1 or s.samples < 0 or s.k < 2 or not 0 < s.threshold < 1 or s.batch < 1:
-        raise ConfigError("audit: need --draws >= 1, --samples >= 0, --k >= 2, 0 < --threshold < 1")
-    return run_dir, out, s, device
+        raise ConfigError("audit: need --draws >= 1, --samples >= 0, --k >= 2, 0 < --threshold < 1, "
+                          "--batch >= 1")
+    return args.run_dir, args.out, settings, args.device, args.checkpoint
 
 
 def audit_main(argv: list[str]) -> int:
     """``fedrun audit RUN_DIR ...``: prints the summary and where audit.json is."""
-    run_dir, out, settings, device = parse_args(argv)
-    r = run_audit(run_dir, settings, out, device)
+    run_dir, out, settings, device, checkpoint = parse_args(argv)
+    r = run_audit(run_dir, settings, out, device, checkpoint)
     where = out or run_dir / "audit.json"
     print(f"audit of {r['audited']} at round {r['round']}: membership AUC {r['auc']:.3f} "
           f"(best u = {r['best_u']:g}, +-{r['auc_standard_error']:.3f}), TPR at 1% FPR "

@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import seeding
 from ..flat import float_tensors
+from ..parts import ClientUpdate, GradTerm, UpdateRule
 
 
 @torch.no_grad()
@@ -63,6 +64,31 @@ def poisson_clients(num_clients: int, q: float, seed: int, round_: int) -> list[
     """The clients of round ``round_``: each independently with probability q (may be empty)."""
     g = seeding.generator("cpu", seeding.DP_SAMPLING, seed, round_)
     return torch.nonzero(torch.rand(num_clients, generator=g) < q)[:, 0].tolist()
+
+
+class PoissonParticipation:
+    """DP-FedAvg's participation (fedrun.parts.Participation): ``poisson_clients`` every round."""
+
+    def __init__(self, num_clients: int, q: float, seed: int):
+        self.num_clients, self.q, self.seed = num_clients, q, seed
+
+    def clients(self, round_: int) -> list[int]:
+        return poisson_clients(self.num_clients, self.q, self.seed, round_)
+
+
+class ClipUpdate(UpdateRule):
+    """Step 2 of DP-FedAvg as a link of the update chain: theta_k - theta clipped to L2 norm
+    ``clip`` on the client's rank, and the client's weight set to 1 (uniform weights), which
+    bounds one client's influence on the sum by ``clip`` whatever its data size."""
+
+    name = "dp_clip"
+
+    def __init__(self, clip: float):
+        self.clip = clip
+
+    def end_client(self, update: ClientUpdate, term: GradTerm | None, extra: torch.Tensor) -> None:
+        clip_update_(update.model, update.global_flat, self.clip)
+        update.weight = 1.0
 
 
 def noise_std(noise_multiplier: float, clip: float, num_clients: int, q: float) -> float:

@@ -1,91 +1,39 @@
-"""The privacy audit: it must see leakage where there is some, none where there is none, and
-``fedrun audit RUN_DIR`` must write the audit.json that ``fedrun report`` reads."""
+"""``fedrun audit RUN_DIR`` as users run it, a real process on a trained run: it must audit the
+run's EMA at its newest checkpoint and write the audit.json that ``fedrun report`` reads, and a
+bad run directory or option is one error line. (The attack and the memorisation test
+themselves, in-process: tests/unit_tests/test_audit_measures.py.)"""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
-import pytest
-import torch
-
-from fedrun import checkpoint
-from fedrun.__main__ import main
-from fedrun.config import load_config
-from fedrun.data import load_split
-from fedrun.federated.client import train_local
-from fedrun.flat import flatten
-from fedrun.models import build
-from fedrun.privacy.audit import AuditSettings, membership_inference, memorization
-
-from helpers import tiny_overrides
+from helpers import as_args, run_cli, tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def digits():
-    cfg = load_config(None, tiny_overrides("/tmp"))
-    return load_split(cfg.data, "train"), load_split(cfg.data, "test")
-
-
-def test_overfit_client_is_detected_and_copied(tmp_path, digits):
-    """A client with three images (one per class), trained for 300 epochs: the attack separates
-    its images from the test split, and the sampler re-emits near-copies of them."""
-    train, test = digits
-    torch.set_num_threads(1)
-    few = np.array([np.flatnonzero(train.labels.numpy() == c)[0] for c in range(3)])
-    cfg = load_config(None, tiny_overrides(tmp_path, model__base_channels=16, model__dropout=0,
-                                           fed__local_epochs=300, optim__batch_size=36, optim__lr=5e-3))
-    model, diffusion = build(cfg, 10, torch.device("cpu"))
-    # each epoch is one batch holding every image 12 times (12 noise levels per image per step)
-    train_local(model, diffusion, train, torch.as_tensor(few).repeat(12), cfg, round_=1, client=0)
-    s = AuditSettings(levels=(0.1, 0.3, 0.5), draws=2, samples=12, steps=50)
-    mia = membership_inference(model, diffusion, train, test, [few], s, seed=0)
-    assert mia["auc"] > 0.95 and mia["tpr_at_1pct_fpr"] > 0.5, mia
-    assert mia["per_client"][0]["members"] == 3
-    # reference: the whole train split (1,437 images), so "near-copy" means closer to one
-    # training image than to the 50th nearest of all of them; DDIM (eta 0) sampling
-    mem = memorization(model, diffusion, train, s, steps=50, eta=0.0, seed=0,
-                       pairs_png=tmp_path / "pairs.png", labels=torch.arange(12) % 3)
-    assert mem["near_copies"] >= 2, mem
-    assert all(c["train_index"] in few for c in mem["closest"][:mem["near_copies"]])
-    assert (tmp_path / "pairs.png").stat().st_size > 0
-
-
-def test_untrained_model_gives_chance_auc(tmp_path, digits):
-    """No training, no membership signal: every level's AUC is within 4 standard errors of 0.5
-    (the null distribution's SE of the Mann-Whitney AUC, sqrt((n1 + n2 + 1) / (12 n1 n2)))."""
-    train, test = digits
-    cfg = load_config(None, tiny_overrides(tmp_path))
-    model, diffusion = build(cfg, 10, torch.device("cpu"))
-    shards = [np.arange(0, len(train), 2), np.arange(1, len(train), 2)]
-    s = AuditSettings(levels=(0.1, 0.3, 0.6), draws=1)
-    mia = membership_inference(model, diffusion, train, test, shards, s, seed=0)
-    n1, n2 = len(train), len(test)
-    se = ((n1 + n2 + 1) / (12 * n1 * n2)) ** 0.5
-    assert all(abs(level["auc"] - 0.5) < 4 * se for level in mia["per_level"]), (mia["per_level"], se)
-    assert [c["members"] for c in mia["per_client"]] == [len(shards[0]), len(shards[1])]
-
-
-def test_audit_cli_writes_audit_json(tmp_path, capsys):
-    cfg = load_config(None, tiny_overrides(tmp_path, name="audited"))
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.toml").write_text(cfg.to_toml())
-    model, _ = build(cfg, 10, torch.device("cpu"))
-    ema = flatten(model) * 0.5  # an "EMA" that differs from the model: the audit must pick it
-    checkpoint.save_checkpoint(run_dir, 2, {"round": 2, "model": model.state_dict(), "ema": {"flat": ema}},
-                               keep=1)
-    rc = main(["audit", str(run_dir), "--samples", "6", "--levels", "0.3,0.5", "--draws", "1",
-               "--steps", "4", "--k", "5"])
-    assert rc == 0
+def test_audit_of_a_trained_run_writes_audit_json(tmp_path):
+    trained = run_cli(as_args(tiny_overrides(tmp_path, "audited", ema__sigma_rel=0.1)))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = tmp_path / "audited"
+    res = run_cli(["audit", str(run_dir), "--samples", "6", "--levels", "0.3,0.5", "--draws", "1",
+                   "--steps", "4", "--k", "5", "--max-members", "200"])
+    assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((run_dir / "audit.json").read_text())
     for key in ("auc", "tpr_at_1pct_fpr", "near_copies", "num_samples", "per_level", "per_client",
                 "memorization"):
         assert key in result
-    assert result["num_samples"] == 6 and result["audited"] == "ema" and result["round"] == 2
-    assert len(result["per_client"]) == cfg.fed.num_clients and len(result["per_level"]) == 2
+    # the run kept an EMA: the audit looks at it, at the last round's checkpoint
+    assert result["audited"] == "ema" and result["round"] == 2
+    assert result["checkpoint"].endswith("round_0002.pt")
+    assert result["num_samples"] == 6 and result["members"] == 200 and len(result["per_level"]) == 2
+    assert 1 <= len(result["per_client"]) <= 4
     assert (run_dir / "audit_pairs.png").is_file()
-    assert "membership AUC" in capsys.readouterr().out
+    assert "membership AUC" in res.stdout and str(run_dir / "audit.json") in res.stdout
+
     # bad input: one line naming the fix, the FedrunError exit code
-    assert main(["audit", str(tmp_path / "nowhere")]) == 2
-    assert "config.toml" in capsys.readouterr().err
+    for args, code, text in ((["audit", str(tmp_path / "nowhere")], 2, "config.toml"),
+                             (["audit", str(run_dir), "--samples", "many"], 2, "--samples"),
+                             (["audit", str(run_dir), "--sample", "3"], 2, "unrecognized")):
+        bad = run_cli(args)
+        errors = [line for line in bad.stderr.splitlines() if line.startswith("fedrun: error:")]
+        assert bad.returncode == code and len(errors) == 1 and text in errors[0], bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr

@@ -1,7 +1,8 @@
 """Host memory stays flat: 50 small FedAvg rounds on digits, RSS at round 50 <= round 5 + 5 %.
 
 Runs benchmarks/memory_flat.py (the real CLI, watched from outside); about a minute on a 2-core
-CPU, so it is kept out of the default suite: ``python -m pytest -m slow tests/test_memory.py``.
+CPU, so it is kept out of the default suite:
+``python -m pytest -m slow tests/integration_tests/test_memory.py``.
 """
 
 from __future__ import annotations

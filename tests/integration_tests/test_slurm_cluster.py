@@ -9,8 +9,10 @@ with one thread each (OMP_NUM_THREADS=1), so every rank trains the same clients 
 kernels and the FedAvg sum is added in the same order (see test_world_size.py for layouts that
 change the order and so may differ by fp32 roundings).
 
-Skipped, with the reason, only where SLURM is not installed. About 30 s on 2 cores (three 2-rank
-runs, one after another in effect; the cluster takes 1 s to come up and 2 s to go down).
+Skipped, with the reason, only where SLURM is not installed, and never in CI: with CI=true in the
+environment (.ci/run installs SLURM, and fails if it cannot) a missing SLURM fails this test. About
+30 s on 2 cores (three 2-rank runs, one after another in effect; the cluster takes 1 s to come up
+and 2 s to go down).
 """
 
 from __future__ import annotations
@@ -69,9 +71,12 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     missing = [c for c in ("sbatch", "srun", "sinfo", "slurmctld", "slurmd", "munged")
                if shutil.which(c, path=SBIN) is None]
     if missing:
-        pytest.skip(f"SLURM is not installed ({', '.join(missing)} not found); "
-                    "`bash launch/slurm_local_cluster.sh install` installs it (apt-get install slurm-wlm "
-                    "munge, as .ci/run does)")
+        why = (f"SLURM is not installed ({', '.join(missing)} not found); `bash "
+               f"launch/slurm_local_cluster.sh install` installs it (apt-get install slurm-wlm munge, as "
+               f".ci/run does)")
+        if os.environ.get("CI") == "true":  # in CI the real-SLURM check must run, not vanish as a skip
+            pytest.fail(f"CI=true: {why}")
+        pytest.skip(why)
     state = tmp_path_factory.mktemp("slurm")
     env = {**clean_env(), "PATH": SBIN, "FEDRUN_SLURM_DIR": str(state),
            "FEDRUN_SLURM_PORT": str(_free_port_pair())}

@@ -140,11 +140,13 @@ def test_centralized_ddp_two_ranks_trains_like_one_process(tmp_path):
     assert rec["two"][1]["loss"] < rec["two"][0]["loss"]
 
 
-def test_client_state_follows_its_client_one_process_vs_two_ranks(tmp_path):
-    """SCAFFOLD control variates and kept client Adam moments live on each client's home rank.
-    After round 1 every client's state was computed from the same global model, so it must be
-    bit-identical whether one process or two ranks trained it; the models then agree as above."""
-    state = dict(fed__drift="scaffold", fed__client_optimizer="keep", ema__sigma_rel="0.1", **LAYOUT)
+@pytest.mark.parametrize("drift,kind", [("scaffold", "control"), ("feddyn", "feddyn_grad")])
+def test_client_state_follows_its_client_one_process_vs_two_ranks(tmp_path, drift, kind):
+    """SCAFFOLD control variates (FedDyn's gradient states) and kept client Adam moments live on
+    each client's home rank. After round 1 every client's state was computed from the same global
+    model, so it must be bit-identical whether one process or two ranks trained it; the models
+    then agree as above."""
+    state = dict(fed__drift=drift, fed__client_optimizer="keep", ema__sigma_rel="0.1", **LAYOUT)
     one = run_cli(as_args(tiny_overrides(tmp_path, "one", **state)))
     two = run_cli(as_args(tiny_overrides(tmp_path, "two", **state)), nproc=2)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
@@ -153,8 +155,8 @@ def test_client_state_follows_its_client_one_process_vs_two_ranks(tmp_path):
     clients_a, clients_b = a["clients"]["clients"], b["clients"]["clients"]
     assert sorted(clients_a) == sorted(clients_b) and len(clients_a) == 3  # round 1 trained 3 of 5
     for k in clients_a:
-        assert torch.equal(clients_a[k]["control"], clients_b[k]["control"])
-        assert clients_a[k]["control"].abs().max() > 0
+        assert torch.equal(clients_a[k][kind], clients_b[k][kind])
+        assert clients_a[k][kind].abs().max() > 0
         for t in ("exp_avg", "exp_avg_sq"):
             moments = [c[k]["optimizer"]["state"][0][t] for c in (clients_a, clients_b)]
             assert torch.equal(*moments)

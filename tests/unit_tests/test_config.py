@@ -1,6 +1,13 @@
+"""Config: TOML and overrides, the hash that decides resumes, the facts on the fields, validation."""
+
+import re
+import typing
+
 import pytest
 
 from fedrun.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+
+from helpers import ROOT
 
 
 def test_defaults_are_the_authors_settings():
@@ -68,3 +75,98 @@ def test_override_syntax_errors():
         parse_overrides(["--fed.rounds"])
     with pytest.raises(ConfigError, match="--section.key value"):
         parse_overrides(["fed.rounds", "3"])
+
+
+# Computed from fedrun/config.py before its keys carried their own facts (field metadata):
+# every run dir written since must keep resuming, so these values never change.
+@pytest.mark.parametrize("path, overrides, expected", [
+    (None, {}, "975b9e15ea781c37"),
+    ("configs/digits.toml", {}, "33c94899e3b6ab7f"),
+    (None, {"ema.sigma_rel": "0.1"}, "4afe20cf3ad37fcd"),
+    (None, {"privacy.level": "sample", "privacy.noise_multiplier": "2.0"}, "e2b42ba4cff52960"),
+    (None, {"privacy.level": "client"}, "1573773ef6a5b3a2"),
+    (None, {"fed.drift": "fedprox", "fed.prox_mu": "0.1"}, "003b0f31a4bdd8ff"),
+    (None, {"fed.drift": "scaffold"}, "8f998da6aaa2845d"),
+    (None, {"fed.client_optimizer": "keep"}, "0af0e0963da7d331"),
+    (None, {"optim.lr_schedule": "cosine"}, "ff66abc7fd84de50"),
+    (None, {"model.label_dropout": "0.1", "diffusion.guidance": "2.0"}, "9632473466218566"),
+    # rounds, evaluation, checkpointing (and the keys added since: off by default) are not hashed
+    (None, {"fed.rounds": "7", "eval.enabled": "true", "checkpoint.every": "3"}, "975b9e15ea781c37"),
+    (None, {"run.tensorboard": "true", "fed.feddyn_alpha": "0.01"}, "975b9e15ea781c37"),
+])
+def test_hash_values_of_existing_run_dirs_never_change(path, overrides, expected):
+    assert load_config(ROOT / path if path else None, overrides).hash() == expected
+
+
+def test_keys_added_later_count_in_the_hash_only_when_set():
+    base = load_config(None, {}).hash()
+    dyn = load_config(None, {"fed.drift": "feddyn"}).hash()
+    assert dyn != base and load_config(None, {"fed.drift": "feddyn", "fed.feddyn_alpha": "0.1"}).hash() != dyn
+    assert load_config(None, {"fed.feddyn_alpha": "0.1"}).hash() != base  # set: it counts
+    # a section counted as a whole: one key away from the default brings all of its keys in
+    assert load_config(None, {"privacy.clip": "2.0"}).hash() != base
+
+
+def test_every_key_has_a_docstring_and_consistent_facts():
+    """Each field documents itself (torchtitan style: the string under it), and its facts are
+    among the known values; the hash and the report read nothing else."""
+    import ast
+    import inspect
+    from dataclasses import fields
+
+    from fedrun import config as C
+
+    for section, cls in typing.get_type_hints(Config).items():
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        documented = {node.target.id for node, after in zip(body, body[1:], strict=False)
+                      if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                      and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
+        assert {f.name for f in fields(cls)} == documented, section
+    for key in C.all_keys():
+        facts = C.key_facts(key)
+        assert facts.hashed in (C.HASHED, C.HASHED_WHEN_SET, C.NOT_HASHED), key
+        if facts.choices is not None:
+            assert C.default_of(key) in facts.choices, key
+        if facts.off is not C.NO_OFF and facts.choices is not None:
+            assert facts.off in facts.choices, key
+        for clause_key, values, _ in facts.applies.clauses:
+            assert clause_key in C.all_keys() and all(v in (C.key_facts(clause_key).choices or values)
+                                                      for v in values), key
+    assert C.CHOICES["fed.drift"] == ("none", "fedprox", "scaffold", "feddyn")
+
+
+def test_feddyn_keys_and_rules():
+    cfg = load_config(None, {"fed.drift": "feddyn", "fed.feddyn_alpha": "0.05"})
+    assert cfg.fed.drift == "feddyn" and cfg.fed.feddyn_alpha == 0.05 and Config().fed.feddyn_alpha == 0.01
+    for overrides, key, text in [
+        ({"fed.feddyn_alpha": "0"}, "fed.feddyn_alpha", "> 0"),
+        ({"fed.drift": "feddyn", "train.precision": "fp16"}, "train.precision", "FedDyn"),
+        ({"fed.drift": "feddyn", "train.clients_at_once": "2"}, "train.clients_at_once", "= 1"),
+        ({"fed.drift": "feddyn", "privacy.level": "client"}, "fed.drift", "DP-FedAvg"),
+        ({"fed.drift": "feddyn", "run.mode": "centralized"}, "fed.drift", "centralized"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*{re.escape(text)}"):
+            load_config(None, overrides)
+    # sample-level DP keeps each client's FedDyn state on the client: allowed
+    assert load_config(None, {"fed.drift": "feddyn", "privacy.level": "sample"}).privacy.level == "sample"
+
+
+def test_each_section_validates_itself_and_the_cross_section_rules_are_one_table():
+    from fedrun import config as C
+
+    fed = C.FedConfig(alpha=-1.0)
+    with pytest.raises(ConfigError, match=r"^fed\.alpha: "):
+        fed.validate()
+    with pytest.raises(ConfigError, match=r"^fed\.drift: got 'fedsgd'; choose one of"):
+        C.FedConfig(drift="fedsgd").validate()
+    with pytest.raises(ConfigError, match=r"^optim\.lr: must be a finite number"):
+        C.OptimConfig(lr=float("nan")).validate()
+    cfg = Config()
+    cfg.fed.drift, cfg.train.precision = "scaffold", "fp16"
+    for name in typing.get_type_hints(Config):
+        getattr(cfg, name).validate()  # every section alone is fine: the combination is not
+    refused = [rule.key for rule in C.CROSS_SECTION_RULES if rule.refused(cfg)]
+    assert refused == ["train.precision"]
+    with pytest.raises(ConfigError, match=r"^train\.precision: SCAFFOLD"):
+        C.validate(cfg)

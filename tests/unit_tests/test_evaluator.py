@@ -2,7 +2,7 @@
 
 import torch
 
-from fedrun.evaluation.evaluator import eval_labels
+from fedrun.evaluation.sampling import eval_labels
 
 
 def test_eval_labels_follow_the_test_split():

@@ -4,8 +4,8 @@ import torch
 
 from fedrun import checkpoint
 from fedrun.config import load_config
+from fedrun.federated.participation import sample_clients
 from fedrun.federated.placement import assign_clients
-from fedrun.federated.rounds import sample_clients
 from fedrun.flat import (
     N_SLOT,
     accumulate_,

@@ -64,3 +64,44 @@ def test_sampler_noise_comes_only_from_the_generator():
     c = d.sample(model, labels, (1, 8, 8), 4, 1.0, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= -1 and a.max() <= 1
+
+
+def _reference_loss(d: Diffusion, model, x0, labels, u):
+    """Diffusion.loss as training computed it before per_image_loss existed, op for op."""
+    log_snr = d.log_snr(u)
+    alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(log_snr))
+    eps = torch.randn_like(x0)
+    out = model(alpha * x0 + sigma * eps, log_snr, labels).float()
+    if d.objective == "v":
+        return ((out - (alpha * eps - sigma * x0)).pow(2).mean((1, 2, 3)) * alpha.view(-1) ** 2).mean()
+    return (out - eps).pow(2).mean()
+
+
+def test_loss_keeps_its_bits_and_per_image_loss_is_its_objective():
+    """The training loss is bit-identical to its reference (dropout on: the same RNG draws), and
+    the per-image losses at the same noise average to it: exactly for v (the same reduction),
+    for eps up to the order of the sum (an all-element mean against a mean of image means)."""
+    small = ModelConfig(base_channels=4, channel_mults=[1, 2], blocks_per_level=1, mid_blocks=2, dropout=0.1)
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    u = torch.rand(6, generator=torch.Generator().manual_seed(1)) * 0.99
+    for objective in ("v", "eps"):
+        d = Diffusion(DiffusionConfig(objective=objective))
+        model = build_model(small, 1, 2).train()
+        torch.manual_seed(5)
+        loss = d.loss(model, x0, labels, u)
+        torch.manual_seed(5)
+        assert torch.equal(loss, _reference_loss(d, model, x0, labels, u)), objective
+        torch.manual_seed(5)
+        eps = torch.randn_like(x0)
+        per_image = d.per_image_loss(model, x0, labels, d.log_snr(u), eps)  # draws dropout after eps
+        assert per_image.shape == (6,)
+        if objective == "v":
+            assert torch.equal(per_image.mean(), loss)
+        else:
+            assert torch.allclose(per_image.mean(), loss, rtol=1e-6) and per_image.mean() != 0
+        # one noise level for the whole batch (what the audit asks): [1] broadcasts
+        level = d.log_snr(torch.tensor([0.3]))
+        one = d.per_image_loss(model.eval(), x0, labels, level, eps)
+        each = d.per_image_loss(model, x0, labels, level.expand(6), eps)
+        assert torch.allclose(one, each) and one.shape == (6,)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 
+import opacus  # noqa: F401  (required: without it these tests fail, never skip)
 import pytest
 import torch
 
-pytest.importorskip("opacus")
-
-from fedrun.config import load_config  # noqa: E402
-from fedrun.errors import ConfigError  # noqa: E402
-from fedrun.privacy.accountant import (  # noqa: E402
+from fedrun.config import load_config
+from fedrun.errors import ConfigError
+from fedrun.privacy.accountant import (
     FEDERATION,
     PrivacyLedger,
     check_budget,

@@ -6,33 +6,24 @@ with the chi-square distribution its squared norm must follow.
 
 from __future__ import annotations
 
+import opacus  # noqa: F401  (required: without it these tests fail, never skip)
 import pytest
 import torch
 from scipy import stats
 
-pytest.importorskip("opacus")
+from fedrun.config import load_config
+from fedrun.data import load_split
+from fedrun.federated.client import train_local
+from fedrun.flat import flatten, load_flat_, num_flat
+from fedrun.models import FourierFeatures, build
+from fedrun.privacy import client_dp
+from fedrun.privacy.dp_sgd import attach, detach, train_local_dp
 
-from fedrun.config import load_config  # noqa: E402
-from fedrun.data import load_split  # noqa: E402
-from fedrun.diffusion import alpha_sigma  # noqa: E402
-from fedrun.federated.client import train_local  # noqa: E402
-from fedrun.flat import flatten, load_flat_, num_flat  # noqa: E402
-from fedrun.models import FourierFeatures, build  # noqa: E402
-from fedrun.privacy import client_dp  # noqa: E402
-from fedrun.privacy.dp_sgd import attach, detach, train_local_dp  # noqa: E402
-
-from helpers import tiny_overrides  # noqa: E402
+from helpers import tiny_overrides
 
 
 def tiny_cfg(tmp_path, **extra):
     return load_config(None, tiny_overrides(tmp_path, privacy__level="sample", **extra))
-
-
-def per_image_loss(model, diffusion, x, y, log_snr, eps):
-    """The v-objective's per-image loss at fixed noise (what diffusion.loss averages)."""
-    alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(log_snr))
-    out = model(alpha * x + sigma * eps, log_snr, y).float()
-    return ((out - (alpha * eps - sigma * x)).pow(2).mean((1, 2, 3)) * alpha.view(-1) ** 2)
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -48,7 +39,7 @@ def test_per_sample_gradients_match_autograd_on_single_images(tmp_path):
     eps = torch.randn(x.shape, generator=g)
 
     gsm = attach(model)
-    per_image_loss(gsm, diffusion, x, y, log_snr, eps).mean().backward()
+    diffusion.per_image_loss(gsm, x, y, log_snr, eps).mean().backward()  # what diffusion.loss averages
     samples = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
     detach(gsm)
     assert any(isinstance(m, FourierFeatures) for m in model.modules())
@@ -58,7 +49,7 @@ def test_per_sample_gradients_match_autograd_on_single_images(tmp_path):
     for i in range(len(x)):
         model.zero_grad(set_to_none=True)
         s = slice(i, i + 1)
-        per_image_loss(model, diffusion, x[s], y[s], log_snr[s], eps[s]).sum().backward()
+        diffusion.per_image_loss(model, x[s], y[s], log_snr[s], eps[s]).sum().backward()
         for name, p in model.named_parameters():
             ref = p.grad if p.grad is not None else torch.zeros_like(p)
             torch.testing.assert_close(samples[name][i], ref, rtol=1e-4, atol=1e-6, msg=name)

@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from matplotlib.container import BarContainer, ErrorbarContainer
 from PIL import Image
 
+from fedrun.__main__ import main as fedrun_main
 from fedrun.config import Config
+from fedrun.errors import RunDirError
 from fedrun.evaluation import report
 
 
@@ -85,11 +88,15 @@ def test_identical_settings_are_told_apart_by_folder(tmp_path):
     assert sorted(table.labels) == ["run.mode=fedavg (x)", "run.mode=fedavg (y)"]
 
 
-def test_missing_summary_is_a_clear_error(tmp_path, capsys):
+def test_missing_summary_is_one_error_line_with_the_run_dir_exit_code(tmp_path, capsys):
     (tmp_path / "unfinished").mkdir()
-    assert report.main([str(tmp_path / "unfinished")]) == 2
-    err = capsys.readouterr().err
-    assert "summary.json" in err and "unfinished" in err
+    with pytest.raises(report.ReportError, match="unfinished.*summary.json"):
+        report.main([str(tmp_path / "unfinished")])
+    # through the command line: fedrun.__main__ prints any FedrunError as one line
+    assert fedrun_main(["report", str(tmp_path / "unfinished")]) == RunDirError.exit_code == 4
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedrun: error:")]
+    assert len(errors) == 1 and "summary.json" in errors[0] and "unfinished" in errors[0]
+    assert issubclass(report.ReportError, RunDirError)
     with pytest.raises(report.ReportError, match="config"):
         (tmp_path / "bad").mkdir()
         (tmp_path / "bad" / "summary.json").write_text("{}")
@@ -242,9 +249,96 @@ def test_method_labels_name_what_is_on(tmp_path):
 
 def test_png_draws_std_whiskers(tmp_path):
     dirs = [_run(tmp_path, f"s{s}", _fid(f), run__seed=s) for s, f in ((0, 10.0), (1, 30.0))]
-    _, paths = report.make_report(dirs)
+    table, paths = report.make_report(dirs)
+    fig = report.bar_figure(table)
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert list(axes) == ["digits: IS ↑", "digits: FID (train) ↓", "digits: FID (test) ↓"]
+    fid = axes["digits: FID (test) ↓"]
+    (bar,) = [c for c in fid.containers if isinstance(c, BarContainer)]
+    assert [p.get_width() for p in bar.patches] == [20.0]  # the mean over the two seeds
+    (whisker,) = [c for c in fid.containers if isinstance(c, ErrorbarContainer)]
+    (segment,) = whisker.lines[2][0].get_segments()  # from mean - std to mean + std
+    assert segment[:, 0] == pytest.approx([20.0 - 200 ** 0.5, 20.0 + 200 ** 0.5])
+    assert "20.00 ± 14.14" in [t.get_text() for t in fid.texts]  # the value label
+    is_ = axes["digits: IS ↑"]  # the settings are named once per row, left of the first panel
+    assert [t.get_text() for t in is_.get_yticklabels()] == ["run.mode=fedavg  (n=2)"]
+    assert fid.get_xticks().size > 2  # an axis with ticks
     with Image.open(paths["png"]) as im:
-        im = im.convert("RGB")
-        # FID (test) panel (the third): the whisker's centre column is black above the bar top
-        px = [im.getpixel((10 + 2 * 240 + 10 + 110, y)) for y in range(im.size[1])]
-    assert px.count((0, 0, 0)) > 20
+        assert im.size[0] > 600 and im.size[1] > 150
+
+
+def test_heat_map_has_a_colour_bar_class_ticks_and_the_global_row(tmp_path):
+    scores = {**_fid(6.0), "per_class": {"fid_test": [5.0, 7.0, 9.0], "kid_test": [0.0] * 3}}
+    run = _run(tmp_path, "a", scores)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["client_scores"] = {"3": [{"client": 4, "per_class_fid_test": [40.0, None, 2.0]}]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    fig = report.heatmap_figure([report.load_run(run)])
+    heat, bar = fig.axes  # the map and its colour bar
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["0", "1", "2"]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["client 4", "global model"]
+    assert "round 3" in heat.get_title() and "–" in [t.get_text() for t in heat.texts]  # no score
+    assert bar.get_ylim() == (2.0, 40.0)  # the colour scale spans the panel's scores
+    assert report.heatmap_figure([report.load_run(_run(tmp_path, "b", _fid(1.0)))]) is None
+
+
+def _metrics(run_dir: Path, records: list[dict]) -> None:
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_curves_of_each_run_from_its_metrics(tmp_path):
+    fed = _run(tmp_path / "runs", "fed", _fid(5.0), fed__alpha=0.1)
+    _metrics(fed, [{"round": r, "loss": 1.0 / r, "wait_s": 0.1 * r, "allreduce_bytes": 4000,
+                    "epsilon": 0.5 * r, **({"scores": _fid(9.0, class_acc=0.4)} if r == 2 else {})}
+                   for r in (1, 2, 3)])
+    with (fed / "metrics.jsonl").open("a") as f:
+        f.write('{"round": 4, "lo')  # torn by kill -9: skipped
+    central = _run(tmp_path / "runs", "central", _fid(4.0), run__mode="centralized", fed__local_epochs=3)
+    _metrics(central, [{"round": r, "epochs": 3 * r, "loss": 0.5 / r} for r in (1, 2)])
+    bare = _run(tmp_path / "runs", "bare", _fid(6.0), fed__alpha=0.5)  # no metrics.jsonl: no curves
+    out = tmp_path / "out"
+    table, paths = report.make_report([fed, central, bare], out)
+    assert paths["curves:fed"] == out / "fed_curves.png" and paths["curves:central"].is_file()
+    assert "curves:bare" not in paths and not (out / "bare_curves.png").exists()
+
+    fig = report.curves_figure(report.load_run(fed), report.load_metrics(fed))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["training loss", "FID ↓ (evaluated rounds)", "class accuracy ↑ (evaluated rounds)",
+                      "privacy spent", "bytes per round", "wait for the slowest rank"]
+    loss = fig.axes[0].lines[0]
+    assert list(loss.get_xdata()) == [1, 2, 3] and list(loss.get_ydata()) == [1.0, 0.5, 1.0 / 3]
+    fid_lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                 for line in fig.axes[1].lines}
+    assert fid_lines == {"test": ([2], [9.0]), "train": ([2], [10.0])}
+    assert list(fig.axes[4].lines[0].get_ydata()) == [0.004] * 3  # MB
+
+    fig = report.curves_figure(report.load_run(central), report.load_metrics(central))
+    (panel,) = [ax for ax in fig.axes if ax.get_visible()]  # the loss only: no other numbers
+    assert panel.get_title() == "training loss" and panel.get_xlabel() == "round (3 epochs each)"
+    assert report.main([str(fed), "--out", str(tmp_path / "quiet"), "--no-curves"]) == 0
+    assert not list((tmp_path / "quiet").glob("*_curves.png"))
+
+
+def test_feddyn_is_labelled_with_its_alpha_only_when_it_is_on(tmp_path):
+    dirs = [_run(tmp_path, "plain", _fid(9.0), fed__feddyn_alpha=0.5),  # alpha of a method that is off
+            _run(tmp_path, "dyn", _fid(8.0), fed__drift="feddyn", fed__feddyn_alpha=0.1),
+            _run(tmp_path, "central", _fid(7.0), run__mode="centralized", fed__feddyn_alpha=0.1)]
+    table = report.build_table([report.load_run(d) for d in dirs])
+    labels = {r.path.name: r.label for rs in table.cells.values() for r in rs}
+    assert labels == {"plain": "run.mode=fedavg", "dyn": "fed.drift=feddyn, fed.feddyn_alpha=0.1",
+                      "central": "run.mode=centralized"}
+
+
+def test_labels_read_the_config_fields_facts():
+    from fedrun.config import FEDERATED, key_facts, unless
+    from fedrun.evaluation.report.table import applies, is_label, is_off
+
+    assert not is_label("run.seed") and not is_label("checkpoint.every") and not is_label("data.name")
+    assert not is_label("run.tensorboard") and is_label("eval.steps") and is_label("fed.alpha")
+    assert key_facts("fed.alpha").applies == FEDERATED & unless("fed.partition", "iid")
+    assert not applies("fed.alpha", {"fed.partition": "iid"}) and applies("fed.alpha", {})
+    assert applies("fed.rounds", {"run.mode": "centralized"})
+    assert not applies("fed.num_clients", {"run.mode": "centralized"})
+    assert not applies("privacy.clip", {}) and applies("privacy.clip", {"privacy.level": "sample"})
+    assert is_off("fed.drift", "none") and not is_off("fed.drift", "feddyn") and not is_off("fed.alpha", 0.5)
+    assert is_label("some.key_of_an_older_release") and applies("some.key_of_an_older_release", {})

@@ -1,6 +1,7 @@
 """A resumed run ends with the same model as an uninterrupted one (bit for bit), whatever state
 it carries across the restart: the RNG, a server optimizer's moments, the centralized Adam, the
-EMA, and what clients keep between rounds (Adam moments, SCAFFOLD control variates)."""
+EMA, and what clients keep between rounds (Adam moments, SCAFFOLD control variates, FedDyn's
+gradient state and its server correction)."""
 
 import json
 
@@ -27,6 +28,8 @@ def final_checkpoint(cfg):
     pytest.param({"run__mode": "fedavg", "ema__sigma_rel": "0.1", "fed__drift": "scaffold",
                   "fed__client_optimizer": "keep", "model__label_dropout": "0.2"},
                  id="ema-scaffold-kept-adam-client-state"),
+    pytest.param({"run__mode": "fedavg", "fed__drift": "feddyn", "fed__feddyn_alpha": "0.1"},
+                 id="feddyn-client-and-server-state"),
     pytest.param({"run__mode": "centralized", "ema__sigma_rel": "0.1"}, id="centralized-ema"),
     pytest.param({"run__mode": "fedavg", "privacy__level": "sample", "fed__num_clients": "12"},
                  id="dp-sgd-ledger"),
@@ -64,6 +67,11 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
             other = b["clients"]["clients"][k]
             assert torch.equal(entry["control"], other["control"])
             assert same_bits(entry["optimizer"]["state"][0], other["optimizer"]["state"][0])
+    if extra.get("fed__drift") == "feddyn":  # every client's g_k and the server's h
+        assert stopped["clients"]["feddyn_h"].abs().max() > 0
+        assert torch.equal(a["clients"]["feddyn_h"], b["clients"]["feddyn_h"])
+        for k, entry in a["clients"]["clients"].items():
+            assert torch.equal(entry["feddyn_grad"], b["clients"]["clients"][k]["feddyn_grad"])
     if "privacy__level" in extra:  # the accountant's record survived: the same epsilon, exactly
         assert stopped["extra"]["privacy"]["history"] and a["extra"] == b["extra"]
         eps = [json.loads((tmp_path / n / "summary.json").read_text())["privacy"]["epsilon_max"]

@@ -1,7 +1,7 @@
 """Safety, statically: every ``torch.load`` in fedrun/ passes ``weights_only=True``; nothing calls
 eval/exec/compile, pickle/marshal/shelve loads or dumps, or ``np.load(allow_pickle=True)``
 (checked on the AST, so comments and ``model.eval()`` do not count). The network side is in
-tests/integration_tests/test_offline.py.
+tests/integration_tests/test_smoke_offline.py.
 """
 
 from __future__ import annotations

@@ -1,46 +1,16 @@
-"""``fedrun report RUN_DIR... [--out DIR]``: one results table over finished runs.
-
-Reads ``<run>/summary.json`` (and ``<run>/audit.json`` when present) of every run, labels each
-run by the config settings that differ between runs of the same data set, and writes, in the
-paper's layout (rows = settings, columns = IS / FID(train) / FID(test) grouped per data set)::
-
-    <out>/report.md    markdown table, "mean ± std", plus which runs fed each row
-    <out>/report.csv   the same table, raw numbers, one column per (data set, score)
-    <out>/report.png   bar charts: one row of panels per data set, one panel per score; bars are
-                       means, whiskers the std over seeds
-
-``--out`` defaults to the common parent folder of the run dirs (e.g. ``runs/``).
-
-summary.json schema (keys the report reads; anything else is ignored)::
-
-    {
-      "config": {"run": {...}, "data": {...}, "model": {...}, "diffusion": {...}, "fed": {...},
-                 "optim": {...}, "train": {...}, "ema": {...}, "privacy": {...},
-                 "checkpoint": {...}, "sample": {...},
-                 "eval": {...}},           # Config.to_dict() of the resolved config (required)
-      "scores": {                          # {} or null when the run was not scored
-        "is_mean": float, "is_std": float, # Inception Score over 10 splits
-        "fid_train": float,                # FD to the whole train split
-        "fid_test": float,                 # FD to the whole test split
-        "extractor": "inception" | "classifier",
-        "num_samples": int, "class_acc": float | null   # optional
-      },
-      "privacy": {"epsilon_max": float}    # optional: the largest epsilon spent (DP runs)
-    }
-
-i.e. ``fedrun.metrics.Scorer.score``'s dict goes under "scores" unchanged. ``audit.json``
-(optional): ``{"auc": float, "near_copies": int | float | list}`` (a list counts its items).
+"""The report's table: row labels from the config facts, seeds averaged, the FID ratio to the
+centralized row, and the table as markdown, CSV and a terminal table; per-client rows too.
 
 How runs are labelled: a config key becomes part of the label when its value differs between
-two runs of the same data set (bookkeeping keys such as run.name, run.seed, paths, checkpoint and
-sampling settings never do). Keys that do not apply to a run are left out of its label: the
-federated settings of a centralized run (except fed.rounds / fed.local_epochs, which set its
-epochs), fed.alpha of an IID partition, fed.prox_mu unless fed.drift = "fedprox", server
-optimizer settings of plain FedAvg, optim.min_lr_ratio of a constant lr, privacy.* of a run
-without privacy. When more than one key labels the table, a method that is off (ema.sigma_rel
-= 0, fed.drift = "none", ..., see OFF) is not named, and rows with a method off sort first.
-"run.mode=fedavg" is dropped when the label names anything else (centralized rows keep their
-mode). Runs of different data sets with the same label share a row.
+two runs of the same data set, unless its config field says it never labels a row (``label``
+in fedrun/config.py: run.name, run.seed, paths, checkpoint and sampling settings...). Keys that
+do not apply to a run (the field's ``applies``: federated settings of a centralized run except
+fed.rounds / fed.local_epochs, fed.alpha of an IID partition, fed.prox_mu unless fed.drift =
+"fedprox", ...) are left out of its label. When more than one key labels the table, a method
+that is off (the field's ``off`` value: ema.sigma_rel = 0, fed.drift = "none", ...) is not
+named, and rows with a method off sort first. "run.mode=fedavg" is dropped when the label names
+anything else (centralized rows keep their mode). Runs of different data sets with the same
+label share a row.
 
 Seeds: runs that differ only in run.seed form one row; every score is then the mean over the
 seeds ± the sample std (n - 1), "(n=3)" saying how many runs had that score. Runs with the
@@ -54,21 +24,14 @@ with the row on most other label keys (e.g. ema.sigma_rel) is the reference.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
-import math
-import os
 import statistics
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
-
-from .grids import class_colours
+from ...config import NO_OFF, key_facts
+from .runs import DATASET_TITLES, Run, dataset_title
 
 SCORES = (("is_mean", "IS"), ("fid_train", "FID (train)"), ("fid_test", "FID (test)"))
 # In report.md and report.csv when some run has them (older runs do not).
@@ -79,133 +42,25 @@ RATIO = ("fid_ratio", "FID / centralized")  # derived: a row's FID (test) / the 
 KID_SCALE = 1e3  # KID is printed x1e3, as in the KID literature; the CSV keeps raw values
 THREE_DIGITS = {"precision", "recall", "density", "coverage", "class_acc", "audit_auc"}
 
-# Never labels: they name, place or schedule a run without changing its model.
-IGNORED = {
-    "run.name", "run.out_dir", "run.device", "run.threads", "run.seed",
-    "data.root", "data.download", "train.compile", "train.channels_last",
-    "eval.every", "eval.enabled", "eval.batch_size", "eval.cache_dir", "eval.inception_weights",
-    "eval.local_models_at", "eval.per_class", "eval.client_samples",
-}
-IGNORED_SECTIONS = ("checkpoint", "sample")
-CENTRALIZED_FED_KEYS = {"fed.rounds", "fed.local_epochs"}
-# A method switched off: not named in a label when several keys label the table.
-OFF = {"ema.sigma_rel": 0.0, "model.label_dropout": 0.0, "diffusion.guidance": 0.0, "fed.drift": "none",
-       "fed.client_optimizer": "reset", "optim.lr_schedule": "constant", "fed.server_opt": "fedavg",
-       "privacy.level": "none"}
-
-# Column order and titles of the paper; other data sets follow in order of appearance.
-DATASET_TITLES = {"cifar10": "CIFAR-10", "fashion_mnist": "Fashion-MNIST", "svhn": "SVHN",
-                  "image_folder": "CT scans", "digits": "digits", "synthetic": "synthetic"}
-
-
-class ReportError(RuntimeError):
-    """A run dir cannot be reported on. The message names the file and the fix."""
-
-
-@dataclass
-class Run:
-    path: Path
-    flat: dict[str, Any]  # "section.key" -> value (lists as tuples)
-    scores: dict[str, Any]
-    dataset: str  # column group
-    client_scores: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # round -> rows
-    extra: dict[str, float] = field(default_factory=dict)  # epsilon, audit_auc, near_copies
-    label: str = ""
-    parts: list[tuple[str, Any]] = field(default_factory=list)
-    seeded: bool = False  # one of several seeds of its row
-    wall_s: float | None = None  # the run's wall time (summary.json)
-
-    def value(self, key: str) -> float | None:
-        v = self.scores.get(key, self.extra.get(key))
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-    @property
-    def title(self) -> str:
-        """The row label, plus the seed when the row averages several."""
-        return f"{self.label} [seed {self.flat.get('run.seed')}]" if self.seeded else self.label
-
-
-def flatten(config: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{key}": tuple(v) if isinstance(v, list) else v
-            for section, body in config.items() if isinstance(body, dict) for key, v in body.items()}
-
-
-def dataset_of(flat: dict[str, Any]) -> str:
-    name = str(flat.get("data.name", "?"))
-    if name == "image_folder":  # several folders may be compared: name them by their folder
-        root = Path(str(flat.get("data.root", ""))).name
-        return f"{name}:{root}" if root else name
-    return name
-
-
-def dataset_title(dataset: str) -> str:
-    name, _, root = dataset.partition(":")
-    return root if root else DATASET_TITLES.get(name, name)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, list):
-        return float(len(value))
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _extra(data: dict[str, Any], path: Path) -> dict[str, float]:
-    """epsilon from summary.json's "privacy", audit_auc / near_copies from audit.json."""
-    out: dict[str, float] = {}
-    privacy = data.get("privacy")
-    if isinstance(privacy, dict) and _number(privacy.get("epsilon_max")) is not None:
-        out["epsilon"] = _number(privacy["epsilon_max"])
-    audit_path = path / "audit.json"
-    if audit_path.is_file():
-        try:
-            audit = json.loads(audit_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{audit_path}: not valid JSON ({exc}); delete it or rerun the audit") from None
-        for src, dst in (("auc", "audit_auc"), ("near_copies", "near_copies")):
-            if isinstance(audit, dict) and _number(audit.get(src)) is not None:
-                out[dst] = _number(audit[src])
-    return out
-
-
-def load_run(run_dir: str | Path) -> Run:
-    path = Path(run_dir)
-    summary = path / "summary.json"
-    if not summary.is_file():
-        raise ReportError(f"{summary}: not found; a run writes it when it finishes (is {path} a run dir?)")
-    try:
-        data = json.loads(summary.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{summary}: not valid JSON ({exc})") from None
-    if not isinstance(data.get("config"), dict):
-        raise ReportError(f"{summary}: has no 'config' table; it was not written by fedrun train")
-    flat = flatten(data["config"])
-    return Run(path, flat, dict(data.get("scores") or {}), dataset_of(flat),
-               client_scores=dict(data.get("client_scores") or {}), extra=_extra(data, path),
-               wall_s=_number(data.get("wall_s")))
-
 
 # --------------------------------------------------------------------------------------------
 # Labels
 
 
-def _applies(key: str, flat: dict[str, Any]) -> bool:
-    if key.startswith("fed.") and flat.get("run.mode") == "centralized":
-        return key in CENTRALIZED_FED_KEYS
-    if key in ("fed.alpha", "fed.min_client_size", "fed.max_resample"):
-        return flat.get("fed.partition") != "iid"
-    if key in ("fed.server_momentum", "fed.server_lr"):
-        return flat.get("fed.server_opt", "fedavg") != "fedavg"
-    if key == "fed.server_beta2":
-        return flat.get("fed.server_opt") in ("fedadam", "fedyogi")
-    if key == "fed.server_tau":
-        return flat.get("fed.server_opt") in ("fedadam", "fedyogi", "fedadagrad")
-    if key == "fed.prox_mu":
-        return flat.get("fed.drift") == "fedprox"
-    if key == "optim.min_lr_ratio":
-        return flat.get("optim.lr_schedule", "constant") != "constant"
-    if key.startswith("privacy.") and key != "privacy.level":
-        return flat.get("privacy.level", "none") != "none"
-    return True
+def is_label(key: str) -> bool:
+    """May ``key`` tell runs apart? The data set never does: it is the column group."""
+    return key_facts(key).label
+
+
+def applies(key: str, flat: dict[str, Any]) -> bool:
+    """Does ``key`` mean anything for the run whose flattened config is ``flat``?"""
+    return key_facts(key).applies.holds(flat)
+
+
+def is_off(key: str, value: Any) -> bool:
+    """Is ``value`` the setting of ``key`` that switches its method off?"""
+    off = key_facts(key).off
+    return off is not NO_OFF and value == off
 
 
 def _fmt(value: Any) -> str:
@@ -223,8 +78,7 @@ def label_runs(runs: list[Run]) -> list[str]:
     order = list(runs[0].flat)
     keys = [k for r in runs for k in r.flat if k not in order]
     order += list(dict.fromkeys(keys))
-    usable = [k for k in order if k not in IGNORED and k.split(".")[0] not in IGNORED_SECTIONS
-              and k != "data.name"]  # the data set is the column group
+    usable = [k for k in order if is_label(k)]
 
     def varies(key: str, group: list[Run]) -> bool:
         return len({r.flat.get(key) for r in group}) > 1
@@ -239,9 +93,9 @@ def label_runs(runs: list[Run]) -> list[str]:
     label_keys.sort(key=lambda k: (not k.startswith("run."), order.index(k)))
 
     for r in runs:
-        r.parts = [(k, r.flat.get(k)) for k in label_keys if _applies(k, r.flat)]
+        r.parts = [(k, r.flat.get(k)) for k in label_keys if applies(k, r.flat)]
         if len(label_keys) > 1:
-            r.parts = [(k, v) for k, v in r.parts if k not in OFF or OFF[k] != v]
+            r.parts = [(k, v) for k, v in r.parts if not is_off(k, v)]
         if len(r.parts) > 1:  # e.g. "fed.alpha=0.1" says FedAvg; centralized rows keep their mode
             r.parts = [(k, v) for k, v in r.parts if not (k == "run.mode" and v == "fedavg")]
         r.label = ", ".join(f"{k}={_fmt(v)}" for k, v in r.parts) or "default"
@@ -334,9 +188,9 @@ def build_table(runs: list[Run]) -> Table:
     def sort_key(r: Run) -> tuple:  # e.g. centralized first, then alpha ascending
         def one(key: str) -> tuple:
             v = r.flat.get(key)
-            if not _applies(key, r.flat):
+            if not applies(key, r.flat):
                 return (-2, "")
-            if key in OFF and v == OFF[key]:  # the method off (plain FedAvg) before its variants
+            if is_off(key, v):  # the method off (plain FedAvg) before its variants
                 return (-1, "")
             return (1, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (0, str(v))
         return (*(one(k) for k in label_keys), r.flat.get("run.seed", 0))
@@ -445,61 +299,6 @@ def write_csv(table: Table, path: Path) -> None:
             w.writerow([label] + ["" if v is None else repr(v) for v in values])
 
 
-def png_panels(table: Table) -> list[tuple[str, str]]:
-    """The scores drawn: the paper's, and class accuracy when some run has it."""
-    return list(SCORES) + [(k, n) for k, n in columns(table) if k == "class_acc"]
-
-
-def write_png(table: Table, path: Path, panel_w: int = 240, panel_h: int = 170) -> None:
-    """One row of panels per data set, one panel per score, one coloured bar per setting: the
-    mean, with a whisker of +- the std over seeds when the row has several."""
-    font = ImageFont.load_default()
-    colours = class_colours(len(table.labels))
-    panels = png_panels(table)
-    legend_h = 18 * len(table.labels) + 10
-    pad_l, pad_t, pad_b = 10, 28, 14
-    width = len(panels) * panel_w + 2 * pad_l
-    height = legend_h + len(table.datasets) * (panel_h + pad_t + pad_b)
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    for i, label in enumerate(table.labels):
-        y = 6 + 18 * i
-        draw.rectangle([pad_l, y, pad_l + 11, y + 11], fill=colours[i])
-        n = max((len(table.runs_of(label, d)) for d in table.datasets), default=1)
-        draw.text((pad_l + 18, y), label + (f"  (n={n})" if n > 1 else ""), fill="black", font=font)
-    for row, dataset in enumerate(table.datasets):
-        top = legend_h + row * (panel_h + pad_t + pad_b)
-        for col, (key, name) in enumerate(panels):
-            x0 = pad_l + col * panel_w
-            draw.text((x0 + panel_w // 2, top + 6), f"{dataset_title(dataset)}: {name}", fill="black",
-                      font=font, anchor="mt")
-            stats = [table.stats(label, dataset, key) for label in table.labels]
-            peak = max([m + (s or 0.0) for m, s, _ in stats if m is not None] + [1e-9])
-            base = top + pad_t + panel_h
-            slot = (panel_w - 20) / max(1, len(stats))
-            scale = (panel_h - 24) / peak
-            draw.line([x0 + 8, base, x0 + panel_w - 8, base], fill="black")
-            for i, (v, std, _) in enumerate(stats):
-                bx = x0 + 10 + i * slot
-                if v is None:
-                    draw.text((bx + slot / 2, base - 4), "n/a", fill="gray", font=font, anchor="mb")
-                    continue
-                h = max(0.0, v) * scale
-                draw.rectangle([round(bx + slot * 0.15), round(base - h), round(bx + slot * 0.85), base - 1],
-                               fill=colours[i])
-                top_y = base - h
-                if std:  # whisker: mean +- std, clipped at the axis
-                    cx = round(bx + slot / 2)
-                    hi, lo = base - (v + std) * scale, min(base, base - (v - std) * scale)
-                    draw.line([cx, round(hi), cx, round(lo)], fill="black", width=1)
-                    for y in (hi, lo):
-                        draw.line([cx - 3, round(y), cx + 3, round(y)], fill="black")
-                    top_y = min(top_y, hi)
-                text = f"{v:.2f}" if key == "class_acc" else f"{v:.1f}"
-                draw.text((bx + slot / 2, top_y - 2), text, fill="black", font=font, anchor="mb")
-    img.save(path)
-
-
 # --------------------------------------------------------------------------------------------
 # Per client and per class: the non-IID story as numbers
 
@@ -581,58 +380,6 @@ def write_clients_csv(runs: list[Run], path: Path) -> bool:
     return True
 
 
-def _heat(value: float | None, lo: float, hi: float) -> tuple[int, int, int]:
-    if value is None or not math.isfinite(value):
-        return (225, 225, 225)
-    t = 0.0 if hi <= lo else min(1.0, max(0.0, (value - lo) / (hi - lo)))
-    return (int(60 + 190 * t), int(175 - 120 * t), int(90 - 40 * t))  # green (low FID) to red
-
-
-def write_heatmap(runs: list[Run], path: Path, cell: int = 40) -> bool:
-    """One panel per run with per-client scores: rows = clients (local model right after local
-    training) and a last row for the global model, columns = classes, colour and number = FID of
-    class c against the test images of class c. False (nothing written) without such runs."""
-    panels = []
-    for run in runs:
-        last, rows = client_rows(run)
-        grid = [(f"client {r['client']}", r["per_class_fid_test"]) for r in rows if r["per_class_fid_test"]]
-        if run.scores.get("per_class"):
-            grid.append(("global", run.scores["per_class"]["fid_test"]))
-        if grid:
-            panels.append((f"{run.title} / {dataset_title(run.dataset)}: per-class FID (test), "
-                           f"local models at round {last or '–'}", grid))
-    if not panels:
-        return False
-    font = ImageFont.load_default()
-    left, top_pad = 70, 36
-    classes = max(len(values) for _, grid in panels for _, values in grid)
-    width = left + classes * cell + 20
-    heights = [top_pad + len(grid) * cell + 16 for _, grid in panels]
-    width = max(width, max(8 * len(title) for title, _ in panels) // 1 + 20)
-    img = Image.new("RGB", (width, sum(heights)), "white")
-    draw = ImageDraw.Draw(img)
-    y0 = 0
-    for (title, grid), h in zip(panels, heights, strict=True):
-        draw.text((8, y0 + 6), title, fill="black", font=font)
-        values = [v for _, row in grid for v in row if v is not None and math.isfinite(v)]
-        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-        for c in range(classes):
-            draw.text((left + c * cell + cell // 2, y0 + top_pad - 4), str(c), fill="black", font=font,
-                      anchor="mb")
-        for i, (name, row) in enumerate(grid):
-            y = y0 + top_pad + i * cell
-            draw.text((left - 6, y + cell // 2), name, fill="black", font=font, anchor="rm")
-            for c in range(classes):
-                v = row[c] if c < len(row) else None
-                x = left + c * cell
-                draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=_heat(v, lo, hi))
-                draw.text((x + cell // 2 - 1, y + cell // 2 - 1), "–" if v is None else f"{v:.0f}"
-                          if v >= 100 else f"{v:.1f}", fill="black", font=font, anchor="mm")
-        y0 += h
-    img.save(path)
-    return True
-
-
 def print_table(table: Table) -> None:
     """The paper layout if the terminal is wide enough, else one table per data set."""
     from rich.console import Console
@@ -652,50 +399,3 @@ def print_table(table: Table) -> None:
         for label in table.labels:
             t.add_row(label, *[_cell(table, label, d, k) for d in datasets for k, _ in cols])
         console.print(t)
-
-
-# --------------------------------------------------------------------------------------------
-# Entry points
-
-
-def make_report(run_dirs: Sequence[str | Path],
-                out_dir: str | Path | None = None) -> tuple[Table, dict[str, Path]]:
-    """Write report.md/.csv/.png for ``run_dirs``; returns the table and the three paths."""
-    if not run_dirs:
-        raise ReportError("no run dirs given; usage: fedrun report RUN_DIR... [--out DIR]")
-    runs = [load_run(d) for d in run_dirs]
-    table = build_table(runs)
-    out = Path(out_dir) if out_dir is not None else Path(
-        os.path.commonpath([str(r.path.resolve().parent) for r in runs]))
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
-    write_markdown(table, paths["md"])
-    ordered = [r for label in table.labels for d in table.datasets for r in table.runs_of(label, d)]
-    extra = client_markdown(ordered)
-    if extra:
-        with paths["md"].open("a") as f:
-            f.write("\n".join(extra) + "\n")
-    write_csv(table, paths["csv"])
-    write_png(table, paths["png"])
-    if write_clients_csv(ordered, out / "report_clients.csv"):
-        paths["clients_csv"] = out / "report_clients.csv"
-    if write_heatmap(ordered, out / "report_clients.png"):
-        paths["clients_png"] = out / "report_clients.png"
-    return table, paths
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fedrun report`` subcommand; returns the process exit code (0 ok, 2 bad input)."""
-    parser = argparse.ArgumentParser(prog="fedrun report", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders holding summary.json")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="where report.md/.csv/.png go (default: the run dirs' common parent)")
-    args = parser.parse_args(argv)
-    try:
-        table, paths = make_report(args.run_dirs, args.out)
-    except ReportError as exc:
-        print(f"fedrun report: {exc}", file=sys.stderr)
-        return 2
-    print_table(table)
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0

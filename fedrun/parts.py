@@ -1,0 +1,172 @@
+"""The parts a federated round is made of: their interfaces, and the records they pass around.
+
+``fedrun.train`` builds one of each from the config, once; ``fedrun.federated.rounds`` only
+calls them. A new method is a new part (a class here-shaped, with a hand-computed test) and one
+registry line, never a new branch in the round loop (README "Adding a method").
+
+    Participation   who takes part in round r         federated.participation, privacy.client_dp
+    Placement       which rank trains which client    federated.placement
+    ClientTrainer   how one client trains             federated.client, privacy.dp_sgd, experimental
+    UpdateRule      what a method does around local   federated.drift (FedProx, SCAFFOLD, FedDyn),
+                    training and to the update, on    privacy.client_dp (clipping)
+                    the client's rank, and to the sum
+                    after the all_reduce
+    ServerStep      from the round's sum to the next  federated.server (the server rules), wrapped
+                    global model                      by privacy (noise, the ledger)
+
+The interfaces live in the core so that ``fedrun.privacy`` and ``fedrun.experimental``
+implement them without importing ``fedrun.federated``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from .local_training import LocalResult
+
+GradTerm = Callable[[], None]
+"""Edits the model's gradients in place after each backward pass of a client's local training
+(a drift term); sees unscaled gradients (fp16's GradScaler has unscaled them)."""
+
+
+class Participation(Protocol):
+    """Who takes part in round ``r``: the same list on every rank (drawn from (seed, r))."""
+
+    def clients(self, round_: int) -> list[int]: ...
+
+
+class Placement(Protocol):
+    """Which rank trains which of the round's clients: one list per rank, the same on every rank."""
+
+    def assign(self, clients: list[int]) -> list[list[int]]: ...
+
+
+class ClientTrainer(Protocol):
+    """How one client trains. ``train`` trains the model it was built around in place, starting
+    from the weights it holds (the round's global model), and returns the client's result;
+    ``state`` is the client's kept state by kind (read only: new values go in the result's
+    ``state``, which the loop keeps only for clients whose update is used)."""
+
+    state_kinds: tuple[str, ...]
+    """kinds of per-client state this trainer keeps (e.g. ``("optimizer",)`` for kept Adam)"""
+
+    def begin_round(self, round_: int, clients: list[int]) -> None:
+        """Called once per round with this rank's clients (those with data) before the first."""
+
+    def train(self, round_: int, client: int, state: dict[str, Any],
+              grad_term: GradTerm | None) -> LocalResult: ...
+
+
+@dataclass
+class ClientUpdate:
+    """One client's update on its way into the round's sum, as the update rules see it."""
+
+    client: int
+    model: nn.Module
+    """holds theta_k, the client's local model; rules may edit it in place (clipping, compression)"""
+    global_flat: torch.Tensor
+    """theta, the round's global model the client started from (flat, fedrun.flat order)"""
+    size: int
+    """n_k, the client's number of training images"""
+    weight: float
+    """its weight in the sum: n_k for FedAvg; rules may change it (DP-FedAvg: 1)"""
+    state: dict[str, Any]
+    """the client's kept state as it was before this round (by kind)"""
+    new_state: dict[str, Any] = field(default_factory=dict)
+    """what the client keeps from this round on (by kind): written by the trainer and the rules"""
+
+
+@dataclass
+class Aggregate:
+    """The round after its one all_reduce, as every rank sees it."""
+
+    round: int
+    clients: list[int]
+    """the round's participants, as drawn (some may have been skipped as non-finite)"""
+    total: torch.Tensor
+    """sum_k w_k theta_k over the usable updates (P floats)"""
+    weight: float
+    """sum_k w_k"""
+    average: torch.Tensor
+    """the model the server rule steps toward: total / weight (DP-FedAvg: its noised estimate)"""
+    extra: dict[str, torch.Tensor]
+    """each update rule's own sums (e.g. SCAFFOLD's sum_k n_k (c_k+ - c_k)), by rule name"""
+    usable: bool
+    """is there an update to apply (weight > 0; DP-FedAvg: always, noise is an update)"""
+
+
+class UpdateRule:
+    """One link of the update chain: what a method does around a client's local training and
+    to its update before it is summed (on the client's rank), and with the sum afterwards (on
+    every rank, identically). Every hook does nothing by default: a rule overrides what it uses.
+
+    Rules run in the order ``fedrun.train`` lists them; a rule that keeps per-client state names
+    its kind in ``state_kinds`` and reads it from ``ClientUpdate.state`` / writes it to
+    ``ClientUpdate.new_state``; state that every rank holds identically (a server control
+    variate) goes in ``shared_state`` and reaches checkpoints through ``ClientStates``.
+    """
+
+    name: ClassVar[str] = ""
+    state_kinds: ClassVar[tuple[str, ...]] = ()
+
+    def extra_floats(self, num_params: int) -> int:
+        """Floats this rule adds to the round's all_reduce buffer (its region of ``extra``)."""
+        return 0
+
+    def begin_client(self, model: nn.Module, global_flat: torch.Tensor,
+                     state: dict[str, Any]) -> GradTerm | None:
+        """Before client training: a gradient term for its local steps, or None."""
+        return None
+
+    def end_client(self, update: ClientUpdate, term: GradTerm | None, extra: torch.Tensor) -> None:
+        """After client training, for a usable (finite) update: edit the model or the weight, add
+        this rule's sums into ``extra`` (its region of the buffer), set ``update.new_state``."""
+
+    def on_server(self, global_flat: torch.Tensor, average: torch.Tensor, agg: Aggregate) -> torch.Tensor:
+        """After the all_reduce, before the server rule (only when ``agg.usable``): the average
+        the server rule should step toward, and this rule's server-side state updated."""
+        return average
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """State every rank holds identically (checkpointed with the clients' state)."""
+        return {}
+
+    def load_shared_state(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Restore what ``shared_state`` returned (resume)."""
+
+
+class ServerStep(Protocol):
+    """From the round's aggregate to the next global model (None: nothing usable, keep it)."""
+
+    def step(self, global_flat: torch.Tensor, agg: Aggregate) -> torch.Tensor | None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server rule's state (momenta): the checkpoint's "server" entry."""
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None: ...
+
+    def extra_state(self) -> dict[str, Any]:
+        """Other state of wrappers (the privacy ledger): the checkpoint's "extra" entries."""
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None: ...
+
+    def metrics(self) -> dict[str, Any]:
+        """What the round's record reports about the server side (e.g. epsilon so far)."""
+
+
+def compose_terms(terms: list[GradTerm]) -> GradTerm | None:
+    """One gradient term that applies ``terms`` in order (None when there are none)."""
+    if not terms:
+        return None
+    if len(terms) == 1:
+        return terms[0]
+
+    def both() -> None:
+        for term in terms:
+            term()
+    return both
