@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -183,6 +184,12 @@ def write_results(sweeps: list[tuple[Path, dict[str, Any], list[run_table.Job]]]
             table, paths = report.make_report(list(dict.fromkeys(dirs)), out / "reports" / spec["table"])
             rows, notes = _table_lines(paths["md"].read_text())
             lines += rows + [""] + notes
+            if spec.get("finding"):  # what the table shows, written with the sweep (its numbers above)
+                lines += ["", f"**Finding.** {spec['finding']}"]
+            walls = [f"{row['setting']}: {statistics.fmean(w):.0f}" for row in _numbers(table)
+                     if (w := [x for x in row["wall_s"] if x])]
+            lines.append(f"Wall time of a run (s, mean over its seeds; the machine's load varies): "
+                         f"{'; '.join(walls)}.")
             pngs.append((title, paths["png"]))
             numbers["tables"][spec["table"]] = {"title": title, "rows": _numbers(table), "missing": missing}
         if missing:

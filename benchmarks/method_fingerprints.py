@@ -6,7 +6,8 @@
     python benchmarks/method_fingerprints.py --out after.json --compare before.json
 
 Each method (FedAvg, the server rules, FedProx, SCAFFOLD, kept Adam, EMA, guidance, DP-SGD,
-DP-FedAvg, the experimental grouped trainer, 2 ranks) trains a 2-round run of the tests' tiny
+DP-FedAvg, the experimental grouped trainer, LoRA and norms/biases fine-tuning, DP-SGD with noise
+multiplicity, int8 compression with error feedback, 2 ranks) trains a 2-round run of the tests' tiny
 config (``tests/helpers.py``) as ``python -m fedrun`` started in ``--root`` (so an older tree can
 be fingerprinted with the same script), one thread per process. The fingerprint of a run is the
 SHA-256 of every tensor of its last checkpoint (model, server state, EMA, per-client state,
@@ -47,13 +48,20 @@ METHODS: dict[str, dict[str, str]] = {
     "kept_adam": {"fed.client_optimizer": "keep", "fed.rounds": "3"},
     "ema": {"ema.sigma_rel": "0.1"},
     "guidance": {"model.label_dropout": "0.2", "diffusion.guidance": "1.0"},
-    "dp_sgd": {"privacy.level": "sample", "privacy.noise_multiplier": "1.5"},
-    "dp_fedavg": {"privacy.level": "client", "privacy.noise_multiplier": "0.5",
+    # the accountant is pinned to the one of the first fingerprints (the default became "prv")
+    "dp_sgd": {"privacy.level": "sample", "privacy.noise_multiplier": "1.5", "privacy.accountant": "rdp"},
+    "dp_fedavg": {"privacy.level": "client", "privacy.noise_multiplier": "0.5", "privacy.accountant": "rdp",
                   "fed.clients_per_round": "2", "privacy.clip": "0.5"},
     "feddyn": {"fed.drift": "feddyn", "fed.feddyn_alpha": "0.1", "fed.rounds": "3"},
     "cosine_lr": {"optim.lr_schedule": "cosine", "fed.rounds": "3"},
     "partial_rounds": {"fed.clients_per_round": "2", "fed.rounds": "3"},
     "grouped_trainer": {"train.clients_at_once": "2"},
+    "int8_error_feedback": {"fed.compress": "int8", "fed.rounds": "3"},
+    "lora": {"model.trainable": "lora", "model.lora_rank": "2", "ema.sigma_rel": "0.1"},
+    "norms_biases": {"model.trainable": "norms_biases"},
+    "dp_sgd_lora_multiplicity": {"privacy.level": "sample", "privacy.noise_multiplier": "1.5",
+                                 "model.trainable": "lora", "model.lora_rank": "2",
+                                 "privacy.multiplicity": "2"},
     "centralized": {"run.mode": "centralized"},
 }
 TWO_RANKS = ("fedavg", "kept_adam")  # also run on 2 torchrun ranks: placement and state homes

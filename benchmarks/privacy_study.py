@@ -1,177 +1,315 @@
 #!/usr/bin/env python
-"""Privacy against quality on the digits: epsilon in {1, 8, infinity} at both DP levels, audited.
+"""Privacy in practice on the digits: what DP costs from scratch and from a public model.
 
-    python benchmarks/privacy_study.py                 # runs, audits, writes the table
-    python benchmarks/privacy_study.py --dry-run       # the plan: noise multipliers and commands
+    python benchmarks/privacy_study.py --dry-run    # the plan: runs, their settings, dependencies
+    python benchmarks/privacy_study.py              # the study (start it again to resume)
+    python benchmarks/privacy_study.py --seeds 0 --out /tmp/p -- --fed.rounds 2   # a smoke run
 
-Every run is the digits default (configs/digits.toml: E = 1 rounds, classifier-free guidance)
-at a reduced budget (BUDGET below: 30 rounds of E = 1 = 30 epochs, 50 sampler steps; DP-SGD
-costs about 2.5x plain training on this CPU), one rank each, ``--jobs`` at a time. For each
-target epsilon the noise multiplier is the smallest that fits (fedrun's budget check, i.e.
-Opacus's accountant, at privacy.delta = 1e-5), and the run also sets privacy.target_epsilon,
-so fedrun itself refuses it if the plan would spend more. epsilon = infinity is plain FedAvg.
-Each finished run is audited with ``fedrun audit`` (membership inference AUC, near-copies).
-Finished runs and audits are skipped when the script is started again.
-Output: benchmarks/results/privacy_study.{md,json,png}.
+Every private run is the digits default (configs/digits.toml: 100 rounds of E = 1, classifier-free
+guidance, 10 clients of about 144 images), one rank and one thread each, ``--jobs`` at a time.
+Per seed (default 0 and 1; the seed also draws the partition and the public set's model init):
+
+* ``public``: the public model alone: centralized and non-private on fedrun's printed digits
+  (configs/digits_public.toml, 100 epochs), never touching the handwritten ones; scored
+  against the handwritten test split (``fedrun eval RUN --data.name digits``) and audited against
+  the handwritten train split (``fedrun audit RUN --data.name digits``), like the private runs.
+* non-private FedAvg from scratch (the default), fine-tuned from the public model with all
+  weights, and with LoRA (``model.trainable = "lora"``, rank 4);
+* sample-level DP (DP-SGD in every client) at epsilon 1 / 4 / 8 (delta 1e-5, the noise
+  multiplier solved from the target by fedrun: ``privacy.noise_multiplier = 0``): from
+  scratch, fine-tuned with all weights, with LoRA, and with LoRA and noise multiplicity
+  K = 4 (epsilon 1 and 8: K = 4 costs ~3.5x the compute);
+* client-level DP (DP-FedAvg) at epsilon 8 on the cross-device config
+  (configs/digits_cross_device.toml: 300 clients of 4-5 images, q = 0.1), fine-tuned from the
+  public model with only biases and embeddings trained (``model.trainable = "norms_biases"``:
+  629 numbers, the only subset whose noise-to-signal figure is below 1 there).
+
+Every finished run is audited (``fedrun audit``: membership-inference AUC and TPR at 1 % FPR,
+near-copies). Results: ``benchmarks/results/privacy_study.{md,json,png}``: mean and std over the
+seeds per row, with epsilon, FID (test), class accuracy (fedrun's classifier), the audit, the bytes
+each round all-reduces and the runs' wall time. Finished runs, evaluations and audits are skipped
+when the script is started again; the sessions' wall time is summed in ``<out>/sessions.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fedrun.config import load_config, parse_overrides  # noqa: E402
-from fedrun.data import load_split  # noqa: E402
-from fedrun.federated.participation import sample_clients  # noqa: E402
-from fedrun.partition import client_shards  # noqa: E402
-from fedrun.privacy.accountant import planned_epsilon, smallest_noise  # noqa: E402
-
-CONFIG = ROOT / "configs" / "digits.toml"
-BUDGET = {"fed.rounds": 30, "fed.local_epochs": 1, "eval.steps": 50, "diffusion.sample_steps": 50,
-          "eval.client_samples": 0, "checkpoint.keep": 1}
-EPSILONS = (1.0, 8.0)
-LEVELS = ("sample", "client")
+PRIVATE, PUBLIC, CROSS = (ROOT / "configs" / f"{name}.toml"
+                          for name in ("digits", "digits_public", "digits_cross_device"))
+COMMON = {"run.threads": "1", "checkpoint.keep": "1", "eval.client_samples": "0", "eval.local_models_at": ""}
+LORA = {"model.trainable": "lora", "model.lora_rank": "4"}
 
 
-def base_overrides(out_dir: Path) -> list[str]:
-    """BUDGET and the output folder as --section.key value pairs."""
-    return [a for k, v in {**BUDGET, "run.out_dir": out_dir}.items() for a in (f"--{k}", str(v))]
+@dataclass
+class Job:
+    """One run of the study: its row, config file, overrides and what it must wait for."""
+
+    row: str
+    seed: int
+    config: Path
+    overrides: dict[str, str]
+    after: str | None = None  # the job whose run this one starts from (model.init_from)
+    score_as: dict[str, str] = field(default_factory=dict)  # overrides of its eval and audit
+
+    @property
+    def name(self) -> str:
+        return f"{self.row}_s{self.seed}"
 
 
-def plan(out_dir: Path, seed: int) -> list[dict]:
-    base = base_overrides(out_dir) + ["--run.seed", str(seed), "--run.threads", "1"]
-    jobs = [{"name": f"privacy_none_s{seed}", "level": "none", "target": None, "sigma": None,
-             "args": base + ["--run.name", f"privacy_none_s{seed}"]}]
-    for level in LEVELS:
-        for eps in EPSILONS:
-            name = f"privacy_{level}_eps{eps:g}_s{seed}"
-            args = base + ["--run.name", name, "--privacy.level", level, "--privacy.target_epsilon", str(eps)]
-            cfg = load_config(CONFIG, parse_overrides(args))
-            train = load_split(cfg.data, "train")
-            f = cfg.fed
-            sizes = [len(s) for s in client_shards(cfg, train.labels.numpy())]
-            rounds = [sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
-                      for r in range(1, f.rounds + 1)]
-            participation = rounds if level == "sample" else None
-            sigma = smallest_noise(cfg, sizes, participation)
-            cfg.privacy.noise_multiplier = sigma
-            spent = planned_epsilon(cfg, sizes, participation)
-            jobs.append({"name": name, "level": level, "target": eps, "sigma": sigma,
-                         "planned_epsilon": spent,
-                         "args": args + ["--privacy.noise_multiplier", f"{sigma:g}"]})
+def plan(out: Path, seeds: list[int], extra: dict[str, str]) -> list[Job]:
+    jobs: list[Job] = []
+    for s in seeds:
+        public = Job("public", s, PUBLIC, {}, score_as={"data.name": "digits"})
+        init = {"model.init_from": str(out / public.name)}
+        jobs += [public, Job("scratch", s, PRIVATE, {}),
+                 Job("finetune_all", s, PRIVATE, dict(init), after=public.name),
+                 Job("finetune_lora", s, PRIVATE, {**init, **LORA}, after=public.name)]
+        for eps in (1, 4, 8):
+            # the noise multiplier is fedrun's to solve: the smallest that keeps the run within eps
+            dp = {"privacy.level": "sample", "privacy.target_epsilon": str(eps),
+                  "privacy.noise_multiplier": "0"}
+            jobs += [Job(f"dp{eps}_scratch", s, PRIVATE, dict(dp)),
+                     Job(f"dp{eps}_finetune_all", s, PRIVATE, {**dp, **init}, after=public.name),
+                     Job(f"dp{eps}_finetune_lora", s, PRIVATE, {**dp, **init, **LORA}, after=public.name)]
+            if eps in (1, 8):
+                jobs.append(Job(f"dp{eps}_finetune_lora_k4", s, PRIVATE,
+                                {**dp, **init, **LORA, "privacy.multiplicity": "4"}, after=public.name))
+        jobs.append(Job("client_dp8_cross_device", s, CROSS, {**init, "model.trainable": "norms_biases"},
+                        after=public.name))
+    for j in jobs:
+        j.overrides = {**COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
+                       "run.name": j.name, **extra}
     return jobs
 
 
-def run(job: dict, out_dir: Path) -> dict:
-    run_dir = out_dir / job["name"]
+def _fedrun(args: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    if not (run_dir / "summary.json").exists():
-        res = subprocess.run([sys.executable, "-m", "fedrun", "--config", str(CONFIG), *job["args"]],
-                             cwd=ROOT, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"{job['name']} failed:\n{res.stderr[-3000:]}")
-    if not (run_dir / "audit.json").exists():
-        res = subprocess.run([sys.executable, "-m", "fedrun", "audit", str(run_dir)], cwd=ROOT, env=env,
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"audit of {job['name']} failed:\n{res.stderr[-3000:]}")
-    print(f"{job['name']}: {time.perf_counter() - t0:.0f} s", flush=True)
+    with log.open("a") as f:
+        res = subprocess.run([sys.executable, "-m", "fedrun", *args], cwd=ROOT, env=env, stdout=f,
+                             stderr=subprocess.STDOUT)
+    if res.returncode != 0:
+        raise RuntimeError(f"fedrun {' '.join(args[:3])} ... failed (exit {res.returncode}); see {log}")
+
+
+def run_job(job: Job, out: Path, done: dict[str, threading.Event], audit_options: list[str]) -> None:
+    """Train (or resume), score against the handwritten digits if asked, audit."""
+    if job.after is not None:
+        done[job.after].wait()
+        if not (out / job.after / "summary.json").exists():
+            raise RuntimeError(f"{job.name}: its public model {job.after} did not finish")
+    run_dir = out / job.name
+    log = out / f"{job.name}.log"
+    try:
+        if not (run_dir / "summary.json").exists():
+            _fedrun(["--config", str(job.config), *_args(job.overrides)], log)
+        score = _args(job.score_as)
+        if job.score_as and not list((run_dir / "eval").glob("*.json")):
+            _fedrun(["eval", str(run_dir), *score, "--run.threads", "1"], log)
+        if not (run_dir / "audit.json").exists():
+            _fedrun(["audit", str(run_dir), *score, *audit_options], log)
+        print(f"privacy_study: {job.name} done", flush=True)
+    finally:
+        done[job.name].set()
+
+
+def _args(overrides: dict[str, str]) -> list[str]:
+    return [a for k, v in overrides.items() for a in (f"--{k}", v)]
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def result(job: Job, out: Path) -> dict[str, Any] | None:
+    run_dir = out / job.name
+    if not (run_dir / "summary.json").exists() or not (run_dir / "audit.json").exists():
+        return None
     summary = json.loads((run_dir / "summary.json").read_text())
+    scores = summary.get("scores") or {}
+    if job.score_as:  # the public model, scored against the handwritten digits by fedrun eval
+        scores = json.loads(sorted((run_dir / "eval").glob("*.json"))[-1].read_text())
     audit = json.loads((run_dir / "audit.json").read_text())
-    scores = summary.get("scores", {})
-    return {**{k: v for k, v in job.items() if k != "args"},
-            "epsilon": summary.get("privacy", {}).get("epsilon_max", float("inf")),
-            "fid_test": scores.get("fid_test"), "fid_train": scores.get("fid_train"),
-            "is": scores.get("is_mean"), "class_acc": scores.get("class_acc"),
-            "auc": audit["auc"], "tpr_at_1pct_fpr": audit["tpr_at_1pct_fpr"],
+    privacy = summary.get("privacy") or {}
+    records = _metrics(run_dir)
+    return {"run": str(run_dir), "epsilon": privacy.get("epsilon_max"), "delta": privacy.get("delta"),
+            "noise_multiplier": privacy.get("noise_multiplier"), "fid_test": scores.get("fid_test"),
+            "class_acc": scores.get("class_acc"), "auc": audit["auc"], "tpr": audit["tpr_at_1pct_fpr"],
             "near_copies": audit["near_copies"], "audit_samples": audit["num_samples"],
+            "bytes_per_round": records[-1].get("allreduce_bytes") if records else None,
             "wall_s": summary.get("wall_s")}
 
 
-def _fmt(v: object, spec: str = ".3g") -> str:
-    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+def _stat(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None, 0
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None), len(v)
 
 
-def write_outputs(rows: list[dict], out: Path, wall: float) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "privacy_study.json").write_text(json.dumps({"rows": rows, "wall_s": round(wall, 1)}, indent=2))
-    lines = ["| level | target epsilon | noise multiplier | epsilon spent | FID (test) | IS | class acc | "
-             "MIA AUC | TPR @ 1% FPR | near-copies | run wall s |", "|" + "---|" * 11]
-    for r in rows:
-        lines.append(f"| {r['level']} | {_fmt(r['target']) if r['target'] else 'inf'} | {_fmt(r['sigma'])} | "
-                     f"{_fmt(r['epsilon'])} | {_fmt(r['fid_test'])} | {_fmt(r['is'])} | "
-                     f"{_fmt(r['class_acc'])} | {_fmt(r['auc'])} | {_fmt(r['tpr_at_1pct_fpr'])} | "
-                     f"{r['near_copies']}/{r['audit_samples']} | "
-                     f"{_fmt(r['wall_s'], '.0f')} |")
-    (out / "privacy_study.md").write_text("\n".join(lines) + f"\n\nTotal wall time: {wall:.0f} s.\n")
-    write_png(rows, out / "privacy_study.png")
+def _cell(values: list[float | None], spec: str = ".2f") -> str:
+    mean, std, n = _stat(values)
+    if mean is None:
+        return "–"
+    return f"{mean:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
 
 
-def write_png(rows: list[dict], path: Path) -> None:
-    """Two panels: FID (test) and membership-inference AUC against epsilon, one line per level."""
-    from PIL import Image, ImageDraw
-    w, h, pad = 360, 240, 40
-    img = Image.new("RGB", (2 * w, h), "white")
-    d = ImageDraw.Draw(img)
-    xs = {1.0: 0, 8.0: 1, None: 2}  # epsilon 1, 8, infinity
-    colours = {"sample": (31, 119, 180), "client": (214, 39, 40)}
-    for panel, (key, title) in enumerate((("fid_test", "FID (test), lower is better"),
-                                          ("auc", "membership AUC (0.5 = no leak)"))):
-        x0 = panel * w
-        values = [r[key] for r in rows if r[key] is not None]
-        lo, hi = (0.0, max(values) * 1.1) if key == "fid_test" else (0.4, 1.0)
-        d.text((x0 + pad, 8), title, fill="black")
-        d.rectangle([x0 + pad, pad, x0 + w - 10, h - pad], outline="black")
-        for i, label in enumerate(("eps 1", "eps 8", "eps inf")):
-            d.text((x0 + pad + 20 + i * (w - pad - 50) // 2, h - pad + 8), label, fill="black")
-        d.text((x0 + 4, pad), f"{hi:.3g}", fill="black")
-        d.text((x0 + 4, h - pad - 10), f"{lo:.3g}", fill="black")
-        none = next((r for r in rows if r["level"] == "none"), None)
-        for level, colour in colours.items():
+ROWS = [  # (row, what it is)
+    ("public", "public model only (printed digits, centralized, no DP)"),
+    ("scratch", "FedAvg from scratch, no DP (the default)"),
+    ("finetune_all", "fine-tuned from public, all weights, no DP"),
+    ("finetune_lora", "fine-tuned from public, LoRA r4, no DP"),
+    *[(f"dp{e}_{kind}", f"sample-level eps {e}, {what}") for e in (1, 4, 8)
+      for kind, what in (("scratch", "from scratch"), ("finetune_all", "fine-tuned, all weights"),
+                         ("finetune_lora", "fine-tuned, LoRA r4"),
+                         ("finetune_lora_k4", "fine-tuned, LoRA r4, multiplicity 4"))],
+    ("client_dp8_cross_device", "client-level eps 8, cross-device (300 clients, q 0.1), biases + embeddings"),
+]
+
+
+def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> dict[str, Path]:
+    results.mkdir(parents=True, exist_ok=True)
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for j in jobs:
+        r = result(j, out)
+        if r is not None:
+            by_row.setdefault(j.row, []).append({"seed": j.seed, **r})
+    sessions = json.loads((out / "sessions.json").read_text()) if (out / "sessions.json").exists() else []
+    wall = sum(s["wall_s"] for s in sessions)
+    lines = ["# Privacy in practice on the digits", "",
+             f"Written by `{command}`. Every run: the digits default's budget (100 epochs), one rank, "
+             f"one thread; mean ± std over the seeds (n = runs per row); epsilon at delta 1e-5 (sample "
+             f"level: the worst client; PRV accountant); FID (test) and class accuracy from fedrun's "
+             f"classifier against the handwritten test split; membership inference (loss threshold, "
+             f"best noise level) and near-copies from `fedrun audit`. Wall time of the study: "
+             f"{wall:.0f} s over {len(sessions)} session(s).", "",
+             "| setting | n | epsilon | noise mult. | FID (test) | class acc | MIA AUC | TPR @ 1% FPR | "
+             "near-copies | all-reduce bytes / round | run wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row, what in ROWS:
+        rs = by_row.get(row, [])
+        if not rs:
+            continue
+        eps = _cell([r["epsilon"] for r in rs]) if rs[0]["epsilon"] is not None else "inf"
+        lines.append(f"| {what} | {len(rs)} | {eps} | {_cell([r['noise_multiplier'] for r in rs])} | "
+                     f"{_cell([r['fid_test'] for r in rs])} | {_cell([r['class_acc'] for r in rs], '.3f')} | "
+                     f"{_cell([r['auc'] for r in rs], '.3f')} | {_cell([r['tpr'] for r in rs], '.3f')} | "
+                     f"{_cell([r['near_copies'] for r in rs], '.1f')} / {rs[0]['audit_samples']} | "
+                     f"{_cell([r['bytes_per_round'] for r in rs], '.0f')} | "
+                     f"{_cell([r['wall_s'] for r in rs], '.0f')} |")
+    missing = [j.name for j in jobs if result(j, out) is None]
+    if missing:
+        lines += ["", f"Not finished: {', '.join(missing)}."]
+    md, js, png = (results / f"privacy_study.{ext}" for ext in ("md", "json", "png"))
+    md.write_text("\n".join(lines) + "\n")
+    js.write_text(json.dumps({"command": command, "wall_s": wall, "sessions": sessions, "rows": by_row},
+                             indent=2))
+    write_png(by_row, png)
+    return {"md": md, "json": js, "png": png}
+
+
+def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """FID (test), class accuracy and MIA AUC against epsilon, one line per recipe."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(13, 4), constrained_layout=True)
+    axes = fig.subplots(1, 3)
+    xs = {1: 0, 4: 1, 8: 2, None: 3}
+    recipes = [("scratch", "from scratch"), ("finetune_all", "fine-tuned, all"),
+               ("finetune_lora", "fine-tuned, LoRA"), ("finetune_lora_k4", "fine-tuned, LoRA, K = 4")]
+    for ax, (key, title) in zip(axes, (("fid_test", "FID (test), lower is better"),
+                                       ("class_acc", "class accuracy"),
+                                       ("auc", "membership AUC (0.5 = no signal)")), strict=True):
+        for kind, label in recipes:
             pts = []
-            for r in [r for r in rows if r["level"] == level] + ([none] if none else []):
-                if r[key] is None:
+            for eps in (1, 4, 8, None):
+                row = kind if eps is None else f"dp{eps}_{kind}"
+                if row.endswith("_k4") and eps is None:
                     continue
-                x = x0 + pad + 25 + xs[r["target"]] * (w - pad - 50) // 2
-                y = h - pad - (min(r[key], hi) - lo) / (hi - lo) * (h - 2 * pad)
-                pts.append((x, y))
-            if len(pts) > 1:
-                d.line(pts, fill=colour, width=2)
-            for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-            d.text((x0 + w - 80, pad + 5 + 12 * list(colours).index(level)), level, fill=colour)
-    img.save(path)
+                mean, std, _ = _stat([r[key] for r in by_row.get(row, [])])
+                if mean is not None:
+                    pts.append((xs[eps], mean, std or 0.0))
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            capsize=3, label=label)
+        public, _, _ = _stat([r[key] for r in by_row.get("public", [])])
+        if public is not None:
+            ax.axhline(public, color="grey", linestyle="--", label="public model only")
+        ax.set_xticks(range(4), ["eps 1", "eps 4", "eps 8", "no DP"])
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    cut = given.index("--") if "--" in given else len(given)
+    argv_, extra_args = given[:cut], given[cut + 1:]  # after --: overrides of every run
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "privacy_study_default")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "privacy_study")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1", help="comma-separated (default 0,1)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--dry-run", action="store_true")
-    args = p.parse_args(argv)
-    jobs = plan(args.out_dir, args.seed)
-    for job in jobs:
-        print(f"{job['name']}: sigma {job['sigma']}, planned epsilon {job.get('planned_epsilon', 'inf')}")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--audit-options", default="", help="e.g. '--samples 20 --draws 1' for a smoke run")
+    args = p.parse_args(argv_)
+    extra = dict(zip(extra_args[::2], extra_args[1::2], strict=True))
+    extra = {k.lstrip("-"): v for k, v in extra.items()}
+    out = args.out.resolve()
+    jobs = plan(out, [int(s) for s in args.seeds.split(",")], extra)
+    todo = [j for j in jobs if result(j, out) is None]
+    print(f"privacy_study: {len(jobs)} runs, {len(jobs) - len(todo)} finished, {len(todo)} to do, in {out}")
     if args.dry_run:
+        for j in jobs:
+            print(f"  {j.name}: {j.config.name} {j.overrides}" + (f" after {j.after}" if j.after else ""))
         return 0
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda j: run(j, args.out_dir), jobs))
-    write_outputs(rows, args.results, time.perf_counter() - t0)
-    print((args.results / "privacy_study.md").read_text())
-    return 0
+    out.mkdir(parents=True, exist_ok=True)
+    code = 0
+    if todo and not args.report_only:
+        done = {j.name: threading.Event() for j in jobs}
+        for j in jobs:
+            if j not in todo:
+                done[j.name].set()
+        t0 = time.perf_counter()
+        try:
+            # public models first, so that the runs starting from them do not hold a worker waiting
+            order = sorted(todo, key=lambda j: j.after is not None)
+            with ThreadPoolExecutor(args.jobs) as pool:
+                for fut in [pool.submit(run_job, j, out, done, args.audit_options.split()) for j in order]:
+                    try:
+                        fut.result()
+                    except RuntimeError as exc:
+                        print(f"privacy_study: {exc}", flush=True)
+                        code = 1
+        finally:
+            sessions_path = out / "sessions.json"
+            sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
+            sessions.append({"wall_s": round(time.perf_counter() - t0, 1), "runs": len(todo),
+                             "jobs": args.jobs})
+            sessions_path.write_text(json.dumps(sessions, indent=2))
+    command = " ".join(["python", "benchmarks/privacy_study.py", *given])
+    paths = write_results(jobs, out, args.results, command)
+    print(paths["md"].read_text())
+    return code
 
 
 if __name__ == "__main__":

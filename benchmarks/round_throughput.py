@@ -16,7 +16,19 @@ What it measures (every rank takes part; rank 0 prints and writes the JSON):
   aggregation) on as many images as the rank trained in the steady rounds, in chunks run right
   after each FL round on every rank at once, so that both see the same machine load:
   efficiency = FL img/s / plain img/s;
-* peak host RSS and peak GPU memory per rank, round 1 against round R.
+* peak host RSS and peak GPU memory per rank, round 1 against round R;
+* the update chain (``update_chain_s``: what the rules do to each update before the sum, e.g.
+  compression's encode + decode with ``--fed.compress int8``, DP-FedAvg's clipping) per round
+  and as a share of the round, and the bytes a real client would send and receive
+  (``bytes_up`` / ``bytes_down`` per round and per client; the simulation all-reduces fp32);
+* waiting: each rank's time from the round's start to the all_reduce (``ready_s_per_rank``) and
+  how long it then waited for the slowest (``wait_s_per_rank``), their share of the ranks' time;
+* the per-client overhead: each round's wall time (without evaluation) minus its compute (the
+  local steps, timed around every ``train_step`` with a device sync), per client the rank
+  trained, on rank 0 (``overhead_ms_per_client``; cross-device runs: ``cross_device_scale.py``).
+
+``--no-checkpoint`` leaves checkpoints out (the last round's would gather every client's kept
+state on rank 0: not what a memory figure of the rounds should show).
 
 Data: the "synthetic" set unless --data.name is given, so no download is needed; its size is
 data.synthetic_size (default 5000 images of 32x32x3). Everything else is the config as fedrun
@@ -47,14 +59,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from fedrun import dist, seeding  # noqa: E402
+from fedrun.adapters import make_trainable  # noqa: E402
 from fedrun.checkpoint import Checkpointer  # noqa: E402
 from fedrun.config import Config, load_config, parse_overrides  # noqa: E402
 from fedrun.data import ImageSet, load_split, random_hflip  # noqa: E402
 from fedrun.diffusion import Diffusion  # noqa: E402
 from fedrun.ema import PowerEMA  # noqa: E402
 from fedrun.evaluation.evaluator import Evaluator  # noqa: E402
-from fedrun.federated import placement  # noqa: E402
-from fedrun.federated.participation import sample_clients  # noqa: E402
+from fedrun.federated import client as plain_client  # noqa: E402
 from fedrun.federated.rounds import FederatedRounds, RoundHook  # noqa: E402
 from fedrun.flat import buffer_size, num_flat  # noqa: E402
 from fedrun.logs import RunLogger  # noqa: E402
@@ -78,6 +90,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     p.add_argument("--raw-iters", type=int, default=20, help="timed raw all_reduce repetitions")
     p.add_argument("--no-plain", action="store_true", help="skip the plain-loop baseline")
     p.add_argument("--keep-run", action="store_true", help="keep the run directory (checkpoints, metrics)")
+    p.add_argument("--no-checkpoint", action="store_true", help="write no checkpoint (memory figures)")
     args, rest = p.parse_known_args(argv)
     overrides = parse_overrides(rest)
     overrides.setdefault("data.name", "synthetic")
@@ -96,10 +109,11 @@ def sync(device: torch.device) -> None:
 
 
 def raw_allreduce_ms(numel: int, device: torch.device, iters: int) -> list[float]:
-    """Times of all_reduce(SUM) of one fp32 buffer of ``numel`` elements, each after a barrier."""
+    """Times of all_reduce(SUM) of one int64 buffer of ``numel`` elements (the round's buffer),
+    each after a barrier."""
     if not torch_dist.is_initialized():
         return [0.0] * iters
-    buf = torch.ones(numel, device=device)
+    buf = torch.ones(numel, dtype=torch.int64, device=device)
     for _ in range(3):  # warm-up: NCCL/gloo connections, allocator
         torch_dist.all_reduce(buf)
     sync(device)
@@ -187,12 +201,34 @@ class InterleavedPlain:
 # The benchmark
 
 
-def rank_images(cfg: Config, sizes: dict[int, int], world: int, round_: int) -> list[int]:
-    """Images each rank trains in a round (the same assignment the round loop computes)."""
-    f = cfg.fed
-    clients = sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, round_)
-    per_rank = placement.assign_clients(clients, sizes, world)
-    return [sum(sizes[c] for c in mine) * f.local_epochs for mine in per_rank]
+class ComputeClock:
+    """Seconds spent in local steps (``train_step`` of the plain trainer), per round: the rest of
+    a round is overhead. Installed by wrapping the function the client trainer calls; a round-end
+    hook files the round's seconds and starts the next count."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.rounds = device, 0.0, {}
+        inner = plain_client.train_step
+
+        def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            sync(self.device)
+            t = time.perf_counter()
+            out = inner(*args, **kwargs)
+            sync(self.device)
+            self.seconds += time.perf_counter() - t
+            return out
+        plain_client.train_step = timed
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.rounds[record["round"]] = self.seconds
+        self.seconds = 0.0
+
+
+class NoCheckpoints(Checkpointer):
+    """--no-checkpoint: the round loop's checkpointer, writing nothing."""
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def machine() -> dict[str, Any]:
@@ -251,26 +287,35 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     evaluator = Evaluator(cfg, info, train_set, test_set)
     train_set = train_set.to(device)
     model, diffusion = build(cfg, train_set.num_classes, device)
-    numel = buffer_size(num_flat(model), world)
-    nbytes = numel * 4
-
-    raw_before = raw_allreduce_ms(numel, device, args.raw_iters)
-
-    steady = list(range(2, f.rounds + 1)) or [1]
-    images_of = {r: rank_images(cfg, sizes, world, r)[info.rank] for r in steady}
-    plain = None
-    hooks: list[RoundHook] = []
-    if not args.no_plain:
-        base, _ = build(cfg, train_set.num_classes, device)  # a second model from the same init
-        plain = PlainLoop(cfg, base, diffusion, train_set, device)
-        hooks.append(InterleavedPlain(plain, images_of))
+    make_trainable(model, cfg.model, cfg.run.seed)  # model.trainable: only what trains is all-reduced
     log = RunLogger(cfg.run_dir, info.is_main, f.rounds)
     # the parts fedrun.train builds, from the same builder: the benchmark runs the real round
     parts = build_round_parts(cfg, info, model, diffusion, train_set, shards,
                               build_mechanism(cfg, list(sizes.values())), log.step)
+    numel = buffer_size(num_flat(model), world)  # (plus the rules' regions, if any)
+    nbytes = numel * 8  # the round's buffer is int64 (fedrun/flat.py: the exact sum)
+
+    raw_before = raw_allreduce_ms(numel, device, args.raw_iters)
+
+    steady = list(range(2, f.rounds + 1)) or [1]
+    # images each rank trains in a round: the run's own participation and placement (on demand:
+    # its plan)
+    images_of = {r: sum(sizes[k] for k in parts.placement.assign(parts.participation.clients(r))[info.rank])
+                 * f.local_epochs for r in steady}
+    clock = ComputeClock(device)
+    plain = None
+    hooks: list[RoundHook] = [clock]
+    if not args.no_plain:
+        base, _ = build(cfg, train_set.num_classes, device)  # a second model from the same init
+        make_trainable(base, cfg.model, cfg.run.seed)
+        plain = PlainLoop(cfg, base, diffusion, train_set, device)
+        hooks.append(InterleavedPlain(plain, images_of))
+    checkpointer = NoCheckpoints(cfg, info) if args.no_checkpoint else Checkpointer(cfg, info)
     history = FederatedRounds(cfg, info, model, diffusion, sizes, parts, log, evaluator,
-                              Checkpointer(cfg, info), PowerEMA(cfg.ema, model), hooks).run(0)
+                              checkpointer, PowerEMA(cfg.ema, model), hooks).run(0)
     log.close()
+    for rec in history:
+        rec["compute_s"] = round(clock.rounds.get(rec["round"], 0.0), 4)
 
     raw_after = raw_allreduce_ms(numel, device, args.raw_iters)
     grouped = torch_dist.is_initialized()
@@ -279,8 +324,12 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     plain_figures = None if plain is None else {
         "images": plain.images, "wall_s": plain.seconds, "img_per_s": plain.images / plain.seconds,
         "chunks": plain.chunks}
+    states = parts.states  # kept per-client state at the end: in host memory, and in files
     mine = {"rank": info.rank, "history": history, "plain": plain_figures,
-            "images_steady": sum(images_of.values()), "peak_rss_mb_end": round(host_peak_rss_mb(), 1)}
+            "images_steady": sum(images_of.values()), "peak_rss_mb_end": round(host_peak_rss_mb(), 1),
+            "client_state": {"clients": len(states.clients()), "host_mb": round(states.held / 2**20, 1),
+                             "in_files": len(states.spilled)}}
+    states.close()
 
     gathered: list[Any] = [None] * world
     if world > 1:
@@ -317,12 +366,23 @@ def summarize(args: argparse.Namespace, cfg: Config, info: dist.DistInfo, ranks:
             "wall_s": rec["wall_s"],
             "local_train_s": rec["local_train_s"],
             "local_train_s_per_rank": [h["local_train_s"] for h in per_rank],
+            "ready_s_per_rank": rec["ready_s_per_rank"],  # round start to the all_reduce, per rank
+            "steps_per_rank": rec["steps_per_rank"],
+            "clients_per_rank": rec["clients_per_rank"],
             "aggregate_s": rec["aggregate_s"],
-            "wait_s_per_rank": [h.get("wait_s") for h in per_rank],  # inside aggregate_s
+            "wait_s_per_rank": rec["wait_s_per_rank"],  # each inside its rank's aggregate_s
+            "compute_s": rec["compute_s"],  # rank 0's local steps
+            # rank 0's round (without evaluation) minus its steps, per client it trained
+            "overhead_ms_per_client": round(1e3 * (train_s - rec["compute_s"])
+                                            / max(rec["clients_per_rank"][0], 1), 3),
             "checkpoint_s": rec["checkpoint_s"],
             "eval_s": rec.get("eval_s", 0.0),
+            "update_chain_s": rec["update_chain_s"],  # rank 0's; the clients' encode + decode, ...
+            "update_chain_s_per_rank": [h["update_chain_s"] for h in per_rank],
             "other_s": round(rec["wall_s"] - rec["local_train_s"] - rec["aggregate_s"] - rec["checkpoint_s"]
-                             - rec.get("eval_s", 0.0), 4),
+                             - rec.get("eval_s", 0.0) - rec["update_chain_s"], 4),
+            "bytes_up": rec["bytes_up"],
+            "bytes_down": rec["bytes_down"],
             "images": rec["images"],
             "img_per_s_total": rec["images"] / train_s,
             "aggregation_ms_last_rank": round(agg_ms, 3),
@@ -341,7 +401,13 @@ def summarize(args: argparse.Namespace, cfg: Config, info: dist.DistInfo, ranks:
         "fl_img_per_s_total": round(fl_total, 2),
         "fl_img_per_s_per_rank": [round(x, 2) for x in per_rank_imgs],
         "share_of_round": {k: round(sum(r[k] for r in st) / sum(r["wall_s"] for r in st), 4)
-                           for k in ("local_train_s", "aggregate_s", "checkpoint_s", "eval_s", "other_s")},
+                           for k in ("local_train_s", "update_chain_s", "aggregate_s", "checkpoint_s",
+                                     "eval_s", "other_s")},
+        "update_chain_ms_per_round": round(1e3 * statistics.median(r["update_chain_s"] for r in st), 3),
+        "bytes_up_per_client": ranks[0]["history"][-1]["bytes_up_per_client"],
+        "bytes_down_per_client": ranks[0]["history"][-1]["bytes_down_per_client"],
+        "bytes_up_per_round": statistics.median(r["bytes_up"] for r in st),
+        "bytes_down_per_round": statistics.median(r["bytes_down"] for r in st),
         "aggregation_ms": round(agg_ms, 3),
         "aggregation_gb_per_s": round(nbytes / (agg_ms / 1e3) / 1e9, 3) if agg_ms > 0 else None,
         "raw_allreduce_ms": round(raw_ms, 3) if raw_all else None,
@@ -351,8 +417,13 @@ def summarize(args: argparse.Namespace, cfg: Config, info: dist.DistInfo, ranks:
         # share of all ranks' round time spent waiting for the slowest rank (imbalance as imbalance)
         "wait_share_of_rank_time": round(sum(sum(r["wait_s_per_rank"]) for r in st)
                                          / (world * sum(r["wall_s"] for r in st)), 4),
-        "load_imbalance_s": round(statistics.median(max(r["local_train_s_per_rank"])
-                                                    - min(r["local_train_s_per_rank"]) for r in st), 4),
+        "load_imbalance_s": round(statistics.median(max(r["ready_s_per_rank"])
+                                                    - min(r["ready_s_per_rank"]) for r in st), 4),
+        "overhead_ms_per_client": round(statistics.median(r["overhead_ms_per_client"] for r in st), 3),
+        "compute_share_of_round": round(sum(r["compute_s"] for r in st)
+                                        / sum(r["wall_s"] - r["eval_s"] for r in st), 4),
+        "client_state_per_rank": [rk["client_state"] for rk in ranks],
+        "peak_rss_mb_end_per_rank": [rk["peak_rss_mb_end"] for rk in ranks],
         "peak_rss_mb_round1_vs_last": [[rk["history"][0].get("peak_rss_mb"),
                                         rk["history"][-1].get("peak_rss_mb")] for rk in ranks],
         "peak_gpu_mb_round1_vs_last": [[rk["history"][0].get("peak_gpu_mb"),
@@ -382,7 +453,10 @@ def summarize(args: argparse.Namespace, cfg: Config, info: dist.DistInfo, ranks:
                   "clients_per_round": cfg.fed.clients_per_round, "local_epochs": cfg.fed.local_epochs,
                   "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
                   "compile": cfg.train.compile, "clients_at_once": cfg.train.clients_at_once,
-                  "checkpoint_every": cfg.checkpoint.every},
+                  "checkpoint_every": cfg.checkpoint.every, "compress": cfg.fed.compress,
+                  "error_feedback": cfg.fed.error_feedback, "num_clients": cfg.fed.num_clients,
+                  "placement": cfg.fed.placement, "client_optimizer": cfg.fed.client_optimizer,
+                  "checkpoints": not args.no_checkpoint},
         "config": cfg.to_dict(),
         "rounds": rounds,
         "summary": summary,
@@ -407,6 +481,14 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
     if "fl_efficiency" in s:
         print(f"plain loop img/s: {s['plain_img_per_s_total']:.1f}  ->  "
               f"FL efficiency {s['fl_efficiency']:.3f} (target >= 0.97)")
+    share = 100 * s["share_of_round"]["update_chain_s"]
+    print(f"update chain (compression {setup['compress']}: encode + decode, ...): "
+          f"{s['update_chain_ms_per_round']:.1f} ms per round = {share:.2f} % of the round; bytes per "
+          f"client {s['bytes_up_per_client']:,} up, {s['bytes_down_per_client']:,} down (the simulation "
+          f"all-reduces {setup['allreduce_bytes']:,} bytes, int64)")
+    print(f"waiting {100 * s['wait_share_of_rank_time']:.2f} % of the ranks' time (load imbalance "
+          f"{s['load_imbalance_s']:.3f} s); overhead {s['overhead_ms_per_client']:.2f} ms per client "
+          f"(round minus local steps; steps {100 * s['compute_share_of_round']:.1f} % of the round)")
     if s["aggregation_over_raw_allreduce"] is not None:
         print(f"aggregation {s['aggregation_ms']:.2f} ms ({s['aggregation_gb_per_s']} GB/s) "
               f"vs raw all_reduce {s['raw_allreduce_ms']:.2f} ms ({s['raw_allreduce_gb_per_s']} GB/s)  "

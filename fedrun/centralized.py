@@ -42,8 +42,8 @@ def run_centralized(cfg: Config, info: dist.DistInfo, model: nn.Module, diffusio
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else model
     # One Adam for the whole run (the authors' centralized notebook), restored on resume.
-    opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                           weight_decay=o.weight_decay, foreach=True)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=o.lr,  # model.trainable
+                           betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, foreach=True)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     amp = autocast_dtype(cfg.train.precision, device)

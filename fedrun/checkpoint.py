@@ -152,7 +152,11 @@ class Resumed:
 class Checkpointer:
     """Writes and finds the checkpoints of one run. Every rank holds one; rank 0 writes."""
 
-    def __init__(self, cfg: Config, info: dist.DistInfo):
+    def __init__(self, cfg: Config, info: dist.DistInfo, identity: dict[str, str] | None = None):
+        """``identity``: what else, besides the config hash, a checkpoint must match to be resumed
+        ("section.key" -> a description of the value, e.g. the init's checksum): stored in every
+        checkpoint when not empty, compared on load."""
+        self.identity = dict(identity or {})
         self.run_dir = cfg.run_dir
         self.every, self.keep = cfg.checkpoint.every, cfg.checkpoint.keep
         self.force = cfg.checkpoint.resume == "force"
@@ -186,6 +190,7 @@ class Checkpointer:
                 **({"extra": {k: v.state_dict() for k, v in extra.items()}} if extra else {}),
                 "config_hash": self.config_hash,
                 "config": self.config,
+                **({"identity": self.identity} if self.identity else {}),
                 "rng": rng_state(),
             }, keep=self.keep)
             faults.after_checkpoint(round_)  # test-only: kill -9 here if FEDRUN_FAULT_AT=ckpt:R
@@ -205,6 +210,13 @@ class Checkpointer:
         if state["config_hash"] != self.config_hash and not self.force:
             raise CheckpointError(f"{path}: written by a different config; pass --checkpoint.resume "
                                   f"force, or use another --run.name")
+        saved = state.get("identity") or {}
+        for key in sorted(set(saved) | set(self.identity)):
+            if saved.get(key) != self.identity.get(key) and not self.force:
+                raise CheckpointError(
+                    f"{key}: {path} continues a run started with {saved.get(key, f'no {key}')}, this "
+                    f"config gives {self.identity.get(key, f'no {key}')}; resume with what the run started "
+                    f"with, use another --run.name, or pass --checkpoint.resume force")
         return Resumed(int(state["round"]), state["model"], state.get("server", {}),
                        state.get("optimizer"), state["rng"], path, state.get("ema", {}),
                        state.get("clients"), state.get("extra", {}))

@@ -142,8 +142,10 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 EMA_SIGMA_REL_MAX = 0.5 / math.sqrt(3)  # the power-function EMA's widest profile (gamma -> 0)
-DATASETS = ("cifar10", "fashion_mnist", "svhn", "image_folder", "digits", "synthetic")
+DATASETS = ("cifar10", "fashion_mnist", "svhn", "image_folder", "digits", "printed_digits", "synthetic")
 STATEFUL_DRIFT = ("scaffold", "feddyn")  # drift terms that keep state per client between rounds
+COMPRESSORS = ("none", "bf16", "int8", "topk", "sign")  # fed.compress
+PLACEMENTS = ("auto", "cost", "size", "on_demand")  # fed.placement (fedrun/federated/placement.py)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,12 +186,14 @@ class DataConfig(Section):
     """The data set and how its images are fed."""
 
     name: str = setting("cifar10", label=False, choices=DATASETS)
-    """cifar10 | fashion_mnist | svhn | image_folder | digits | synthetic. Never a report label:
-    the data set is the report's column group."""
+    """cifar10 | fashion_mnist | svhn | image_folder | digits | printed_digits (public printed
+    digits made like the handwritten ones, fedrun/printed_digits.py) | synthetic. Never a report
+    label: the data set is the report's column group."""
     root: str = setting("data", label=False)
     """Data folder (for image_folder: one sub-folder per class, optional train/ and test/)."""
     download: bool = setting(False, label=False)
-    """Let torchvision download the set."""
+    """Let fedrun download what the job needs and is missing: the data set (torchvision) and
+    clean-fid's Inception file for FID/IS (checksummed; fedrun/evaluation/extractors.py)."""
     image_size: int = 32
     """Images are resized to this; the U-Net must be able to halve it len(channel_mults) - 1 times."""
     channels: int = 3
@@ -233,6 +237,24 @@ class ModelConfig(Section):
     """Class embedding width (0 = unconditional)."""
     label_dropout: float = setting(0.0, hashed=HASHED_WHEN_SET, off=0.0)
     """Classifier-free guidance training: share of labels replaced by a null class (0 = off)."""
+    init_from: str = setting("", hashed=NOT_HASHED, off="")
+    """Start from a pretrained model (fedrun/init_from.py): a fedrun checkpoint file, or a run
+    directory (its newest valid checkpoint), whose weights (its EMA where it has one) are loaded
+    right after the model is built; "" = the seeded random init. The model.* settings must be
+    those of the run that wrote it. Not hashed: the init's SHA-256 goes into every checkpoint
+    instead, and a resume from another init is refused (moving the file is fine)."""
+    trainable: str = setting("all", hashed=HASHED_WHEN_SET, off="all",
+                             choices=("all", "lora", "norms_biases"))
+    """Which weights train (fedrun/adapters.py): "all" | "lora" (low-rank adapters on the
+    convolutions and linear layers; the embeddings and output layers train in full, the rest is
+    frozen) | "norms_biases" (biases, norms and embeddings). Only what trains travels, is clipped
+    and gets noise. A model setting, not a federated one: the centralized run honours it too."""
+    lora_rank: int = setting(4, hashed=HASHED_WHEN_SET, applies=when("model.trainable", "lora"))
+    """LoRA: rank r of every adapter (at most the smallest adapted layer's out / fan-in). 4 keeps
+    the digits default's trained part under 1/10 of its weights (8.2 %; r = 8: 16 %)."""
+    lora_alpha: float = setting(4.0, hashed=HASHED_WHEN_SET, applies=when("model.trainable", "lora"))
+    """LoRA: the update is scaled by lora_alpha / lora_rank (Hu et al.: alpha = the first r tried,
+    then fixed while r varies)."""
 
     def validate(self) -> None:
         super().validate()
@@ -251,6 +273,10 @@ class ModelConfig(Section):
                  f"levels are 0..{levels - 1} (one per entry of model.channel_mults)")
         _require(0.0 <= self.label_dropout < 1.0, "model.label_dropout",
                  f"must be in [0, 1) (0 = no classifier-free guidance training), got {self.label_dropout}")
+        _require(self.lora_rank >= 1, "model.lora_rank",
+                 f"must be >= 1 (the rank of every adapter), got {self.lora_rank}")
+        _require(self.lora_alpha > 0, "model.lora_alpha",
+                 f"must be > 0 (the adapters' update is scaled by alpha / rank), got {self.lora_alpha}")
 
 
 @dataclass
@@ -334,6 +360,60 @@ class FedConfig(Section):
                                   applies=FEDERATED & when("fed.drift", "feddyn"))
     """FedDyn: weight alpha of the quadratic term (alpha / 2) ||theta - theta_global||^2 of each
     client's dynamic regulariser; must be > 0."""
+    compress: str = setting("none", hashed=HASHED_WHEN_SET, off="none", choices=COMPRESSORS)
+    """Compression of each client's update theta_k - theta before the sum (fedrun/federated/
+    compression.py): "none" | "bf16" | "int8" (stochastic rounding, an fp32 scale per tensor or
+    per block) | "topk" (the largest fed.compress_density share of entries) | "sign" (1 bit per
+    entry and an fp32 scale per tensor). The simulation sums the decompressed values; metrics
+    report the bytes a real client would send."""
+    compress_density: float = setting(0.01, hashed=HASHED_WHEN_SET,
+                                      applies=FEDERATED & when("fed.compress", "topk"))
+    """topk: share of the update's entries sent, in (0, 1] (each as an fp32 value and an int32
+    index: 8 bytes)."""
+    compress_block: int = setting(0, hashed=HASHED_WHEN_SET, applies=FEDERATED & when("fed.compress", "int8"))
+    """int8: entries per fp32 scale; 0 = one scale per tensor."""
+    error_feedback: bool = setting(True, hashed=HASHED_WHEN_SET,
+                                   applies=FEDERATED & unless("fed.compress", "none"))
+    """Error feedback (Seide et al. 2014; Karimireddy et al. 2019): what compression dropped from
+    a client's update is kept in its state (on its home rank, in checkpoints) and added to its
+    next update. false: the dropped part is lost."""
+    placement: str = setting("auto", hashed=NOT_HASHED, label=False, choices=PLACEMENTS)
+    """Which rank trains which client (fedrun/federated/placement.py): "auto" ("on_demand", or home
+    ranks by cost when clients keep state) | "cost" (each client's cost from its steps, images and
+    set-up, balanced per round) | "size" (image counts) | "on_demand" (each free rank takes the
+    next client, largest cost first, from a counter in the rendezvous store; not with per-client
+    state). Not hashed: the round's sum is exact, so the model does not depend on it."""
+    cost_step_share: float = setting(0.15, hashed=NOT_HASHED, label=False)
+    """Placement's cost model: the share of a full batch's step that any step costs, whatever its
+    size (the rest scales with its images). Measured: 0.15 for the digits model on a CPU core; a
+    GPU, where a short batch costs a full step, wants 1."""
+    client_overhead_steps: float = setting(0.2, hashed=NOT_HASHED, label=False)
+    """Placement's cost model: each client's set-up, in full steps (measured: 0.17 on the digits
+    default on a CPU core)."""
+    availability: float = setting(1.0, hashed=HASHED_WHEN_SET, off=1.0)
+    """Simulated federation: probability that a selected client reports in a round (drawn from
+    (seed, round, client)); 1 = always."""
+    availability_trace: str = setting("", hashed=HASHED_WHEN_SET, off="")
+    """A text file, one row per client, T columns of probabilities (0/1 for on/off) used in turn
+    (round r: column (r - 1) mod T); replaces fed.availability. "" = none."""
+    speed_sigma: float = setting(0.0, hashed=HASHED_WHEN_SET, off=0.0)
+    """Stragglers: each client's simulated speed factor is exp(sigma z), z ~ N(0, 1) from (seed,
+    client); 0 = every client as fast."""
+    speed_trace: str = setting("", hashed=HASHED_WHEN_SET, off="")
+    """A text file, one row per client, T columns of positive speed factors (round r: column
+    (r - 1) mod T); replaces fed.speed_sigma. "" = none."""
+    deadline_s: float = setting(0.0, hashed=HASHED_WHEN_SET, off=0.0)
+    """Simulated seconds a round waits for reports; later ones are dropped. 0 = no deadline."""
+    over_select: float = setting(1.0, hashed=HASHED_WHEN_SET, off=1.0)
+    """Select ceil(over_select x clients_per_round) clients and keep the clients_per_round
+    fastest reports (Bonawitz et al. 2019); 1 = no over-selection."""
+    sim_step_s: float = setting(1.0, hashed=HASHED_WHEN_SET)
+    """Simulated seconds one local step takes on a device of speed 1."""
+    sim_client_s: float = setting(0.0, hashed=HASHED_WHEN_SET)
+    """Simulated seconds each participant spends besides its steps (download, upload), times its speed."""
+    client_state_memory_mb: int = setting(4096, hashed=NOT_HASHED, label=False)
+    """Host memory for the kept state of clients not in the round, per rank (MiB); past it, states
+    go to memory-mapped files in a temporary folder. 0 = no limit."""
 
     def validate(self) -> None:
         super().validate()
@@ -353,6 +433,37 @@ class FedConfig(Section):
         _require(self.prox_mu >= 0, "fed.prox_mu", f"must be >= 0 (the proximal weight), got {self.prox_mu}")
         _require(self.feddyn_alpha > 0, "fed.feddyn_alpha",
                  f"must be > 0 (FedDyn's regulariser weight), got {self.feddyn_alpha}")
+        _require(0 < self.compress_density <= 1, "fed.compress_density",
+                 f"must be in (0, 1] (the share of entries top-k sends), got {self.compress_density}")
+        _require(self.compress_block >= 0, "fed.compress_block",
+                 f"must be >= 0 (entries per int8 scale; 0 = one per tensor), got {self.compress_block}")
+        _require(0 <= self.cost_step_share <= 1, "fed.cost_step_share",
+                 f"must be in [0, 1] (the share of a full step any step costs), got {self.cost_step_share}")
+        _require(self.client_overhead_steps >= 0, "fed.client_overhead_steps",
+                 f"must be >= 0 (a client's set-up cost in local steps), got {self.client_overhead_steps}")
+        _require(0 <= self.availability <= 1, "fed.availability",
+                 f"must be a probability in [0, 1] (1 = every selected client reports), got "
+                 f"{self.availability}")
+        _require(self.availability == 1 or not self.availability_trace, "fed.availability",
+                 "give either fed.availability or fed.availability_trace, not both")
+        _require(self.speed_sigma >= 0, "fed.speed_sigma",
+                 f"must be >= 0 (0 = no stragglers), got {self.speed_sigma}")
+        _require(self.speed_sigma == 0 or not self.speed_trace, "fed.speed_sigma",
+                 "give either fed.speed_sigma or fed.speed_trace, not both")
+        _require(self.deadline_s >= 0, "fed.deadline_s",
+                 f"must be >= 0 (0 = no deadline), got {self.deadline_s}")
+        _require(self.over_select >= 1, "fed.over_select",
+                 f"must be >= 1 (the share of clients selected per client needed), got {self.over_select}")
+        _require(self.sim_step_s > 0, "fed.sim_step_s", f"must be > 0, got {self.sim_step_s}")
+        _require(self.sim_client_s >= 0, "fed.sim_client_s", f"must be >= 0, got {self.sim_client_s}")
+        _require(self.client_state_memory_mb >= 0, "fed.client_state_memory_mb",
+                 f"must be >= 0 (0 = no limit), got {self.client_state_memory_mb}")
+        stateful = self.client_optimizer == "keep" or self.drift in STATEFUL_DRIFT or (
+            self.compress != "none" and self.error_feedback)
+        _require(not (self.placement == "on_demand" and stateful), "fed.placement",
+                 "'on_demand' hands a client to whichever rank is free, but this run keeps per-client "
+                 "state (kept Adam, SCAFFOLD, FedDyn or error feedback) on each client's home rank; set "
+                 "fed.placement = \"cost\"")
 
 
 @dataclass
@@ -415,21 +526,37 @@ class PrivacyConfig(Section):
     clip: float = 1.0
     """sample: L2 bound of each per-sample gradient; client: L2 bound of each client's update."""
     noise_multiplier: float = 1.0
-    """Gaussian noise std divided by the sensitivity (clip)."""
+    """Gaussian noise std divided by the sensitivity (clip). 0 = solve it: the smallest noise
+    multiplier that keeps the planned run within privacy.target_epsilon (the worst client at
+    sample level), printed before training and used everywhere (DP-SGD, DP-FedAvg's noise, the
+    ledger, summary.json); a resume must solve the same value."""
     delta: float = 1e-5
     """The delta of (epsilon, delta)-DP; should be well below 1 / (number of units protected)."""
     target_epsilon: float = 0.0
     """0 = no budget; else a run whose planned epsilon exceeds it is refused before training."""
-    accountant: str = setting("rdp", choices=("rdp", "prv"))
-    """Opacus accountant: "rdp" (Renyi DP, Mironov 2017) | "prv" (Gopi et al. 2021)."""
+    accountant: str = setting("prv", hashed=HASHED_WHEN_SET, choices=("rdp", "prv"))
+    """Opacus accountant: "prv" (privacy random variables, Gopi et al. 2021: the tightest Opacus
+    offers) | "rdp" (Renyi DP, Mironov 2017; the default before "prv", hence hashed only when set:
+    run dirs written with "rdp" keep their hash)."""
+    multiplicity: int = setting(1, hashed=HASHED_WHEN_SET, off=1, applies=when("privacy.level", "sample"))
+    """DP-SGD: K noise levels and noise draws per image, their losses averaged inside the image's
+    per-sample gradient before clipping (Dockhorn et al. 2023, DPDM): less gradient variance at
+    the same epsilon (each image is still one sample), K times the rows. 1 = off."""
 
     def validate(self) -> None:
         super().validate()
         _require(self.clip > 0, "privacy.clip", f"must be > 0 (an L2 norm bound), got {self.clip}")
-        _require(self.noise_multiplier > 0, "privacy.noise_multiplier",
-                 f"must be > 0 (no noise, no privacy); got {self.noise_multiplier}")
+        _require(self.noise_multiplier > 0 or (self.noise_multiplier == 0 and self.target_epsilon > 0),
+                 "privacy.noise_multiplier", f"must be > 0 (no noise, no privacy), or 0 to solve the "
+                 f"smallest one that fits privacy.target_epsilon (then set that > 0); got "
+                 f"{self.noise_multiplier}")
         _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), e.g. 1e-5; got {self.delta}")
         _require(self.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0 (0 = no budget)")
+        _require(self.multiplicity >= 1, "privacy.multiplicity",
+                 f"must be >= 1 (noise draws per image; 1 = off), got {self.multiplicity}")
+        _require(self.multiplicity == 1 or self.level == "sample", "privacy.multiplicity",
+                 f"averages noise draws inside DP-SGD's per-sample gradients: it needs privacy.level = "
+                 f"\"sample\" (got {self.level!r}); set privacy.multiplicity = 1")
 
 
 @dataclass
@@ -588,9 +715,15 @@ class Config:
 def _hashed(cfg: Config) -> dict[str, dict[str, Any]]:
     """The part of ``cfg.to_dict()`` that ``Config.hash`` hashes."""
     d, defaults = cfg.to_dict(), _default_dict()
+    flat = {f"{section}.{key}": value for section, body in d.items() for key, value in body.items()}
     out: dict[str, dict[str, Any]] = {}
     for sec in fields(Config):
         if sec.metadata["hashed"] == NOT_HASHED:
+            continue
+        # a section counted only when set (privacy) is not counted where it does not apply
+        # (privacy.level = "none"): a changed default of one of its keys must not change the
+        # hash of runs that never used it
+        if sec.metadata["hashed"] == HASHED_WHEN_SET and not sec.metadata["applies"].holds(flat):
             continue
         body, default_body = {}, {}
         for f in fields(_HINTS[sec.name]):
@@ -836,6 +969,17 @@ CROSS_SECTION_RULES: tuple[Rule, ...] = (
     Rule(lambda c: c.run.mode == "centralized" and c.fed.client_optimizer != "reset", "fed.client_optimizer",
          "the centralized run keeps its one Adam for the whole run already; set "
          "fed.client_optimizer = \"reset\""),
+    # compression edits the client's update before the sum; what else travels is not compressed
+    Rule(lambda c: c.run.mode == "centralized" and c.fed.compress != "none", "fed.compress",
+         "compression of client updates is a federated setting; set fed.compress = \"none\" for the "
+         "centralized run"),
+    Rule(lambda c: c.fed.compress != "none" and c.fed.drift == "scaffold", "fed.compress",
+         "SCAFFOLD's control variates (one more model-sized vector per client and round) would travel "
+         "uncompressed next to the compressed update; use fed.drift = \"none\", \"fedprox\" or "
+         "\"feddyn\" with compression, or fed.compress = \"none\""),
+    Rule(lambda c: c.fed.compress != "none" and c.train.clients_at_once != 1, "train.clients_at_once",
+         "the experimental grouped trainer does not compress client updates or keep their error "
+         "feedback; set train.clients_at_once = 1 (or fed.compress = \"none\")"),
     Rule(lambda c: _dp(c) and c.run.mode != "fedavg", "privacy.level",
          "differential privacy is implemented for federated runs; use run.mode = \"fedavg\" or "
          "privacy.level = \"none\""),
@@ -848,6 +992,10 @@ CROSS_SECTION_RULES: tuple[Rule, ...] = (
          "FedDyn's server correction assumes the data-weighted sum of unclipped client updates, which "
          "DP-FedAvg (privacy.level = \"client\") replaces by clipped, uniformly weighted ones; use "
          "fed.drift = \"none\" or \"fedprox\", or privacy.level = \"sample\""),
+    Rule(lambda c: c.model.trainable != "all" and c.train.clients_at_once != 1, "train.clients_at_once",
+         lambda c: f"the experimental grouped trainer stacks and trains every parameter; model.trainable = "
+                   f"{c.model.trainable!r} freezes some: set train.clients_at_once = 1 (or model.trainable = "
+                   f"\"all\")"),
     Rule(lambda c: _dp(c) and c.train.clients_at_once != 1, "train.clients_at_once",
          "DP training runs one client at a time; set train.clients_at_once = 1"),
     Rule(lambda c: c.privacy.level == "sample" and c.train.precision == "fp16", "train.precision",
@@ -857,6 +1005,15 @@ CROSS_SECTION_RULES: tuple[Rule, ...] = (
     Rule(lambda c: c.privacy.level == "client" and bool(c.eval.local_models_at or c.eval.client_samples),
          "eval.local_models_at", "client-level DP protects only the noised global model; local models and "
          "their samples are not private: set eval.local_models_at = [] and eval.client_samples = 0"),
+    Rule(lambda c: c.fed.placement == "on_demand" and c.train.clients_at_once != 1, "fed.placement",
+         "the experimental grouped trainer plans its groups before the round; 'on_demand' hands clients "
+         "out during it: set fed.placement = \"cost\" or train.clients_at_once = 1"),
+    # dropouts thin the sample independently per client (the accountant's epsilon stays an upper
+    # bound); keeping the fastest reports makes one client's participation depend on the others'
+    Rule(lambda c: _dp(c) and c.fed.over_select > 1, "fed.over_select",
+         "over-selection keeps the fastest reports, so whether one client counts depends on the others: "
+         "the accountant's (Poisson or uniform) sampling no longer holds; set fed.over_select = 1 "
+         "(availability and deadlines are allowed with privacy)"),
 )
 
 

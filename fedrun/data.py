@@ -151,6 +151,26 @@ def _digits(cfg: DataConfig, split: str) -> ImageSet:
     return _finish(images[idx], target[idx], 10, cfg)
 
 
+def _printed_digits(cfg: DataConfig, split: str) -> ImageSet:
+    """Public printed digits made like the handwritten ones (fedrun/printed_digits.py): 2,000
+    train and 360 test images, balanced classes, the same pipeline as ``_digits`` after 8x8.
+    Rendered once per Pillow version and font kind, then cached (``<cache>/data/``)."""
+    from . import printed_digits as pd
+    name = f"printed_digits_pillow-{_version('pillow')}_{pd.font_kind()}_v{pd.VERSION}_{split}.npz"
+    path = resolve_cache_dir() / "data" / name
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # not cached, or damaged
+        images, labels = pd.render(split)
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as f:
+                np.savez(f, images=images, labels=labels)
+        atomic_save(save, path)
+    return _finish(images, labels, 10, cfg)
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -175,6 +195,7 @@ REGISTRY: dict[str, Callable[[DataConfig, str], ImageSet]] = {
     "svhn": _svhn,
     "image_folder": _image_folder,
     "digits": _digits,
+    "printed_digits": _printed_digits,
     "synthetic": _synthetic,
 }
 

@@ -11,6 +11,7 @@ noise level is log_snr = log(alpha^2 / sigma^2). Two parameterisations:
 
 Both feed the network log_snr, so one U-Net and one sampler serve both. The sampler is the
 DDIM-form loop with eta: eta = 1 gives ancestral (DDPM-like) sampling, eta = 0 deterministic DDIM.
+It samples LoRA-adapted models with their adapters merged (fedrun.adapters.merged).
 
 Classifier-free guidance (Ho & Salimans 2022): a model trained with label dropout also knows
 the null class; with ``guidance`` w > 0 the sampler evaluates it with and without the label in
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adapters import merged
 from .config import DiffusionConfig
 
 
@@ -98,7 +100,10 @@ class Diffusion:
     def sample(self, model: nn.Module, labels: torch.Tensor, shape: tuple[int, int, int],
                steps: int, eta: float, generator: torch.Generator | None = None,
                autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Class-conditional samples in [-1, 1]. All noise comes from ``generator``."""
+        """Class-conditional samples in [-1, 1]. All noise comes from ``generator``. A model with
+        LoRA adapters is sampled through a copy with the adapters merged into their layers
+        (fedrun.adapters.merged): the same function at the base model's cost."""
+        model = merged(model)
         device = labels.device
         x = torch.randn(len(labels), *shape, device=device, generator=generator)
         levels = self.sample_levels(steps, device)

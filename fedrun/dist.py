@@ -253,3 +253,30 @@ def gather_object_to_main(obj: object) -> list[object] | None:
     out: list[object] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+_LOCAL_COUNTERS: dict[str, int] = {}  # one process: the counters live here
+
+
+def restart_attempt(env: Mapping[str, str] | None = None) -> int:
+    """Which attempt of a torchrun job with --max-restarts this is (0 for the first, or without
+    torchrun): keys in the rendezvous store carry it, so that a restarted job never reads the
+    counters of the attempt before it when the store outlives a restart."""
+    env = os.environ if env is None else env
+    return int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def counter_add(key: str, amount: int = 1) -> int:
+    """Atomically add ``amount`` to the job-wide counter ``key`` and return its new value (a
+    counter starts at 0). All ranks share it through the process group's rendezvous store (one
+    round trip to the store's host, rank 0); without a process group it is a local counter.
+
+    The round loop hands out clients on demand with it (``placement.OnDemand``): each rank takes
+    the next ticket until the round's clients run out."""
+    import torch.distributed as dist
+    full = f"fedrun/{restart_attempt()}/{key}"
+    if not dist.is_initialized():
+        _LOCAL_COUNTERS[full] = _LOCAL_COUNTERS.get(full, 0) + amount
+        return _LOCAL_COUNTERS[full]
+    store = dist.distributed_c10d._get_default_store()  # torch has no public getter for it
+    return int(store.add(full, amount))

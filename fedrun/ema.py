@@ -14,8 +14,9 @@ starts at the first round's model: no warm-up bias to correct.
 
 It is updated once per round (FedAvg: after the server step; centralized: after each round's E
 epochs), on every rank from the same global model, so every rank holds the same EMA and no
-communication is added. Its state is one flat fp32 vector (fedrun.flat order) that the
-checkpoint carries; resuming restores it bit for bit.
+communication is added. Its state is one flat fp32 vector (fedrun.flat order: only what trains,
+e.g. the LoRA adapters, since the frozen rest never moves) that the checkpoint carries; resuming
+restores it bit for bit.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class PowerEMA:
         if not self.enabled or self.flat is None:
             return self._model
         if self._shadow is None:
+            # requires_grad stays as the model's: it defines the flat layout (fedrun.flat), which
+            # holds only what trains; sampling runs under no_grad anyway
             self._shadow = copy.deepcopy(self._model).eval()
-            self._shadow.requires_grad_(False)
         load_flat_(self._shadow, self.flat)
         return self._shadow
 

@@ -1,17 +1,41 @@
-"""The model as one flat fp32 vector: every float parameter and buffer, in a fixed order.
+"""The model as one flat fp32 vector: every parameter that trains and every float buffer, in a
+fixed order.
 
-One round's whole communication is one all_reduce(SUM) of one buffer laid out as
+What trains is what has ``requires_grad`` (``model.trainable``, fedrun/adapters.py): with LoRA the
+frozen base is left out, so everything built on this layout (the round's all_reduce, the EMA,
+SCAFFOLD's and FedDyn's state, DP-FedAvg's clipping, compression, the clients' kept state) covers
+the adapters and the few layers that train in full. The frozen base is the same on every rank
+(built from the same seed and init) and never moves, so it need not travel. With every
+parameter trainable (``"all"``, the default) the layout is every parameter, as before.
 
-    [ n_1 theta_1 + ... + n_K theta_K  (P floats) | n | loss * n | images | skipped | trained |
-      local training seconds of rank 0 | ... | of rank W-1 ]
+One round's whole communication is one all_reduce(SUM) of one int64 buffer laid out as
 
-where the tail (``TAIL`` statistics, then one timing slot per rank, each written only by its
-rank) carries what the server and the telemetry need, so nothing else has to travel: after the
-sum every rank knows how long every rank trained, hence how long it waited for the slowest.
-Each rank adds its own clients into the buffer tensor by tensor (no flat copy of a model), and
-``weighted_average`` turns the summed buffer into the FedAvg average. Update rules may add
-regions of their own after the timing slots (SCAFFOLD: sum_k n_k (c_k+ - c_k)); ``RoundBuffer``
-owns the layout and is what the round loop fills, all-reduces and reads.
+    [ sum_k w'_k theta_k  (P) | sum_k w'_k | n | loss * n | images | skipped | trained |
+      (round start, ready, steps, clients) of rank 0 | ... of rank W-1 | regions of the rules ]
+
+**The sum does not depend on who adds what** (``RoundBuffer``): every client's weighted model
+w'_k theta_k (w'_k = w_k / max_weight <= 1, so data sizes do not eat into the range) is rounded
+once to a fixed-point grid of 2^-F in float64 and added as an int64. Integer addition is exact
+and associative, so the sum, hence the trained model, is the same bits whichever rank trained
+which client, in which order, on 1 or 8 ranks (an fp32 sum would change with the grouping).
+The range is bounded so that no sum can overflow: a client's values must satisfy
+|w'_k theta_k| <= 2^VALUE_BITS (65,536: no weight, control variate or loss of a sane diffusion
+model comes near it) and at most ``max_clients`` (the run's N) are summed, so
+F = 62 - VALUE_BITS - ceil(log2 max_clients) fraction bits remain (42 for N = 10, 33 for
+N = 5,000). A client whose update leaves the range is left out of the round, like a
+non-finite one (``add`` returns False; the check depends on the client alone, so the decision
+does not depend on the placement either). The grid's absolute resolution on the average is at
+most 2^-(F+1) (1e-13 at N = 10): finer than fp32's own rounding of any weight above ~1e-6.
+The cost is 8 bytes a number in the all_reduce instead of 4, and a few passes over each
+client's model (float64 product, round, int64 add) on its rank.
+
+The tail carries what the server and the telemetry need, so nothing else has to travel: the
+statistics, and per rank (each written only by its rank) the wall-clock times (ns) at which it
+started the round and reached the all_reduce, its local steps and clients: after the sum every
+rank knows how long each rank took to get to the all_reduce and how long each waited there.
+Update rules add sums of their own through a float scratch region per rule (SCAFFOLD:
+sum_k n_k (c_k+ - c_k)), which ``add`` folds into the buffer with the client's model.
+``RoundBuffer`` owns the layout and is what the round loop fills, all-reduces and reads.
 """
 
 from __future__ import annotations
@@ -22,14 +46,22 @@ from torch import nn
 from . import dist
 from .parts import Aggregate
 
-# Tail slots of the aggregation buffer, after the P parameters.
-N_SLOT, LOSS_SLOT, IMAGES_SLOT, SKIPPED_SLOT, TRAINED_SLOT = range(5)
-TAIL = 5
+# Tail slots of the aggregation buffer, after the P parameters; then PER_RANK slots per rank.
+# W_SLOT: sum of w' on the values' grid (the average's denominator); N_SLOT: sum of the weights
+# themselves on a grid of 2^-WEIGHT_BITS (exact for integer weights: n_k, or DP-FedAvg's 1).
+W_SLOT, N_SLOT, LOSS_SLOT, IMAGES_SLOT, SKIPPED_SLOT, TRAINED_SLOT = range(6)
+TAIL = 6
+WEIGHT_BITS = 20
+START_NS, READY_NS, STEPS, CLIENTS = range(4)
+PER_RANK = 4
+VALUE_BITS = 16  # |w' theta| <= 2^16 for every summed number (module docstring)
+CHUNK = 1 << 20  # numbers converted back to fp32 at a time (an 8 MB float64 temporary)
 
 
 def float_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Every float parameter and buffer of ``model``, in the fixed order the buffer uses."""
-    return [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
+    """Every trainable parameter and float buffer of ``model``, in the fixed order the buffer uses."""
+    return [p for p in model.parameters() if p.requires_grad] + \
+        [b for b in model.buffers() if b.is_floating_point()]
 
 
 def num_flat(model: nn.Module) -> int:
@@ -48,47 +80,82 @@ def load_flat_(model: nn.Module, flat: torch.Tensor) -> None:
         offset += t.numel()
 
 
-@torch.no_grad()
-def accumulate_(buffer: torch.Tensor, model: nn.Module, weight: float) -> None:
-    """buffer[:P] += weight * theta, tensor by tensor (no temporary copy of the model)."""
-    offset = 0
-    for t in float_tensors(model):
-        buffer[offset:offset + t.numel()].add_(t.reshape(-1).float(), alpha=weight)
-        offset += t.numel()
+def extremes(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The largest |x| over ``tensors`` (NaN if any is NaN), one number on their device: a min and
+    a max per tensor (nothing model-sized allocated) and one host sync for all of them."""
+    pairs = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors if t.numel()]
+    if not pairs:
+        return torch.zeros(())
+    both = torch.stack(pairs)
+    return torch.maximum(-both[:, 0].min(), both[:, 1].max())
 
 
 def all_finite(model: nn.Module) -> bool:
     """No NaN/Inf in any float tensor, checked in place (no flat copy of the model)."""
-    return bool(torch.stack([torch.isfinite(t).all() for t in float_tensors(model)]).all())
+    return bool(torch.isfinite(extremes(float_tensors(model))))
 
 
 def buffer_size(num_params: int, world_size: int) -> int:
-    """Floats in the aggregation buffer: parameters, statistics, one timing slot per rank."""
-    return num_params + TAIL + world_size
+    """Numbers in the aggregation buffer before the rules' regions: parameters, statistics, per-rank slots."""
+    return num_params + TAIL + PER_RANK * world_size
 
 
-def weighted_average(buffer: torch.Tensor, num_params: int) -> tuple[torch.Tensor, float]:
-    """After the all_reduce: (sum_k n_k theta_k / sum_k n_k, sum_k n_k)."""
-    n = float(buffer[num_params + N_SLOT])
-    return buffer[:num_params] / max(n, 1.0), n
+def fraction_bits(max_clients: int) -> int:
+    """F of the fixed-point grid: what is left of int64's 63 bits after the values' range and the
+    count of summed clients (so that no sum of ``max_clients`` in-range values can overflow)."""
+    return 62 - VALUE_BITS - max(1, max_clients - 1).bit_length()
+
+
+@torch.no_grad()
+def add_fixed_(out: torch.Tensor, t: torch.Tensor, factor: float, f64: torch.Tensor,
+               i64: torch.Tensor) -> None:
+    """out (int64) += round(t * factor), computed in float64 (an fp32 value times a float64 factor,
+    rounded once: the same integers for the same inputs on any rank), in pieces of the scratch
+    tensors' length so that nothing model-sized is allocated."""
+    flat, step = t.detach().reshape(-1), f64.numel()
+    for i in range(0, flat.numel(), step):
+        piece = flat[i:i + step]
+        x, q = f64[:piece.numel()], i64[:piece.numel()]
+        x.copy_(piece).mul_(factor).round_()
+        q.copy_(x)  # integral values: the cast is exact
+        out[i:i + piece.numel()].add_(q)
 
 
 class RoundBuffer:
-    """The one buffer a round all-reduces: [sum_k w_k theta_k | tail | seconds per rank | regions].
+    """The one buffer a round all-reduces (module docstring): exact fixed-point sums, the tail,
+    per-rank slots, and the rules' regions.
 
-    ``regions``: floats each update rule adds (by rule name, in order; zero-sized ones get none).
+    ``regions``: numbers each update rule adds per client (by rule name; zero-sized ones get none).
+    ``max_clients``: the most clients one round can sum (the run's N). ``max_weight``: the largest
+    client weight expected (the largest data size); weights are divided by it, so that data sizes
+    do not narrow the range (a weight above it only narrows that client's own range).
     """
 
-    def __init__(self, num_params: int, world_size: int, regions: dict[str, int], device: torch.device):
-        self.num_params, self.world_size = num_params, world_size
-        self._seconds = num_params + TAIL  # first of the per-rank timing slots
+    def __init__(self, num_params: int, world_size: int, regions: dict[str, int], device: torch.device,
+                 rank: int = 0, max_clients: int = 1, max_weight: float = 1.0):
+        self.num_params, self.world_size, self.rank = num_params, world_size, rank
+        self.max_weight = float(max(max_weight, 1.0))
+        self.bits = fraction_bits(max_clients)
+        self.scale = 2.0 ** self.bits
+        self.limit = 2.0 ** VALUE_BITS
+        self._ranks = num_params + TAIL  # the first per-rank slot
         offset = buffer_size(num_params, world_size)
         self._regions: dict[str, tuple[int, int]] = {}
         for name, size in regions.items():
             if size:
                 self._regions[name] = (offset, size)
                 offset += size
-        self.data = torch.zeros(offset, device=device)
+        self.data = torch.zeros(offset, dtype=torch.int64, device=device)
+        # the rules' per-client sums, in fp32 as they write them; ``add`` folds them in
+        self._scratch = {name: torch.zeros(size, device=device) for name, (_, size) in self._regions.items()}
+        self._sums: dict[str, torch.Tensor] = {}
+        # the round's fp32 results, allocated once (a fresh model-sized tensor per round costs page
+        # faults on a CPU; see benchmarks/README.md)
+        self._total = torch.zeros(num_params, device=device)
+        self._average = torch.zeros(num_params, device=device)
+        work = min(CHUNK, max(num_params, *regions.values(), 1))  # scratch of the fixed-point conversion
+        self._work = (torch.empty(work, dtype=torch.float64, device=device),
+                      torch.empty(work, dtype=torch.int64, device=device))
 
     @property
     def nbytes(self) -> int:
@@ -96,40 +163,105 @@ class RoundBuffer:
 
     def zero_(self) -> None:
         self.data.zero_()
+        self._clear_scratch()
+        self._sums = {}
 
-    def add(self, model: nn.Module, weight: float, loss: float, images: int) -> None:
-        """One usable client: weight * theta_k into the sum, and its statistics into the tail."""
-        P = self.num_params
-        accumulate_(self.data, model, weight)
-        self.data[P + N_SLOT] += weight
-        self.data[P + LOSS_SLOT] += loss * weight
-        self.data[P + IMAGES_SLOT] += images
-        self.data[P + TRAINED_SLOT] += 1
+    def _clear_scratch(self) -> None:
+        for t in self._scratch.values():
+            t.zero_()
 
-    def skip(self) -> None:
-        """One client left out of the round (non-finite loss or weights)."""
+    def _slot(self, rank: int, which: int) -> int:
+        return self._ranks + PER_RANK * rank + which
+
+    def _within(self, tensors: list[torch.Tensor], factor: float) -> bool:
+        """Every number finite and |x * factor| <= 2^VALUE_BITS (NaN fails the comparison)."""
+        return bool(float(extremes(tensors)) * factor <= self.limit)
+
+    def add(self, model: nn.Module, weight: float, loss: float, images: int, steps: int = 0) -> bool:
+        """One usable client: w' theta_k into the sum, the rules' scratch regions folded in, its
+        statistics into the tail. Returns False, adding nothing, when one of its numbers is not
+        finite or out of range (module docstring): the caller leaves the client out."""
+        w = weight / self.max_weight
+        tensors = float_tensors(model)
+        extra = list(self._scratch.values())
+        if not (0 <= w <= self.limit and self._within(tensors, w)
+                and self._within(extra, 1 / self.max_weight)):
+            self._clear_scratch()
+            return False
+        P, factor = self.num_params, w * self.scale
+        f64, i64 = self._work
+        offset = 0
+        for t in tensors:  # tensor by tensor: no flat copy of the model
+            add_fixed_(self.data[offset:offset + t.numel()], t, factor, f64, i64)
+            offset += t.numel()
+        for name, (start, size) in self._regions.items():
+            # each rule weights its own sums (SCAFFOLD: n_k); the buffer only rescales them
+            add_fixed_(self.data[start:start + size], self._scratch[name], self.scale / self.max_weight,
+                       f64, i64)
+        self._clear_scratch()
+        loss = min(max(loss, -self.limit), self.limit)  # only reported: clamped, never a reason to refuse
+        tail = [round(factor), round(weight * 2**WEIGHT_BITS), round(loss * factor), images, 0, 1]
+        self.data[P:P + TAIL] += torch.tensor(tail, dtype=torch.int64, device=self.data.device)
+        self.count(steps)
+        return True
+
+    def skip(self, steps: int = 0) -> None:
+        """One client left out of the round (non-finite or out-of-range numbers)."""
         self.data[self.num_params + SKIPPED_SLOT] += 1
+        self.count(steps)
+        self._clear_scratch()
+
+    def count(self, steps: int) -> None:
+        """One client trained on this rank, with ``steps`` local steps (the placement's record)."""
+        self.data[self._slot(self.rank, STEPS)] += int(steps)
+        self.data[self._slot(self.rank, CLIENTS)] += 1
 
     def region(self, name: str) -> torch.Tensor:
-        """The update rule ``name``'s floats (an empty tensor for a rule that adds none)."""
-        start, size = self._regions.get(name, (0, 0))
-        return self.data[start:start + size]
+        """The update rule ``name``'s numbers for the client being added (fp32; an empty tensor
+        for a rule that adds none); after ``aggregate``, the round's sums."""
+        if name in self._sums:
+            return self._sums[name]
+        return self._scratch.get(name, torch.zeros(0, device=self.data.device))
 
-    def set_seconds(self, rank: int, seconds: float) -> None:
-        self.data[self._seconds + rank] = seconds  # every rank learns every rank's training time
+    def set_times(self, start_ns: int, ready_ns: int) -> None:
+        """This rank's wall-clock times (ns since the epoch) of its round start and of reaching
+        the all_reduce: every rank learns every rank's, hence who waited how long."""
+        self.data[self._slot(self.rank, START_NS)] = start_ns
+        self.data[self._slot(self.rank, READY_NS)] = ready_ns
 
     def all_reduce(self) -> None:
+        self._sums = {}
         dist.all_reduce_sum(self.data)  # <- the whole FedAvg communication of the round
 
-    def aggregate(self, round_: int, clients: list[int]) -> Aggregate:
-        """The round as every rank sees it after the all_reduce."""
-        average, n = weighted_average(self.data, self.num_params)
-        return Aggregate(round_, clients, self.data[:self.num_params], n, average,
-                         {name: self.region(name) for name in self._regions}, usable=n > 0)
+    def _real(self, t: torch.Tensor, out: torch.Tensor | None = None, divisor: float = 0.0) -> torch.Tensor:
+        """Fixed-point sums back in fp32: in weight units, or divided by ``divisor`` (the fixed-point
+        weight sum: the average), through float64 in chunks, each value rounded once."""
+        out = torch.empty(t.numel(), device=t.device) if out is None else out
+        for i in range(0, t.numel(), CHUNK):
+            x = t[i:i + CHUNK].to(torch.float64)
+            out[i:i + CHUNK].copy_(x.div_(divisor) if divisor else x.mul_(self.max_weight / self.scale))
+        return out
 
-    def stats(self) -> tuple[dict[str, float], list[float]]:
-        """(the tail statistics by name, every rank's local training seconds), after the all_reduce."""
-        tail = self.data[self.num_params:self._seconds].tolist()
-        names = ("n", "loss", "images", "skipped", "trained")  # the order of the *_SLOT constants
-        seconds = self.data[self._seconds:self._seconds + self.world_size].tolist()
-        return dict(zip(names, tail, strict=True)), seconds
+    def aggregate(self, round_: int, clients: list[int]) -> Aggregate:
+        """The round as every rank sees it after the all_reduce: the average is the ratio of the
+        two exact sums, rounded once to fp32; the rules' sums are back in their units."""
+        P = self.num_params
+        w_fixed = int(self.data[P + W_SLOT])
+        total = self._real(self.data[:P], self._total)
+        average = self._real(self.data[:P], self._average, divisor=float(max(w_fixed, 1)))
+        self._sums = {name: self._real(self.data[start:start + size])
+                      for name, (start, size) in self._regions.items()}
+        weight = int(self.data[P + N_SLOT]) / 2**WEIGHT_BITS
+        return Aggregate(round_, clients, total, weight, average, dict(self._sums), usable=w_fixed > 0)
+
+    def stats(self) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """After the all_reduce: (the tail statistics by name, each rank's slots: "start_ns",
+        "ready_ns", "steps", "clients")."""
+        P = self.num_params
+        tail = self.data[P:P + TAIL].tolist()
+        stats = {"n": tail[N_SLOT] / 2**WEIGHT_BITS,
+                 "loss": tail[LOSS_SLOT] * self.max_weight / self.scale,
+                 "images": tail[IMAGES_SLOT], "skipped": tail[SKIPPED_SLOT], "trained": tail[TRAINED_SLOT]}
+        slots = self.data[self._ranks:self._ranks + PER_RANK * self.world_size].view(-1, PER_RANK).tolist()
+        names = ("start_ns", "ready_ns", "steps", "clients")  # the order of START_NS .. CLIENTS
+        return stats, [dict(zip(names, row, strict=True)) for row in slots]

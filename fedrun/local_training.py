@@ -76,8 +76,9 @@ def client_adam(model: nn.Module, cfg: Config, round_: int,
     """The client's Adam for round ``round_``: fresh (the authors), or resuming ``state``
     (client_optimizer = "keep"), at the round's learning rate."""
     o = cfg.optim
-    opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                           weight_decay=o.weight_decay, foreach=True)
+    # what trains (model.trainable): every parameter by default, the adapters and a few layers with LoRA
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=o.lr,
+                           betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, foreach=True)
     if state is not None:
         opt.load_state_dict(state)
     lr = lr_at_round(o, round_, cfg.fed.rounds)

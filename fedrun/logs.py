@@ -50,6 +50,17 @@ def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+LOG_WIDTH = 240  # columns when the stream is not a terminal: every table fits, nothing is cut
+
+
+def log_console(stderr: bool = True) -> Console:
+    """A rich console for fedrun's output. On a terminal it follows the terminal's width; in a
+    SLURM log or a pipe (not a terminal) rich would lay tables out at 80 columns and cut their
+    figures ("16.…"), so it gets LOG_WIDTH columns instead: a job's log carries every figure."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+
+
 class RunLogger:
     """Progress on the terminal and one metrics.jsonl line per round (rank 0 only).
 
@@ -61,7 +72,7 @@ class RunLogger:
                  tensorboard: bool = False):
         self.enabled = enabled
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
-        self.console = Console(stderr=True)
+        self.console = log_console()
         self.progress: Progress | None = None
         self.tensorboard_dir = Path(run_dir) / "tensorboard"
         self._writer_class = summary_writer_class() if tensorboard else None

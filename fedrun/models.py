@@ -110,6 +110,17 @@ class UNet(nn.Module):
         self.pool = nn.AvgPool2d(2)
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
 
+    def embeddings(self) -> list[nn.Module]:
+        """The conditioning's embeddings (noise level, class): they train under every
+        ``model.trainable`` (fedrun.adapters.Adaptable)."""
+        return [self.noise_embed] + ([self.class_embed] if self.class_embed is not None else [])
+
+    def output_layers(self) -> list[nn.Module]:
+        """The convolutions that produce the image's channels (the last residual block's second
+        convolution and its skip): too narrow for a low-rank adapter, they train in full under LoRA."""
+        block = [m for m in self.up[-1] if isinstance(m, ResBlock)][-1]
+        return [m for m in (block.main[3], block.skip) if isinstance(m, nn.Conv2d)]
+
     def forward(self, x: torch.Tensor, log_snr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         planes = [x, self.noise_embed(log_snr.float()).to(x.dtype)[:, :, None, None].expand(b, -1, h, w)]

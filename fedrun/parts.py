@@ -20,7 +20,7 @@ implement them without importing ``fedrun.federated``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -39,11 +39,20 @@ class Participation(Protocol):
 
     def clients(self, round_: int) -> list[int]: ...
 
+    def record(self, round_: int) -> dict[str, Any]:
+        """What the round's line of metrics.jsonl gets from participation ({} for most; the
+        simulated federation's clock and dropouts, fedrun.federated.participation)."""
+
 
 class Placement(Protocol):
-    """Which rank trains which of the round's clients: one list per rank, the same on every rank."""
+    """Which rank trains which of the round's clients. The model must not depend on it (the
+    round's sum is exact, fedrun.flat), only the ranks' waiting does."""
 
-    def assign(self, clients: list[int]) -> list[list[int]]: ...
+    def assign(self, clients: list[int]) -> list[list[int]]:
+        """One list per rank, the same on every rank (handed out on demand: the plan it starts from)."""
+
+    def take(self, round_: int, clients: list[int], rank: int) -> Iterable[int]:
+        """The clients ``rank`` trains, in order (on demand: handed out while it trains)."""
 
 
 class ClientTrainer(Protocol):
@@ -79,6 +88,8 @@ class ClientUpdate:
     """the client's kept state as it was before this round (by kind)"""
     new_state: dict[str, Any] = field(default_factory=dict)
     """what the client keeps from this round on (by kind): written by the trainer and the rules"""
+    round: int = 0
+    """the round it trained in (rules that draw random numbers seed them by (seed, round, client))"""
 
 
 @dataclass
@@ -117,6 +128,13 @@ class UpdateRule:
     def extra_floats(self, num_params: int) -> int:
         """Floats this rule adds to the round's all_reduce buffer (its region of ``extra``)."""
         return 0
+
+    def wire_bytes(self, num_params: int, up: int, down: int) -> tuple[int, int]:
+        """(bytes up, bytes down) of one participating client in a real deployment after this
+        link, given those before it (the chain starts from the fp32 update and model, 4 bytes a
+        float each way): a link that encodes the update says what its message costs, one that
+        sends more (SCAFFOLD's control variates) adds it. Not what the simulation all-reduces."""
+        return up, down
 
     def begin_client(self, model: nn.Module, global_flat: torch.Tensor,
                      state: dict[str, Any]) -> GradTerm | None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import dist
+from .adapters import make_trainable
 from .config import Config, load_config
 from .data import ImageSet, load_split
 from .diffusion import Diffusion
@@ -67,39 +68,65 @@ def load_run_config(run_dir: Path, overrides: dict[str, str] | None = None) -> C
     return cfg
 
 
-def read_checkpoint(run_dir: Path, path: Path | None = None) -> tuple[dict[str, Any], Path]:
-    """The checkpoint at ``path``, or the newest valid one of the run; CheckpointError if none."""
+def read_checkpoint(run_dir: Path, path: Path | None = None,
+                    key: str = "--checkpoint") -> tuple[dict[str, Any], Path]:
+    """The checkpoint at ``path``, or the newest valid one of the run; CheckpointError if none.
+    ``key``: what the messages name (fedrun eval's ``--checkpoint``, or ``model.init_from``)."""
     run_dir = Path(run_dir)
+    ours = key == "--checkpoint"
+    newest = "leave --checkpoint out" if ours else f"set {key} to the run directory"
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"--checkpoint: no file at {path}; pass a checkpoint of "
-                                  f"{run_dir / 'checkpoints'}, or leave it out for the newest valid one")
+            raise CheckpointError(f"{key}: no file at {path}; pass a checkpoint of "
+                                  f"{run_dir / 'checkpoints'}, or {newest} for the newest valid one")
         try:
             return ckpt.load_verified(path), path
         except CheckpointError as exc:
-            raise CheckpointError(f"--checkpoint: {exc}; pass another one, or leave --checkpoint out "
-                                  f"for the newest valid one") from None
+            raise CheckpointError(f"{key}: {exc}; pass another one, or {newest} for the newest "
+                                  f"valid one") from None
+    where = "checkpoint" if ours else key
     try:
         found = ckpt.load_latest(run_dir)
     except CheckpointError:  # resume's message says "start over": not what a reader should do
-        raise CheckpointError(f"checkpoint: every checkpoint in {run_dir / 'checkpoints'} is truncated or "
+        raise CheckpointError(f"{where}: every checkpoint in {run_dir / 'checkpoints'} is truncated or "
                               f"corrupted; restore a good copy, or train the run again") from None
     if found is None:
-        raise CheckpointError(f"checkpoint: {run_dir / 'checkpoints'} holds no checkpoint; train the run "
+        raise CheckpointError(f"{where}: {run_dir / 'checkpoints'} holds no checkpoint; train the run "
                               f"first")
     return found
 
 
+def mismatch(model: nn.Module, weights: Any) -> str | None:
+    """Why the saved ``weights`` (a state dict) cannot be loaded into ``model``, in words naming the
+    first differing layer (name and both shapes) or the missing / extra keys; None if they fit."""
+    if not isinstance(weights, dict):
+        return "it holds no model weights"
+    ours = model.state_dict()
+    for name, t in ours.items():
+        saved = weights.get(name)
+        if isinstance(saved, torch.Tensor) and tuple(saved.shape) != tuple(t.shape):
+            return (f"layer {name} is {list(saved.shape)} in the checkpoint and {list(t.shape)} in this "
+                    f"model")
+    missing = [k for k in ours if k not in weights]
+    extra = [k for k in weights if k not in ours]
+    if missing or extra:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        said = [f"it lacks {len(missing)} key(s) of this model ({few(missing)})"] if missing else []
+        said += [f"it has {len(extra)} key(s) this model lacks ({few(extra)})"] if extra else []
+        return "; ".join(said)
+    return None
+
+
 def load_weights(model: nn.Module, state: dict[str, Any], path: Path) -> str:
     """Load a checkpoint's model, then its EMA if it holds one of the model's size: "ema" or "model"."""
-    try:
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as exc:  # another architecture (model.* overridden) or no model
-        first = str(exc).strip().splitlines()[0]
+    why = mismatch(model, state.get("model"))
+    if why is not None:  # another architecture (model.* overridden) or no model
         raise CheckpointError(f"{path}: its weights do not fit the model of the run's config.toml "
-                              f"({first}); leave model.* unchanged, or pass this run's own "
-                              f"checkpoint") from None
+                              f"({why}); leave model.* unchanged, or pass this run's own "
+                              f"checkpoint")
+    model.load_state_dict(state["model"])
     ema = state.get("ema")
     flat = ema.get("flat") if isinstance(ema, dict) else ema  # {"flat": tensor}, {} when EMA is off
     if isinstance(flat, torch.Tensor) and flat.numel() == num_flat(model):
@@ -124,6 +151,7 @@ def open_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     if device is None:
         device = dist.pick_device(cfg.run.device, dist.local_rank())
     model, diffusion = build(cfg, train.num_classes, torch.device(device))
+    make_trainable(model, cfg.model, cfg.run.seed)  # LoRA runs: the adapters their checkpoints hold
     weights = load_weights(model, state, path)
     model.eval()
     return SavedRun(run_dir, cfg, train, test, shards, model, diffusion, weights,

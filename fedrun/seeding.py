@@ -31,18 +31,24 @@ from .errors import ConfigError
 # Tags: the first part of every stream. The values are part of every stream's numbers: never
 # renumber one (a run would no longer reproduce its checkpoints), only append.
 INIT, CLIENT, SOBOL, SHUFFLE, SAMPLE, SELECT, DP_NOISE, DP_SAMPLING, AUDIT = range(9)
+COMPRESS = 9
+AVAILABILITY, SPEED = 10, 11  # simulated federations (fed.availability, fed.speed_sigma)
 TAGS: Mapping[str, int] = MappingProxyType({
     "INIT": INIT, "CLIENT": CLIENT, "SOBOL": SOBOL, "SHUFFLE": SHUFFLE, "SAMPLE": SAMPLE,
-    "SELECT": SELECT, "DP_NOISE": DP_NOISE, "DP_SAMPLING": DP_SAMPLING, "AUDIT": AUDIT})
+    "SELECT": SELECT, "DP_NOISE": DP_NOISE, "DP_SAMPLING": DP_SAMPLING, "AUDIT": AUDIT,
+    "COMPRESS": COMPRESS, "AVAILABILITY": AVAILABILITY, "SPEED": SPEED})
 
-# Sub-tags of SAMPLE (the part after seed and round) and of AUDIT (the part after seed).
+# Sub-tags of SAMPLE (the part after seed and round), of AUDIT and INIT (the part after seed).
 SAMPLE_GRID, SAMPLE_EVAL, SAMPLE_CLIENT_GRID, SAMPLE_CLIENT_EVAL = range(4)
 AUDIT_MEMBERS, AUDIT_NON_MEMBERS, AUDIT_SAMPLES = range(3)
+INIT_ADAPTERS = 1  # the part after seed of INIT (0, absent, is the model's own init)
+COMPRESS_UP = 0  # the part after seed and round of COMPRESS (room for a downlink stream)
 SUB_TAGS: Mapping[str, tuple[int, int]] = MappingProxyType({  # name -> (its tag, its value)
     "SAMPLE_GRID": (SAMPLE, SAMPLE_GRID), "SAMPLE_EVAL": (SAMPLE, SAMPLE_EVAL),
     "SAMPLE_CLIENT_GRID": (SAMPLE, SAMPLE_CLIENT_GRID), "SAMPLE_CLIENT_EVAL": (SAMPLE, SAMPLE_CLIENT_EVAL),
     "AUDIT_MEMBERS": (AUDIT, AUDIT_MEMBERS), "AUDIT_NON_MEMBERS": (AUDIT, AUDIT_NON_MEMBERS),
-    "AUDIT_SAMPLES": (AUDIT, AUDIT_SAMPLES)})
+    "AUDIT_SAMPLES": (AUDIT, AUDIT_SAMPLES), "INIT_ADAPTERS": (INIT, INIT_ADAPTERS),
+    "COMPRESS_UP": (COMPRESS, COMPRESS_UP)})
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,8 @@ DP_SGD, DP_FEDAVG = {"privacy.level": "sample"}, {"privacy.level": "client"}
 
 STREAMS: Mapping[str, Stream] = MappingProxyType({
     "init": Stream(INIT, ("seed",), "the model's initial weights (models.build)"),
+    "adapter_init": Stream(INIT, ("seed", INIT_ADAPTERS), "the LoRA adapters' initial weights "
+                           "(adapters.make_trainable)", {"model.trainable": "lora"}),
     "select": Stream(SELECT, ("seed", "round"), "the clients of a round", FEDAVG),
     "client": Stream(CLIENT, ("seed", "round", "client"),
                      "a client's local training: dropout, noise, label dropout (global torch RNG)", FEDAVG),
@@ -99,6 +107,12 @@ STREAMS: Mapping[str, Stream] = MappingProxyType({
     "audit_non_member_noise": Stream(AUDIT, ("seed", AUDIT_NON_MEMBERS, "level", "draw", "chunk"),
                                      "fedrun audit: noise of the non-members' losses"),
     "audit_samples": Stream(AUDIT, ("seed", AUDIT_SAMPLES, "chunk"), "fedrun audit: generated images"),
+    "compress_up": Stream(COMPRESS, ("seed", "round", COMPRESS_UP, "client"),
+                          "a client's stochastic rounding of its compressed update (fed.compress)", FEDAVG),
+    "availability": Stream(AVAILABILITY, ("seed", "round", "client"),
+                           "does a selected client report in this round (fed.availability, a trace's "
+                           "probabilities)", FEDAVG),
+    "speed": Stream(SPEED, ("seed", "client"), "a client's simulated speed factor (fed.speed_sigma)", FEDAVG),
 })
 
 # Seeded from run.seed directly, by other generator families (numpy's PCG64 / MT19937 and
@@ -111,6 +125,7 @@ RAW_SEED_USES: Mapping[tuple[str, str], str] = MappingProxyType({
     ("fedrun.evaluation.scores", "kernel_distance"): "KID's subsets (clean-fid's RandomState)",
     ("fedrun.evaluation.classifier", "train_classifier"): "the proxy classifier's init and batches",
     ("fedrun.data", "_synthetic"): "the synthetic benchmark set (fixed seeds, not run.seed)",
+    ("fedrun.printed_digits", "render"): "the printed digits' glyph parameters (a fixed seed per split)",
 })
 
 _WORD = 2**32  # SeedSequence splits an int into 32-bit words: a larger part would be two words

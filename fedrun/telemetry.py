@@ -50,6 +50,9 @@ class RoundTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.start = time.perf_counter()
+        # wall-clock start (ns since the epoch): comparable between ranks, which the round's
+        # buffer uses to tell how long each rank waited at the all_reduce
+        self.start_ns = time.time_ns()
         self.seconds: dict[str, float] = defaultdict(float)
         self._evaluation: set[str] = set()
         self._open: list[list] = []  # [name, start of its current stretch]
@@ -82,6 +85,11 @@ class RoundTimer:
     def wall(self) -> float:
         """Seconds since the round started."""
         return time.perf_counter() - self.start
+
+    def now_ns(self) -> int:
+        """The wall clock now (ns since the epoch), as ``start_ns``: the same clock on every rank of a
+        node, and within NTP's few milliseconds across nodes."""
+        return time.time_ns()
 
     def evaluation(self) -> float:
         """Seconds spent in evaluation phases so far."""

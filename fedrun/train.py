@@ -20,6 +20,7 @@ from rich.table import Table
 from torch import nn
 
 from . import checkpoint, dist
+from .adapters import count_trainable, make_trainable
 from .centralized import run_centralized
 from .config import Config, load_config
 from .data import ImageSet, load_split
@@ -38,13 +39,21 @@ from .experimental.multiclient import GroupedClientTrainer
 from .federated import placement
 from .federated.client import PlainTrainer
 from .federated.client_state import ClientStates
+from .federated.compression import compression_rules
 from .federated.drift import drift_rules
-from .federated.participation import UniformParticipation, sample_clients
+from .federated.participation import (
+    SimulatedParticipation,
+    Simulation,
+    UniformParticipation,
+    sample_clients,
+    selected_per_round,
+)
 from .federated.rounds import FederatedRounds, RoundHook, RoundParts
 from .federated.server import RuleServer, build_server_optimizer
 from .flat import num_flat
+from .init_from import apply_init, init_identity, read_init
 from .logs import RunLogger
-from .models import build, count_parameters
+from .models import build, build_model, count_parameters
 from .partition import class_counts, client_shards
 from .privacy.mechanisms import Mechanism, build_mechanism
 
@@ -78,6 +87,30 @@ def check_run_dir(cfg: Config) -> bool:
     return has_ckpt and cfg.checkpoint.resume != "never"
 
 
+def communication(rounds: list[dict[str, Any]], num_params: int) -> dict[str, Any] | None:
+    """summary.json's "communication" block from the rounds' records (None without bytes: a
+    centralized run): what a real client sends and receives, the run's totals, and how many
+    times fewer bytes each client sends than its fp32 update (4 bytes a float of the flat model)."""
+    sent = [r for r in rounds if "bytes_up_total" in r]
+    if not sent:
+        return None
+    last = sent[-1]
+    return {"bytes_up_per_client": last["bytes_up_per_client"],
+            "bytes_down_per_client": last["bytes_down_per_client"],
+            "bytes_up_per_round": last["bytes_up_total"] / last["round"],
+            "bytes_down_per_round": last["bytes_down_total"] / last["round"],
+            "bytes_up_total": last["bytes_up_total"], "bytes_down_total": last["bytes_down_total"],
+            "uplink_reduction": 4 * num_params / last["bytes_up_per_client"]}
+
+
+def trained_part(cfg: Config, model: nn.Module) -> str:
+    """" (0.02M train: lora r=8)" for the start line; "" when every parameter trains."""
+    if cfg.model.trainable == "all":
+        return ""
+    what = f"lora r={cfg.model.lora_rank}" if cfg.model.trainable == "lora" else cfg.model.trainable
+    return f" ({count_trainable(model) / 1e6:.3f}M train: {what})"
+
+
 def partition_table(counts: np.ndarray) -> Table:
     table = Table(title="client x class (images)", show_lines=False)
     table.add_column("client", justify="right")
@@ -103,13 +136,21 @@ def build_round_parts(cfg: Config, info: dist.DistInfo, model: nn.Module, diffus
     # K clients at once is experimental (fedrun/experimental/): injected here, never imported by the loop
     trainer_class = GroupedClientTrainer if cfg.train.clients_at_once > 1 else PlainTrainer
     trainer = mechanism.trainer_class(trainer_class)(net, diffusion, train_set, shard_idx, cfg, on_step)
-    rules = drift_rules(cfg, num_flat(model), sum(sizes.values()), device) + mechanism.rules()
+    # compression first: later links (FedDyn's state, DP-FedAvg's clip, which must be last to
+    # bound what is summed) see the update as the server receives it
+    rules = compression_rules(cfg, model) + drift_rules(cfg, num_flat(model), sum(sizes.values()), device) \
+        + mechanism.rules()
     kinds = trainer.state_kinds + tuple(kind for rule in rules for kind in rule.state_kinds)
-    states = ClientStates(kinds, device, rules)
-    # clients that keep state train where it lives; the others wherever the sizes balance best
-    where = placement.HomeRanks(sizes, world) if states.active else placement.BySize(sizes, world)
-    participation = mechanism.participation(UniformParticipation(f.num_clients, f.clients_per_round,
+    states = ClientStates(kinds, device, rules, memory_mb=f.client_state_memory_mb)  # host memory, then files
+    # by cost (local steps and a set-up), on demand, or by size; clients that keep state train
+    # where it lives (home ranks); the model does not depend on it (fedrun.flat's exact sum)
+    where = placement.build_placement(cfg, sizes, world, stateful=states.active)
+    participation = mechanism.participation(UniformParticipation(f.num_clients, selected_per_round(cfg),
                                                                  cfg.run.seed))
+    simulation = Simulation.from_config(cfg, sizes)  # None unless availability/stragglers are set
+    if simulation is not None:  # keep the fastest clients_per_round reports (all of a Poisson sample)
+        participation = SimulatedParticipation(participation, simulation,
+                                               None if cfg.privacy.level == "client" else f.clients_per_round)
     server = mechanism.wrap_server(RuleServer(build_server_optimizer(f), rules))
     return RoundParts(participation, where, trainer, rules, server, states)
 
@@ -129,10 +170,17 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
     shards = client_shards(cfg, train_set.labels.numpy())
 
     sizes = {k: len(s) for k, s in enumerate(shards)}
+    if cfg.run.mode == "fedavg":  # availability/speed traces and the deadline, before any process group
+        Simulation.from_config(cfg, sizes)
     # the privacy budget is checked here, before any process group or GPU
     plan = [sample_clients(f.num_clients, f.clients_per_round, cfg.run.seed, r)
             for r in range(1, f.rounds + 1)] if cfg.privacy.level == "sample" else None
-    mechanism = build_mechanism(cfg, list(sizes.values()), plan)
+    # privacy.noise_multiplier = 0 is solved here; mechanism.run_config(cfg) holds the solved value
+    mechanism = build_mechanism(cfg, list(sizes.values()), plan, num_classes=train_set.num_classes)
+    init = read_init(cfg, train_set.num_classes)  # model.init_from, checked before any process group
+    with torch.device("meta"):  # model.trainable's errors (a LoRA rank too large for a layer), no memory
+        probe = build_model(cfg.model, cfg.data.channels, train_set.num_classes)
+        make_trainable(probe, cfg.model, cfg.run.seed)
 
     info = dist.init(cfg.run.device, cfg.run.threads)
     try:
@@ -151,9 +199,16 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
                               shards=shards if cfg.run.mode == "fedavg" else None)
         train_set = train_set.to(info.device)
         model, diffusion = build(cfg, train_set.num_classes, info.device)
+        apply_init(model, init)  # model.init_from's weights, before anything copies the model
+        # after the base weights are final (model.init_from loads them above this line): adapters
+        # start at zero on top of them, and only what trains from here on enters fedrun.flat
+        make_trainable(model, cfg.model, cfg.run.seed)
         ema = PowerEMA(cfg.ema, model)
-        checkpointer = checkpoint.Checkpointer(cfg, info)
-        parts = build_round_parts(cfg, info, model, diffusion, train_set, shards, mechanism, log.step) \
+        # a resume must also match the init's checksum and a solved noise multiplier
+        checkpointer = checkpoint.Checkpointer(cfg, info, identity={**init_identity(init),
+                                                                    **mechanism.identity()})
+        parts = build_round_parts(mechanism.run_config(cfg), info, model, diffusion, train_set, shards,
+                                  mechanism, log.step) \
             if cfg.run.mode == "fedavg" else None
 
         start_round, optimizer_state = 0, None
@@ -164,8 +219,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             if parts is not None:
                 parts.server.load_state_dict(resumed.server, info.device)
                 parts.server.load_extra_state(resumed.extra)
-                home = placement.home_ranks(sizes, info.world_size)
-                parts.states.load_state_dict(resumed.clients, {k for k, r in home.items() if r == info.rank})
+                home = placement.home_clients(cfg, sizes, info.world_size, info.rank)
+                parts.states.load_state_dict(resumed.clients, home)
             optimizer_state = resumed.optimizer
             checkpoint.set_rng_state(resumed.rng)
             start_round = resumed.round
@@ -178,7 +233,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             if cfg.run.mode == "fedavg":
                 save_partition_histogram(counts, cfg.run_dir / "partition.png")
             log.print(f"fedrun: {cfg.run.mode} on {cfg.data.name}, {info.world_size} rank(s) on "
-                      f"{info.device.type}, model {count_parameters(model) / 1e6:.2f}M parameters, "
+                      f"{info.device.type}, model {count_parameters(model) / 1e6:.2f}M parameters"
+                      f"{trained_part(cfg, model)}, "
                       f"run dir {cfg.run_dir}")
         if log.progress is not None:
             log.progress.update(log.rounds_task, completed=start_round)
@@ -211,6 +267,7 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
                 "final_loss": next((r["loss"] for r in reversed(rounds) if "loss" in r), None),
                 "world_size": info.world_size,
                 "parameters": count_parameters(model),
+                "trainable_parameters": count_trainable(model),  # model.trainable: what travels
                 "wall_s": round(time.perf_counter() - t_start, 2),
                 "scores": scored[-1] if scored else {},
                 "score_history": scored,
@@ -218,6 +275,8 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
             }
             if mechanism.summary() is not None:
                 summary["privacy"] = mechanism.summary()
+            if traffic := communication(rounds, num_flat(model)):
+                summary["communication"] = traffic
             if scored:
                 log.console.print(scores_table(scored))
             if client_scores:

@@ -11,6 +11,7 @@ Sweep file (TOML)::
 
     table = "table2"                        # run names: <table>_<data set>_<run name>[_s<seed>]
     title = "..."                           # optional, for reports (ignored here)
+    finding = "..."                         # optional: what the table shows, printed under it
     configs = ["configs/digits.toml"]       # one job set per config file (paths from the repo root)
     seeds = [0, 1, 2]                       # optional: every run once per seed (--run.seed), _s<seed>
     base_file = "base.toml"                 # optional, next to the sweep: fedrun-style TOML
@@ -61,10 +62,10 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedrun.config import Config, load_config, parse_overrides  # noqa: E402
+from fedrun.config import Config, key_facts, load_config, parse_overrides  # noqa: E402
 from fedrun.errors import ConfigError  # noqa: E402
 
-SWEEP_KEYS = {"table", "title", "configs", "seeds", "base_file", "base", "runs"}
+SWEEP_KEYS = {"table", "title", "finding", "configs", "seeds", "base_file", "base", "runs"}
 RUN_KEYS = {"name", "set", "equal_epochs"}
 
 
@@ -129,12 +130,17 @@ def _flat_table(table: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def same_config(saved: dict[str, Any], planned: dict[str, Any]) -> bool:
-    """Equal apart from run.threads/run.device; keys absent from ``saved`` (added to fedrun
-    later) count as equal when ``planned`` holds their default."""
+    """Equal apart from run.threads/run.device/run.out_dir (the run was found there) and keys
+    that do not apply to the planned run (privacy.* without privacy, ...: a changed default of
+    such a key must not re-run it); keys absent from ``saved`` (added to fedrun later) count as
+    equal when ``planned`` holds their default."""
     defaults = Config().to_dict()
+    flat = {f"{section}.{key}": value for section, body in planned.items() for key, value in body.items()}
     for section, body in planned.items():
         for key, value in body.items():
-            if section == "run" and key in ("threads", "device"):
+            if section == "run" and key in ("threads", "device", "out_dir"):  # where, not what
+                continue
+            if not key_facts(f"{section}.{key}").applies.holds(flat):
                 continue
             old_body = saved.get(section, {})
             if not isinstance(old_body, dict) or old_body.get(key, defaults[section][key]) != value:

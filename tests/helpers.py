@@ -31,6 +31,9 @@ TINY = {
     "sample.per_class": "0", "diffusion.sample_steps": "5", "eval.steps": "5", "eval.enabled": "false",
     # the authors' method, whatever the digits default uses (guidance doubles every sampling step)
     "model.label_dropout": "0", "diffusion.guidance": "0",
+    # a fixed placement, so that tests know which rank trains which client (the default hands
+    # clients out on demand; test_world_size.py checks that every placement trains the same bits)
+    "fed.placement": "cost",
 }
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -123,9 +126,10 @@ def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def fp32_sum_bound(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """How far two fp32 FedAvg averages of the same client models may be apart when only the order
-    of the weighted sum differs: a sum of K terms re-associated errs by at most (K-1) ulp-sized
-    roundings of the largest partial sum. K <= 4 here, so 8 * eps * max|theta| bounds it with room."""
+    """How far a FedAvg average may be from what it averages for reasons of float rounding alone:
+    the round's sum is exact (fedrun/flat.py: fixed point, so two layouts give the same bits), but
+    each model enters it on a grid of 2^-F and the average is rounded once to fp32; a few fp32 ulps
+    of the largest weight, 8 * eps * max|theta|, bound that with room."""
     scale = max(max(t.abs().max().item() for t in a.values()), max(t.abs().max().item() for t in b.values()))
     return 8 * torch.finfo(torch.float32).eps * scale
 
@@ -210,8 +214,9 @@ def guarded_processes(env: dict[str, str]) -> int:
     return len(Path(env["FEDRUN_NET_ACTIVE"]).read_text().split())
 
 
-def clients_of_rank(world: int, **extra: object) -> list[list[int]]:
-    """Which clients each rank trains under the tiny config when every client takes part."""
+def clients_of_rank(world: int, stateful: bool = False, **extra: object) -> list[list[int]]:
+    """Which clients each rank trains under the tiny config when every client takes part (the
+    run's fed.placement; ``stateful``: home ranks, as with kept state)."""
     from fedrun.config import load_config
     from fedrun.data import load_split
     from fedrun.federated import placement
@@ -220,4 +225,4 @@ def clients_of_rank(world: int, **extra: object) -> list[list[int]]:
     cfg = load_config(None, tiny_overrides(Path("/unused"), "x", **extra))
     shards = client_shards(cfg, load_split(cfg.data, "train").labels.numpy())
     sizes = {k: len(s) for k, s in enumerate(shards)}
-    return placement.assign_clients(list(range(cfg.fed.num_clients)), sizes, world)
+    return placement.build_placement(cfg, sizes, world, stateful).assign(list(range(cfg.fed.num_clients)))

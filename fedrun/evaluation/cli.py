@@ -1,5 +1,9 @@
 """``fedrun eval RUN_DIR [--checkpoint FILE] [--section.key VALUE ...]``: score a saved checkpoint.
 
+``--data.name`` scores against another data set of the same image size and classes, e.g. a
+public model (configs/digits_public.toml, printed digits) against the handwritten test split:
+``fedrun eval runs/digits_public --data.name digits`` writes ``eval/round_0100_digits.json``.
+
 The run is opened by ``fedrun.saved_run.open_run``: the model built by ``fedrun.models.build``
 exactly as training builds it (same init path, same memory layout), holding the EMA when the
 checkpoint has one, from ``--checkpoint`` or else the newest checkpoint that passes its checksum
@@ -38,8 +42,7 @@ def parse_args(argv: list[str]) -> tuple[Path, Path | None, dict[str, str]]:
 
 def eval_main(argv: list[str]) -> int:
     run_dir, checkpoint, overrides = parse_args(argv)
-    from rich.console import Console  # after the command line: a mistake in it answers at once
-
+    from ..logs import log_console  # after the command line: a mistake in it answers at once
     from ..saved_run import load_run_config, open_run
     from .evaluator import Evaluator, check_eval_sizes, check_inception_weights, scores_table
     overrides = {"eval.enabled": "true", **overrides}
@@ -56,13 +59,16 @@ def eval_main(argv: list[str]) -> int:
         scores = evaluator.evaluate(run.model, run.diffusion, run.round)
         if info.is_main and scores is not None:
             row = {"round": run.round, "checkpoint": str(run.checkpoint), "weights": run.weights, **scores}
-            trained = load_run_config(run_dir).diffusion.guidance
-            tag = f"_guidance{cfg.diffusion.guidance:g}" if cfg.diffusion.guidance != trained else ""
+            trained = load_run_config(run_dir)
+            guidance = cfg.diffusion.guidance
+            tag = f"_guidance{guidance:g}" if guidance != trained.diffusion.guidance else ""
+            # scored against another data set (a public model against the private test split)
+            tag += f"_{cfg.data.name}" if cfg.data.name != trained.data.name else ""
             out = run_dir / "eval" / f"{run.checkpoint.stem}{tag}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(row, indent=2))
-            Console(stderr=True).print(scores_table([row], title=f"{run_dir} @ round {row['round']}"))
-            Console(stderr=True).print(f"scores written to {out}")
+            log_console().print(scores_table([row], title=f"{run_dir} @ round {row['round']}"))
+            log_console().print(f"scores written to {out}")
         return 0
     finally:
         dist.shutdown()

@@ -42,9 +42,10 @@ from .scorer import Scorer
 
 def check_inception_weights(cfg: Config) -> None:
     """Fail before any process group starts if FID/IS will need a file that is not there, or a
-    file that is not the FID Inception (loaded once and probed: 299x299 RGB in, 2048 out)."""
+    file that is not the FID Inception (loaded once and probed: 299x299 RGB in, 2048 out). With
+    ``data.download`` a missing file is fetched first (clean-fid's, checksummed)."""
     if cfg.eval.enabled and cfg.eval.feature_extractor == "inception":
-        load_inception(inception_weights_path(cfg.eval.inception_weights))
+        load_inception(inception_weights_path(cfg.eval.inception_weights, download=cfg.data.download))
 
 
 def check_eval_sizes(cfg: Config, test_set: ImageSet | None) -> None:

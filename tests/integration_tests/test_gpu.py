@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedrun import checkpoint
-from fedrun.flat import TAIL, accumulate_, flatten, num_flat
+from fedrun.flat import RoundBuffer, flatten, num_flat
 
 from helpers import as_args, free_port, run_cli, tiny_overrides
 
@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _nccl_rank(rank: int, port: int, out: str) -> None:
-    """One of two NCCL ranks: adds (rank + 1) * theta into the flat buffer, then all_reduce."""
+    """One of two NCCL ranks: adds theta with weight rank + 1 into the round's int64 buffer (the
+    exact fixed-point sum), then all_reduce through NCCL and the average."""
     import torch.distributed as dist
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -27,11 +28,14 @@ def _nccl_rank(rank: int, port: int, out: str) -> None:
     try:
         torch.manual_seed(0)  # the same model on both ranks
         model = torch.nn.Linear(64, 32).cuda()
-        buffer = torch.zeros(num_flat(model) + TAIL, device="cuda")
-        accumulate_(buffer, model, float(rank + 1))
-        dist.all_reduce(buffer)
+        buffer = RoundBuffer(num_flat(model), 2, {}, torch.device("cuda", rank), rank=rank, max_clients=2,
+                             max_weight=2.0)
+        assert buffer.add(model, float(rank + 1), loss=0.0, images=1)
+        buffer.all_reduce()
+        agg = buffer.aggregate(1, [0, 1])
         if rank == 0:
-            torch.save({"sum": buffer[:-TAIL].cpu(), "theta": flatten(model).cpu()}, out)
+            theta = flatten(model).cpu()
+            torch.save({"average": agg.average.cpu(), "weight": agg.weight, "theta": theta}, out)
     finally:
         dist.destroy_process_group()
 
@@ -41,8 +45,10 @@ def test_flat_buffer_all_reduce_sums_two_ranks_through_nccl(tmp_path):
     out = str(tmp_path / "sum.pt")
     torch.multiprocessing.spawn(_nccl_rank, args=(free_port(), out), nprocs=2)
     got = torch.load(out, weights_only=True)
-    # 1 * theta + 2 * theta = 3 * theta, each product and the sum rounded once in fp32
-    assert torch.allclose(got["sum"], 3 * got["theta"], rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+    # (1 theta + 2 theta) / 3 = theta: each weighted theta on the grid of 2^-F, the sum exact in
+    # int64 through NCCL, the ratio rounded once to fp32
+    assert got["weight"] == 3.0
+    assert torch.allclose(got["average"], got["theta"], rtol=torch.finfo(torch.float32).eps, atol=2.0**-40)
 
 
 def test_torchrun_one_gpu_end_to_end(tmp_path):

@@ -56,8 +56,9 @@ def test_eval_and_audit_options_are_parsed_by_argparse(capsys):
     assert overrides == {"eval.steps": "5", "eval.per_class": "false"}
     argv = ["runs/x", "--samples", "7", "--levels=0.2,0.4", "--max-members", "9", "--threshold", "0.25",
             "--out", "a.json"]
-    run_dir, out, s, device, ckpt = audit_args(argv)
+    run_dir, out, s, device, ckpt, overrides = audit_args(argv + ["--data.name", "digits"])
     assert (str(run_dir), str(out), device, ckpt) == ("runs/x", "a.json", "cpu", None)
+    assert overrides == {"data.name": "digits"}  # what else the run is audited against
     assert (s.samples, s.levels, s.max_members, s.threshold, s.draws) == (7, (0.2, 0.4), 9, 0.25, 4)
 
 
@@ -75,7 +76,8 @@ def test_a_bad_eval_or_audit_command_line_is_one_line_and_exit_code_2(capsys, tm
         (["eval", str(tmp_path / "nowhere")], ("nowhere", "config.toml")),
         (["audit"], ("audit:", "RUN_DIR", "usage: fedrun audit")),
         (["audit", "runs/x", "--samples", "many"], ("--samples", "invalid int value: 'many'")),
-        (["audit", "runs/x", "--max", "3"], ("unrecognized arguments: --max 3",)),  # no abbreviations
+        # no abbreviations: --max is not --max-members
+        (["audit", "runs/x", "--max", "3"], ("unrecognized arguments: --max", "config key")),
         (["audit", "runs/x", "--levels", "0.1,2"], ("--levels", "(0, 1)")),
         (["audit", "runs/x", "--k", "1"], ("--k >= 2",)),
         (["--config"], ("--config: missing file name",)),

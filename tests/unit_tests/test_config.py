@@ -81,10 +81,13 @@ def test_override_syntax_errors():
 # every run dir written since must keep resuming, so these values never change.
 @pytest.mark.parametrize("path, overrides, expected", [
     (None, {}, "975b9e15ea781c37"),
-    ("configs/digits.toml", {}, "33c94899e3b6ab7f"),
+    ("configs/digits_converged/digits.toml", {}, "33c94899e3b6ab7f"),  # the default before embed 16
     (None, {"ema.sigma_rel": "0.1"}, "4afe20cf3ad37fcd"),
-    (None, {"privacy.level": "sample", "privacy.noise_multiplier": "2.0"}, "e2b42ba4cff52960"),
-    (None, {"privacy.level": "client"}, "1573773ef6a5b3a2"),
+    # privacy run dirs of those days hold privacy.accountant = "rdp" in their config.toml (every key
+    # is written out): "prv" became the default later and counts only when another value is set
+    (None, {"privacy.level": "sample", "privacy.noise_multiplier": "2.0", "privacy.accountant": "rdp"},
+     "e2b42ba4cff52960"),
+    (None, {"privacy.level": "client", "privacy.accountant": "rdp"}, "1573773ef6a5b3a2"),
     (None, {"fed.drift": "fedprox", "fed.prox_mu": "0.1"}, "003b0f31a4bdd8ff"),
     (None, {"fed.drift": "scaffold"}, "8f998da6aaa2845d"),
     (None, {"fed.client_optimizer": "keep"}, "0af0e0963da7d331"),
@@ -93,6 +96,8 @@ def test_override_syntax_errors():
     # rounds, evaluation, checkpointing (and the keys added since: off by default) are not hashed
     (None, {"fed.rounds": "7", "eval.enabled": "true", "checkpoint.every": "3"}, "975b9e15ea781c37"),
     (None, {"run.tensorboard": "true", "fed.feddyn_alpha": "0.01"}, "975b9e15ea781c37"),
+    # the init's checksum, not its path, is part of a run's identity (checkpoints hold it)
+    (None, {"model.init_from": "runs/digits_public"}, "975b9e15ea781c37"),
 ])
 def test_hash_values_of_existing_run_dirs_never_change(path, overrides, expected):
     assert load_config(ROOT / path if path else None, overrides).hash() == expected
@@ -103,8 +108,11 @@ def test_keys_added_later_count_in_the_hash_only_when_set():
     dyn = load_config(None, {"fed.drift": "feddyn"}).hash()
     assert dyn != base and load_config(None, {"fed.drift": "feddyn", "fed.feddyn_alpha": "0.1"}).hash() != dyn
     assert load_config(None, {"fed.feddyn_alpha": "0.1"}).hash() != base  # set: it counts
-    # a section counted as a whole: one key away from the default brings all of its keys in
-    assert load_config(None, {"privacy.clip": "2.0"}).hash() != base
+    # a section counted as a whole: one key away from the default brings all of its keys in ...
+    dp = load_config(None, {"privacy.level": "sample"}).hash()
+    assert dp != base and load_config(None, {"privacy.level": "sample", "privacy.clip": "2.0"}).hash() != dp
+    # ... where it applies: without privacy its keys (and changes of their defaults) count for nothing
+    assert load_config(None, {"privacy.clip": "2.0", "privacy.accountant": "rdp"}).hash() == base
 
 
 def test_every_key_has_a_docstring_and_consistent_facts():

@@ -6,15 +6,7 @@ from fedrun import checkpoint
 from fedrun.config import load_config
 from fedrun.federated.participation import sample_clients
 from fedrun.federated.placement import assign_clients
-from fedrun.flat import (
-    N_SLOT,
-    accumulate_,
-    buffer_size,
-    flatten,
-    load_flat_,
-    num_flat,
-    weighted_average,
-)
+from fedrun.flat import RoundBuffer, flatten, load_flat_, num_flat
 from fedrun.models import build, build_model
 from fedrun.train import train
 
@@ -32,17 +24,18 @@ def test_flat_buffer_weighted_average_is_exact():
     a, b = small_model(1), small_model(2)
     n1, n2 = 3.0, 17.0
     P = num_flat(a)
-    buffer = torch.zeros(buffer_size(P, world_size=2))
+    buffer = RoundBuffer(P, 2, {}, torch.device("cpu"), max_clients=2, max_weight=n2)
     for model, n in ((a, n1), (b, n2)):
-        accumulate_(buffer, model, n)
-        buffer[P + N_SLOT] += n
-    average, n = weighted_average(buffer, P)
+        assert buffer.add(model, n, loss=0.0, images=int(n))
+    agg = buffer.aggregate(1, [0, 1])
+    average, n = agg.average, agg.weight
     expected = (n1 * flatten(a).double() + n2 * flatten(b).double()) / (n1 + n2)
     assert n == n1 + n2
-    # fp32: two products, one sum and one division, each rounded once, so the error is at most
-    # 4 eps times the magnitude of the terms (not of the result, which may cancel to ~0)
-    scale = (n1 * flatten(a).double().abs() + n2 * flatten(b).double().abs()) / (n1 + n2)
-    assert ((average.double() - expected).abs() <= 4 * torch.finfo(torch.float32).eps * scale).all()
+    # each weighted model enters the int64 sum on a grid of 2^-F (an error <= 2^-(F+1) per client,
+    # in units of the largest weight), the sums are exact, and their ratio is rounded once to fp32
+    # (half an ulp of the result)
+    grid = 2 * 2.0 ** -(buffer.bits + 1) * n2 / (n1 + n2)
+    assert ((average.double() - expected).abs() <= grid + expected.abs() * 2.0**-24).all()
     load_flat_(a, average)
     assert torch.equal(flatten(a), average)
 

@@ -1,7 +1,8 @@
 """A resumed run ends with the same model as an uninterrupted one (bit for bit), whatever state
 it carries across the restart: the RNG, a server optimizer's moments, the centralized Adam, the
 EMA, and what clients keep between rounds (Adam moments, SCAFFOLD control variates, FedDyn's
-gradient state and its server correction)."""
+gradient state and its server correction, compression's error-feedback residuals), and a LoRA
+run's adapters on top of its frozen base."""
 
 import json
 
@@ -9,11 +10,14 @@ import pytest
 import torch
 
 from fedrun import checkpoint
+from fedrun.adapters import count_trainable, make_trainable
 from fedrun.config import load_config
+from fedrun.init_from import state_sha256
+from fedrun.models import build, count_parameters
 from fedrun.privacy.accountant import epsilon_of, sample_level_step
 from fedrun.train import train
 
-from helpers import same_bits, tiny_overrides
+from helpers import model_at, same_bits, tiny_overrides
 
 
 def final_checkpoint(cfg):
@@ -35,8 +39,22 @@ def final_checkpoint(cfg):
                  id="dp-sgd-ledger"),
     pytest.param({"run__mode": "fedavg", "privacy__level": "client", "privacy__clip": "0.01",
                   "fed__num_clients": "12"}, id="dp-fedavg-ledger-and-poisson-clients"),
+    pytest.param({"run__mode": "fedavg", "model__trainable": "lora", "model__lora_rank": "2",
+                  "ema__sigma_rel": "0.1", "privacy__level": "sample", "privacy__multiplicity": "2",
+                  "fed__num_clients": "24", "optim__batch_size": "16"},
+                 id="lora-adapters-dp-sgd-multiplicity-ema"),
+    pytest.param({"run__mode": "fedavg", "fed__compress": "int8"}, id="int8-error-feedback-residuals"),
+    # cheap rounds: 200 synthetic images, the 3 clients all drawn (q = 1: a fast accountant)
+    pytest.param({"run__mode": "fedavg", "model__init_from": "PUBLIC", "privacy__level": "client",
+                  "privacy__clip": "0.01", "fed__num_clients": "3", "data__name": "synthetic",
+                  "data__synthetic_size": "200"}, id="fine-tuning-dp-fedavg"),
 ])
 def test_resume_equals_uninterrupted(tmp_path, extra):
+    if extra.get("model__init_from") == "PUBLIC":  # fine-tuning: first the model it starts from
+        public = load_config(None, tiny_overrides(tmp_path, "public", run__seed=7, fed__rounds=1,
+                                                  data__name="synthetic", data__synthetic_size=200))
+        train(public)
+        extra = {**extra, "model__init_from": str(public.run_dir)}
     straight = load_config(None, tiny_overrides(tmp_path, "straight", fed__rounds=3, fed__clients_per_round=3,
                                                 **extra))
     train(straight)
@@ -89,6 +107,25 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
         for k, rounds in taken.items():
             q, steps = sample_level_step(sizes[k], straight.optim.batch_size, straight.fed.local_epochs)
             assert per_client[str(k)] == epsilon_of([(1.0, q, steps * rounds)], 1e-5)
+    if "model__init_from" in extra:  # the init's checksum, in every checkpoint of the run
+        assert stopped["identity"] == a["identity"] == b["identity"] == {
+            "model.init_from": f"an init of SHA-256 {state_sha256(model_at(tmp_path / 'public', 1))[:16]}"}
+    if "fed__compress" in extra:  # every client's error-feedback residual, and the bytes so far
+        assert all(e["ef_residual"].abs().max() > 0 for e in stopped["clients"]["clients"].values())
+        for k, entry in a["clients"]["clients"].items():
+            assert torch.equal(entry["ef_residual"], b["clients"]["clients"][k]["ef_residual"])
+        last = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[-1])
+                for n in ("straight", "resumed")]
+        assert last[0]["bytes_up_total"] == last[1]["bytes_up_total"] == 3 * last[0]["bytes_up"] > 0
+    if "model__trainable" in extra:  # base + adapters in the checkpoint; only the adapters moved
+        base, _ = build(straight, 10, torch.device("cpu"))
+        assert {k for k in a["model"] if ".lora_" not in k} == set(base.state_dict())
+        full = ("noise_embed.", "class_embed.", "up.0.0.main.3.", "up.0.0.skip.")  # these train in full
+        assert all(torch.equal(v, a["model"][k])
+                   for k, v in base.state_dict().items() if not k.startswith(full))
+        assert any(a["model"][k].abs().max() > 0 for k in a["model"] if ".lora_up." in k)
+        make_trainable(base, straight.model, straight.run.seed)
+        assert stopped["ema"]["flat"].numel() == count_trainable(base) < 0.5 * count_parameters(base)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [int(l.split('"round": ')[1].split(",")[0]) for l in lines] == [1, 2, 3]  # round 3 once
 

@@ -173,6 +173,7 @@ def test_dp_fedavg_server_steps_with_noise_even_without_clients():
     noise = client_dp.gaussian_noise(2, client_dp.noise_std(2.0, 0.5, 4, 0.5), cfg.run.seed, 1)
     assert torch.equal(new, theta + (torch.zeros(2) / 2 + noise))
     assert ledger.history == {"federation": [(2.0, 0.5, 1)]}
+    assert "epsilon" not in server.metrics()  # every EPSILON_EVERY rounds and in the last one (2)
     # with clients: theta + sum of (clipped) updates / (q N) + noise; weights are 1 each
     new = server.step(theta, _aggregate((2 * theta + torch.tensor([0.2, 0.4])).tolist(), 2.0, [0, 3], 2))
     noise = client_dp.gaussian_noise(2, client_dp.noise_std(2.0, 0.5, 4, 0.5), cfg.run.seed, 2)
@@ -196,7 +197,7 @@ def test_sample_level_server_records_every_participant_with_data():
 
 def test_home_ranks_place_every_client_on_its_home_in_size_order():
     sizes = {0: 10, 1: 40, 2: 30, 3: 20, 4: 25}
-    home = HomeRanks(sizes, 2)
+    home = HomeRanks({k: float(n) for k, n in sizes.items()}, 2)  # cost = size
     per_rank = home.assign([0, 2, 3, 4])
     assert sorted(k for ks in per_rank for k in ks) == [0, 2, 3, 4]
     for rank, ks in enumerate(per_rank):
@@ -209,22 +210,40 @@ def test_home_ranks_place_every_client_on_its_home_in_size_order():
 
 def test_round_buffer_layout_sum_tail_and_regions():
     model = TwoWeights(1.0, 2.0)
-    buf = RoundBuffer(2, world_size=3, regions={"none": 0, "scaffold": 2}, device=torch.device("cpu"))
-    assert buf.data.numel() == 2 + 5 + 3 + 2 and buf.region("none").numel() == 0
-    buf.add(model, 3.0, loss=0.5, images=30)
+    buf = RoundBuffer(2, world_size=3, regions={"none": 0, "scaffold": 2}, device=torch.device("cpu"),
+                      rank=2, max_clients=4, max_weight=4.0)
+    assert buf.data.numel() == 2 + 6 + 4 * 3 + 2 and buf.region("none").numel() == 0
+    assert buf.data.dtype == torch.int64 and buf.bits == 62 - 16 - 2  # 4 clients: 2 bits of headroom
+    buf.region("scaffold").add_(torch.tensor([7.0, 8.0]))  # a rule's sum for the first client
+    assert buf.add(model, 3.0, loss=0.5, images=30, steps=2)
     load_flat_(model, torch.tensor([-1.0, 0.0]))
-    buf.add(model, 1.0, loss=1.5, images=10)
-    buf.skip()
-    buf.region("scaffold").add_(torch.tensor([7.0, 8.0]))
-    buf.set_seconds(2, 4.5)
+    assert buf.add(model, 1.0, loss=1.5, images=10, steps=1)
+    buf.skip(steps=4)
+    buf.set_times(10**18, 10**18 + 2_500_000_000)
+    buf.all_reduce()  # one process: the sum is its own
     agg = buf.aggregate(5, [0, 1, 2])
     assert torch.equal(agg.total, torch.tensor([2.0, 6.0])) and agg.weight == 4.0 and agg.usable
-    assert torch.equal(agg.average, torch.tensor([0.5, 1.5])) and torch.equal(agg.extra["scaffold"],
-                                                                              torch.tensor([7.0, 8.0]))
-    stats, seconds = buf.stats()
-    assert stats == {"n": 4.0, "loss": 3.0, "images": 40.0, "skipped": 1.0, "trained": 2.0}
-    assert seconds == [0.0, 0.0, 4.5] and buf.nbytes == 12 * 4
+    assert torch.equal(agg.average, torch.tensor([0.5, 1.5]))
+    assert torch.equal(agg.extra["scaffold"], torch.tensor([7.0, 8.0]))
+    stats, ranks = buf.stats()
+    assert stats == {"n": 4.0, "loss": 3.0, "images": 40, "skipped": 1, "trained": 2}
+    assert ranks[:2] == [{"start_ns": 0, "ready_ns": 0, "steps": 0, "clients": 0}] * 2
+    assert ranks[2] == {"start_ns": 10**18, "ready_ns": 10**18 + 2_500_000_000, "steps": 7, "clients": 3}
+    assert buf.nbytes == buf.data.numel() * 8
     assert torch.equal(flatten(model), torch.tensor([-1.0, 0.0]))
+
+
+def test_round_buffer_leaves_out_a_client_beyond_its_range():
+    """|w' theta| <= 2^16 (w' = weight / largest weight) or the client is not added at all."""
+    buf = RoundBuffer(2, world_size=1, regions={"scaffold": 1}, device=torch.device("cpu"), max_weight=2.0)
+    assert buf.add(TwoWeights(2.0**16, -(2.0**16)), 2.0, loss=0.0, images=1)  # the edge: w' = 1
+    before = buf.data.clone()
+    for model, weight in ((TwoWeights(2.0**17, 0.0), 2.0), (TwoWeights(float("nan"), 0.0), 1.0),
+                          (TwoWeights(1.0, 0.0), 2.0**18)):  # a weight 2^17 x the largest one
+        assert not buf.add(model, weight, loss=0.0, images=1)
+    buf.region("scaffold").fill_(float("inf"))  # a rule's sum out of range refuses the client too
+    assert not buf.add(TwoWeights(1.0, 1.0), 1.0, loss=0.0, images=1)
+    assert torch.equal(buf.data, before) and buf.region("scaffold").abs().max() == 0
 
 
 def test_round_timer_phases_are_exclusive(monkeypatch):

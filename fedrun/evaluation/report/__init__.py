@@ -34,6 +34,8 @@ summary.json schema (keys the report reads; anything else is ignored)::
         "num_samples": int, "class_acc": float | null   # optional
       },
       "privacy": {"epsilon_max": float}    # optional: the largest epsilon spent (DP runs)
+      "communication": {                   # optional: bytes a real client sends (federated runs)
+        "bytes_up_per_round": float, "bytes_down_per_round": float, "uplink_reduction": float}
     }
 
 i.e. ``fedrun.evaluation.scorer``'s dict goes under "scores" unchanged. ``audit.json``

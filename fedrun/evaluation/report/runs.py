@@ -70,12 +70,19 @@ def number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+COMMUNICATION = ("bytes_up_per_round", "bytes_down_per_round", "uplink_reduction")  # summary.json's
+
+
 def _extra(data: dict[str, Any], path: Path) -> dict[str, float]:
-    """epsilon from summary.json's "privacy", audit_auc / near_copies from audit.json."""
+    """epsilon from summary.json's "privacy", bytes per round from its "communication",
+    audit_auc / near_copies from audit.json."""
     out: dict[str, float] = {}
     privacy = data.get("privacy")
     if isinstance(privacy, dict) and (eps := number(privacy.get("epsilon_max"))) is not None:
         out["epsilon"] = eps
+    traffic = data.get("communication")
+    if isinstance(traffic, dict):
+        out.update({key: v for key in COMMUNICATION if (v := number(traffic.get(key))) is not None})
     audit_path = path / "audit.json"
     if audit_path.is_file():
         try:

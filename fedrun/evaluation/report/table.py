@@ -31,15 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from ...config import NO_OFF, key_facts
+from ...logs import log_console
 from .runs import DATASET_TITLES, Run, dataset_title
 
 SCORES = (("is_mean", "IS"), ("fid_train", "FID (train)"), ("fid_test", "FID (test)"))
 # In report.md and report.csv when some run has them (older runs do not).
 EXTRA_SCORES = (("kid_test", "KID x1e3 (test)"), ("precision", "precision"), ("recall", "recall"),
                 ("density", "density"), ("coverage", "coverage"), ("class_acc", "class acc"),
-                ("epsilon", "epsilon"), ("audit_auc", "audit AUC"), ("near_copies", "near copies"))
+                ("epsilon", "epsilon"), ("audit_auc", "audit AUC"), ("near_copies", "near copies"),
+                ("bytes_up_per_round", "MB up / round"), ("bytes_down_per_round", "MB down / round"),
+                ("uplink_reduction", "x fewer bytes up"))
 RATIO = ("fid_ratio", "FID / centralized")  # derived: a row's FID (test) / the centralized row's
 KID_SCALE = 1e3  # KID is printed x1e3, as in the KID literature; the CSV keeps raw values
+MB = ("bytes_up_per_round", "bytes_down_per_round")  # printed in MB (10^6 bytes); the CSV keeps bytes
 THREE_DIGITS = {"precision", "recall", "density", "coverage", "class_acc", "audit_auc"}
 
 
@@ -208,6 +212,10 @@ def build_table(runs: list[Run]) -> Table:
 def _one(key: str, value: float) -> str:
     if key == "kid_test":
         return f"{value * KID_SCALE:.2f}"
+    if key in MB:
+        return f"{value / 1e6:.3g}"
+    if key == "uplink_reduction":
+        return f"{value:.3g}"
     if key in THREE_DIGITS:
         return f"{value:.3f}"
     if key == "near_copies" and value == int(value):
@@ -382,10 +390,9 @@ def write_clients_csv(runs: list[Run], path: Path) -> bool:
 
 def print_table(table: Table) -> None:
     """The paper layout if the terminal is wide enough, else one table per data set."""
-    from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console()
+    console = log_console(stderr=False)
     cols = columns(table)
     setting_w = max(len(label) for label in table.labels) + 4
     wide = setting_w + 16 * len(cols) * len(table.datasets) <= console.width

@@ -1,0 +1,217 @@
+"""Which weights train (``model.trainable``), and the low-rank adapters that make a fine-tune small.
+
+Applied once, right after ``fedrun.models.build`` (and after ``model.init_from`` has loaded the
+base weights), by ``make_trainable``:
+
+* ``"all"``: nothing happens at all; every parameter trains (fedrun's behaviour before the key).
+* ``"lora"`` (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022): every
+  convolution and linear layer W keeps its weights frozen and gains a rank-r update,
+  y = W x + b + (alpha / r) * up(down(x)). For a Conv2d, ``down`` is Conv2d(in, r, k) with the
+  base's stride, padding and dilation and ``up`` is Conv2d(r, out, 1), both without bias: plain
+  modules, so Opacus computes their per-sample gradients with its own (and fedrun's) Conv2d grad
+  sampler, and skips the frozen base. ``down`` starts as PyTorch's default init (Kaiming uniform,
+  a = sqrt(5), as loralib and peft do), ``up`` at zero, so step 0 is the base model exactly.
+  Besides the adapters, these train in full: the model's embeddings (the Fourier features of
+  the noise level and the class embedding: a few dozen numbers that a new data set's classes
+  most need to move) and its output layers (the convolutions that produce the image's 1 or 3
+  channels: a rank-r adapter of a layer with 1 output is no low-rank update, and the whole layer
+  is a few hundred numbers). Biases and norms of adapted layers stay frozen, as in Hu et al.
+* ``"norms_biases"``: only biases, normalisation layers and embeddings train (BitFit, Ben Zaken
+  et al. 2022, plus embeddings). fedrun's U-Net has no normalisation layer unless attention is
+  on (its GroupNorm): biases and embeddings then.
+
+Frozen parameters have ``requires_grad = False``: the optimizer, Opacus's clipping and noise, the
+flat layout that the round all-reduces (``fedrun.flat``), the EMA and the clients' kept state
+cover only what trains. ``LoRAConv2d`` and ``LoRALinear`` keep the base layer's parameter names
+(``weight``, ``bias``) and add ``lora_down.weight`` and ``lora_up.weight``, so a checkpoint's
+model is the base's state_dict plus the adapters.
+
+``merged`` folds every adapter into its layer (W + (alpha / r) * up @ down, a weight of the
+base's shape) in a copy: the sampler (``Diffusion.sample``) uses it, so sampling costs what the
+base model costs (two extra convolutions per adapted layer and step saved). It is the same
+function up to float rounding: a convolution is linear in its weight.
+
+Why not peft: it needs transformers, accelerate and the Hub client, and its layers wrap the base
+module (other state_dict names) while this is two small classes. A core module: it imports no
+sub-package, and not ``fedrun.models`` either (which imports ``fedrun.diffusion``, which imports
+this): the model names its embeddings and output layers through ``Adaptable``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from . import seeding
+from .config import ModelConfig
+from .errors import ConfigError
+
+TRAINABLE = ("all", "lora", "norms_biases")
+NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+
+
+@runtime_checkable
+class Adaptable(Protocol):
+    """What a model tells ``make_trainable`` (fedrun's UNet implements it)."""
+
+    def embeddings(self) -> list[nn.Module]:
+        """Modules that embed the conditioning (noise level, class): they train in every mode."""
+
+    def output_layers(self) -> list[nn.Module]:
+        """The layers that produce the output's channels: trained in full under LoRA."""
+
+
+class LoRAConv2d(nn.Conv2d):
+    """A frozen Conv2d (the same weight and bias objects as ``base``) plus (alpha / r) * up(down(x))."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                         base.dilation, base.groups, base.bias is not None, base.padding_mode, device="meta")
+        self.weight, self.bias = base.weight, base.bias  # the base's own parameters, frozen
+        self.rank, self.scale = rank, alpha / rank
+        self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                   base.dilation, bias=False, padding_mode=base.padding_mode)
+        self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        _init_adapter(self.lora_down.weight, self.lora_up.weight, generator)
+        like = base.weight
+        # the base's layout (train.channels_last converts the whole model): the strides autograd
+        # gives the gradients, which DDP's buckets expect (a 1x1 weight's strides tell them apart)
+        o, i, kh, kw = like.shape
+        fmt = torch.channels_last if like.stride() == (i * kh * kw, 1, kw * i, i) else torch.contiguous_format
+        self.lora_down.to(like.device, like.dtype, memory_format=fmt)
+        self.lora_up.to(like.device, like.dtype, memory_format=fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
+
+    def delta(self) -> torch.Tensor:
+        """(alpha / r) * up @ down as a weight of the base's shape [out, in, kh, kw]."""
+        up = self.lora_up.weight.reshape(self.out_channels, self.rank)
+        down = self.lora_down.weight.reshape(self.rank, -1)
+        return (self.scale * (up @ down)).reshape(self.weight.shape)
+
+
+class LoRALinear(nn.Linear):
+    """A frozen Linear (the same weight and bias objects as ``base``) plus (alpha / r) * up(down(x))."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__(base.in_features, base.out_features, base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.scale = rank, alpha / rank
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        _init_adapter(self.lora_down.weight, self.lora_up.weight, generator)
+        self.lora_down.to(base.weight.device, base.weight.dtype)
+        self.lora_up.to(base.weight.device, base.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.lora_up.weight @ self.lora_down.weight)
+
+
+LORA_LAYERS = (LoRAConv2d, LoRALinear)
+
+
+@torch.no_grad()
+def _init_adapter(down: torch.Tensor, up: torch.Tensor, generator: torch.Generator) -> None:
+    """down: PyTorch's default layer init from ``generator`` (on the CPU, so every device and rank
+    draws the same numbers); up: zero, so the adapted layer starts as the base layer."""
+    cpu = torch.empty(down.shape, device="cpu")
+    nn.init.kaiming_uniform_(cpu, a=math.sqrt(5), generator=generator)
+    down.copy_(cpu)
+    up.zero_()
+
+
+def max_rank(layer: nn.Module) -> int:
+    """The largest useful rank of an update of ``layer``'s weight (seen as a matrix out x fan-in)."""
+    if isinstance(layer, nn.Conv2d):
+        return min(layer.out_channels, layer.in_channels // layer.groups * math.prod(layer.kernel_size))
+    assert isinstance(layer, nn.Linear)
+    return min(layer.out_features, layer.in_features)
+
+
+def lora_targets(model: nn.Module, rank: int) -> list[str]:
+    """Names of the layers LoRA adapts: every (ungrouped) Conv2d and Linear but the model's output
+    layers. ConfigError, naming the layer, if ``rank`` exceeds what one of them can hold."""
+    keep = {id(m) for m in model.output_layers()} if isinstance(model, Adaptable) else set()
+    names = []
+    for name, m in model.named_modules():
+        if type(m) not in (nn.Conv2d, nn.Linear) or id(m) in keep:
+            continue
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            continue  # no grouped convolution in fedrun's models; it would train in full
+        if rank > max_rank(m):
+            raise ConfigError(f"model.lora_rank: {rank} is larger than the layer {name} can use ({m}: "
+                              f"rank at most {max_rank(m)}); set model.lora_rank <= {max_rank(m)}")
+        names.append(name)
+    return names
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def make_trainable(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
+    """Apply ``cfg.trainable`` to ``model`` in place (and return it): adapters added, frozen
+    parameters' ``requires_grad`` off. ConfigError if the rank does not fit a layer or nothing
+    is left to train. The adapters' init is drawn from the "adapter_init" stream of ``seed``."""
+    if cfg.trainable == "all":
+        return model  # today's model, untouched
+    model.requires_grad_(False)
+    also: list[nn.Module] = model.embeddings() if isinstance(model, Adaptable) else []
+    if cfg.trainable == "lora":
+        generator = seeding.stream_generator("cpu", "adapter_init", seed=seed)
+        for name in lora_targets(model, cfg.lora_rank):
+            base = model.get_submodule(name)
+            lora = LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear
+            _replace(model, name, lora(base, cfg.lora_rank, cfg.lora_alpha, generator))
+        if isinstance(model, Adaptable):
+            also += model.output_layers()
+    else:  # norms_biases
+        also += [m for m in model.modules() if isinstance(m, NORMS)]
+        for name, p in model.named_parameters():
+            if name.rpartition(".")[2] == "bias":
+                p.requires_grad_(True)
+    for m in also:
+        m.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model.trainable: {cfg.trainable!r} leaves no parameter of this model to "
+                          f"train; use model.trainable = \"all\" or \"lora\"")
+    return model
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def merged(model: nn.Module) -> nn.Module:
+    """``model`` itself if it has no adapter; else a copy in which every adapted layer is a plain
+    Conv2d / Linear with weight W + (alpha / r) * up @ down (the base's shape and memory format)
+    and the base's bias: the same function, at the base model's cost."""
+    if not any(isinstance(m, LORA_LAYERS) for m in model.modules()):
+        return model
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, LoRAConv2d):
+            plain: nn.Module = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                                         m.dilation, m.groups, m.bias is not None, m.padding_mode,
+                                         device="meta")
+        elif isinstance(m, LoRALinear):
+            plain = nn.Linear(m.in_features, m.out_features, m.bias is not None, device="meta")
+        else:
+            continue
+        weight = m.weight.detach().clone()  # keeps the base's memory format (channels_last)
+        weight.add_(m.delta().to(weight.dtype))
+        plain.weight = nn.Parameter(weight, requires_grad=False)
+        plain.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        plain.train(m.training)
+        _replace(out, name, plain)
+    return out
