@@ -26,9 +26,10 @@ Per seed (default 0 and 1; the seed also draws the partition and the public set'
 
 Every finished run is audited (``fedrun audit``: membership-inference AUC and TPR at 1 % FPR,
 near-copies). Results: ``benchmarks/results/privacy_study.{md,json,png}``: mean and std over the
-seeds per row, with epsilon, FID (test), class accuracy (fedrun's classifier), the audit, the bytes
-each round all-reduces and the runs' wall time. Finished runs, evaluations and audits are skipped
-when the script is started again; the sessions' wall time is summed in ``<out>/sessions.json``.
+seeds per row, with epsilon, FID (test), class accuracy (fedrun's classifier), the audit, the
+bytes all participants upload per round (``bytes_up``) and the runs' wall time. Finished runs,
+evaluations and audits are skipped when the script is started again; the sessions' wall time is
+summed in ``<out>/sessions.json``.
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ def result(job: Job, out: Path) -> dict[str, Any] | None:
             "noise_multiplier": privacy.get("noise_multiplier"), "fid_test": scores.get("fid_test"),
             "class_acc": scores.get("class_acc"), "auc": audit["auc"], "tpr": audit["tpr_at_1pct_fpr"],
             "near_copies": audit["near_copies"], "audit_samples": audit["num_samples"],
-            "bytes_per_round": records[-1].get("allreduce_bytes") if records else None,
+            # what a real round uploads (all participants' messages), not what the simulation's
+            # all_reduce moves (its int64 fixed-point buffer is twice the fp32 model)
+            "bytes_per_round": _stat([r.get("bytes_up") for r in records])[0],  # None: centralized
             "wall_s": summary.get("wall_s")}
 
 
@@ -161,6 +164,10 @@ def _stat(values: list[float | None]) -> tuple[float | None, float | None, int]:
     if not v:
         return None, None, 0
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None), len(v)
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
 
 
 def _cell(values: list[float | None], spec: str = ".2f") -> str:
@@ -200,7 +207,7 @@ def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> di
              f"best noise level) and near-copies from `fedrun audit`. Wall time of the study: "
              f"{wall:.0f} s over {len(sessions)} session(s).", "",
              "| setting | n | epsilon | noise mult. | FID (test) | class acc | MIA AUC | TPR @ 1% FPR | "
-             "near-copies | all-reduce bytes / round | run wall s |",
+             "near-copies | MB up / round | run wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row, what in ROWS:
         rs = by_row.get(row, [])
@@ -211,7 +218,7 @@ def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> di
                      f"{_cell([r['fid_test'] for r in rs])} | {_cell([r['class_acc'] for r in rs], '.3f')} | "
                      f"{_cell([r['auc'] for r in rs], '.3f')} | {_cell([r['tpr'] for r in rs], '.3f')} | "
                      f"{_cell([r['near_copies'] for r in rs], '.1f')} / {rs[0]['audit_samples']} | "
-                     f"{_cell([r['bytes_per_round'] for r in rs], '.0f')} | "
+                     f"{_cell([_mb(r['bytes_per_round']) for r in rs], '.3f')} | "
                      f"{_cell([r['wall_s'] for r in rs], '.0f')} |")
     missing = [j.name for j in jobs if result(j, out) is None]
     if missing:
