@@ -223,6 +223,9 @@ def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> di
     missing = [j.name for j in jobs if result(j, out) is None]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)}."]
+    not_run = [row for row, _ in ROWS if row not in {j.row for j in jobs}]
+    if not_run:
+        lines += ["", f"Not in this study (`--rows`): {', '.join(not_run)}."]
     md, js, png = (results / f"privacy_study.{ext}" for ext in ("md", "json", "png"))
     md.write_text("\n".join(lines) + "\n")
     js.write_text(json.dumps({"command": command, "wall_s": wall, "sessions": sessions, "rows": by_row},
@@ -275,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--seeds", default="0,1", help="comma-separated (default 0,1)")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--rows", default="", help="comma-separated rows to run (default all; the public "
+                   "model is added where a row starts from it); --dry-run lists them")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--audit-options", default="", help="e.g. '--samples 20 --draws 1' for a smoke run")
@@ -283,6 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     extra = {k.lstrip("-"): v for k, v in extra.items()}
     out = args.out.resolve()
     jobs = plan(out, [int(s) for s in args.seeds.split(",")], extra)
+    if args.rows:
+        rows = set(args.rows.split(","))
+        unknown = rows - {row for row, _ in ROWS}
+        if unknown:
+            p.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(row for row, _ in ROWS)}")
+        needed = {j.after for j in jobs if j.row in rows and j.after}
+        jobs = [j for j in jobs if j.row in rows or j.name in needed]
     todo = [j for j in jobs if result(j, out) is None]
     print(f"privacy_study: {len(jobs)} runs, {len(jobs) - len(todo)} finished, {len(todo)} to do, in {out}")
     if args.dry_run:
@@ -298,8 +310,11 @@ def main(argv: list[str] | None = None) -> int:
                 done[j.name].set()
         t0 = time.perf_counter()
         try:
-            # public models first, so that the runs starting from them do not hold a worker waiting
-            order = sorted(todo, key=lambda j: j.after is not None)
+            # public models first, so that the runs starting from them do not hold a worker waiting;
+            # then row by row in the order asked, both seeds of a row together
+            priority = args.rows.split(",") if args.rows else [row for row, _ in ROWS]
+            order = sorted(todo, key=lambda j: (j.after is not None, j.row != "public",
+                                                priority.index(j.row) if j.row in priority else 0, j.seed))
             with ThreadPoolExecutor(args.jobs) as pool:
                 for fut in [pool.submit(run_job, j, out, done, args.audit_options.split()) for j in order]:
                     try:

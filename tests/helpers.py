@@ -13,6 +13,7 @@ import random
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -87,6 +88,13 @@ def run_cli(args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
                f"--master_port={free_port()}", *(extra_torchrun or []), "-m", "fedrun", *args]
     full_env = {**clean_env(), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli_together(*jobs: tuple[list[str], int]) -> list[subprocess.CompletedProcess]:
+    """Several ``run_cli(args, nproc)`` at once (a reference run beside the run it is compared with:
+    their process starts overlap on a 2-core machine). Results in the order given."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: run_cli(job[0], nproc=job[1]), jobs))
 
 
 def run_srun_style(args: list[str], ntasks: int, timeout: float = 240) -> list[tuple[int, str]]:

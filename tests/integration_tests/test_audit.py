@@ -6,14 +6,25 @@ themselves, in-process: tests/unit_tests/test_audit_measures.py.)"""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from helpers import as_args, run_cli, tiny_overrides
 
 
 def test_audit_of_a_trained_run_writes_audit_json(tmp_path):
-    trained = run_cli(as_args(tiny_overrides(tmp_path, "audited", ema__sigma_rel=0.1)))
-    assert trained.returncode == 0, trained.stderr[-3000:]
     run_dir = tmp_path / "audited"
+    # bad input: one line naming the fix, the FedrunError exit code (checked while the run trains)
+    bad_inputs = ((["audit", str(tmp_path / "nowhere")], 2, "config.toml"),
+                  (["audit", str(run_dir), "--samples", "many"], 2, "--samples"),
+                  (["audit", str(run_dir), "--sample", "3"], 2, "unrecognized"))
+    with ThreadPoolExecutor(1) as pool:
+        bad_runs = pool.map(run_cli, [args for args, _, _ in bad_inputs])
+        trained = run_cli(as_args(tiny_overrides(tmp_path, "audited", ema__sigma_rel=0.1)))
+        for (_, code, text), bad in zip(bad_inputs, list(bad_runs), strict=True):
+            errors = [line for line in bad.stderr.splitlines() if line.startswith("fedrun: error:")]
+            assert bad.returncode == code and len(errors) == 1 and text in errors[0], bad.stderr[-2000:]
+            assert "Traceback" not in bad.stderr
+    assert trained.returncode == 0, trained.stderr[-3000:]
     res = run_cli(["audit", str(run_dir), "--samples", "6", "--levels", "0.3,0.5", "--draws", "1",
                    "--steps", "4", "--k", "5", "--max-members", "200"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -29,11 +40,3 @@ def test_audit_of_a_trained_run_writes_audit_json(tmp_path):
     assert (run_dir / "audit_pairs.png").is_file()
     assert "membership AUC" in res.stdout and str(run_dir / "audit.json") in res.stdout
 
-    # bad input: one line naming the fix, the FedrunError exit code
-    for args, code, text in ((["audit", str(tmp_path / "nowhere")], 2, "config.toml"),
-                             (["audit", str(run_dir), "--samples", "many"], 2, "--samples"),
-                             (["audit", str(run_dir), "--sample", "3"], 2, "unrecognized")):
-        bad = run_cli(args)
-        errors = [line for line in bad.stderr.splitlines() if line.startswith("fedrun: error:")]
-        assert bad.returncode == code and len(errors) == 1 and text in errors[0], bad.stderr[-2000:]
-        assert "Traceback" not in bad.stderr

@@ -12,13 +12,13 @@ import torch
 
 from fedrun import checkpoint
 
-from helpers import as_args, model_at, run_cli, same_bits, tiny_overrides
+from helpers import as_args, model_at, run_cli_together, same_bits, tiny_overrides
 
 
 def test_error_feedback_residuals_one_process_vs_two_ranks(tmp_path):
     layout = dict(fed__num_clients=5, fed__clients_per_round=3, fed__rounds=1, fed__compress="int8")
-    one = run_cli(as_args(tiny_overrides(tmp_path, "one", **layout)))
-    two = run_cli(as_args(tiny_overrides(tmp_path, "two", **layout)), nproc=2)
+    one, two = run_cli_together((as_args(tiny_overrides(tmp_path, "one", **layout)), 1),
+                                (as_args(tiny_overrides(tmp_path, "two", **layout)), 2))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
     a, b = (checkpoint.load_verified(checkpoint.checkpoint_path(tmp_path / n, 1))["clients"]["clients"]
             for n in ("one", "two"))

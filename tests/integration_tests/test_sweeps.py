@@ -41,8 +41,8 @@ def test_tiny_alpha_sweep_then_report(tmp_path):
     over = {**TINY, "fed.rounds": "1", "eval.num_samples": "20", "eval.batch_size": "20",
             "run.out_dir": str(tmp_path / "runs")}
     extra = [a for k, v in over.items() for a in (f"--{k}", v)]
-    res = subprocess.run([sys.executable, "launch/run_table.py", str(sweep), "--", *extra], cwd=ROOT,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run([sys.executable, "launch/run_table.py", str(sweep), "--jobs", "2", "--", *extra],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted((tmp_path / "runs").iterdir())
     assert [p.name for p in runs] == ["t_digits_a0.1", "t_digits_a5"]

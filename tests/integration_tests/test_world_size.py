@@ -14,11 +14,13 @@ roundings, which Adam then grew.)
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from fedrun import checkpoint
 from fedrun.config import load_config
 from fedrun.train import train
 
@@ -32,6 +34,7 @@ from helpers import (
     network_attempts,
     offline_env,
     run_cli,
+    run_cli_together,
     run_srun_style,
     same_bits,
     tiny_overrides,
@@ -64,8 +67,11 @@ def one_process(tmp_path_factory) -> Path:
 
 
 def test_torchrun_two_ranks_over_loopback_only(one_process, tmp_path):
+    """The default placement (clients handed out on demand: who trains what depends on the ranks'
+    speed) over loopback only: the same model as one process (which places by cost), bit for bit."""
     env = offline_env(tmp_path, allow_loopback=True)
-    res = run_cli(as_args(tiny_overrides(tmp_path, "two", sample__per_class=1, **LAYOUT)), nproc=2, env=env)
+    res = run_cli(as_args(tiny_overrides(tmp_path, "two", sample__per_class=1, fed__placement="on_demand",
+                                         **LAYOUT)), nproc=2, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert guarded_processes(env) == 3 and network_attempts(env) == ""  # torchrun and both ranks
     # telemetry: each rank's times crossed the all_reduce: its time from the round's start to the
@@ -82,11 +88,11 @@ def test_torchrun_two_ranks_over_loopback_only(one_process, tmp_path):
     assert_same_model(one_process, tmp_path / "two")
 
 
-@pytest.mark.parametrize("placement", ["on_demand", pytest.param("size", marks=pytest.mark.slow)])
+@pytest.mark.slow  # on demand: test_torchrun_two_ranks_over_loopback_only; by cost: the tests' default
+@pytest.mark.parametrize("placement", ["on_demand", "size"])
 def test_another_placement_trains_the_same_bits(one_process, tmp_path, placement):
-    """Clients handed out on demand (the default: who trains what depends on the ranks' speed) or
-    split by image count instead of cost (the tests' fixed placement): the same model as one
-    process, bit for bit."""
+    """Clients handed out on demand or split by image count instead of cost (the tests' fixed
+    placement): the same model as one process, bit for bit."""
     res = run_cli(as_args(tiny_overrides(tmp_path, placement, fed__placement=placement, **LAYOUT)), nproc=2)
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / placement / "metrics.jsonl").read_text().splitlines()]
@@ -130,8 +136,10 @@ def test_centralized_ddp_two_ranks_trains_like_one_process(tmp_path):
     training, not the same bits. What must hold: a real 2-rank group, every image seen once per
     epoch, and a loss that falls as far as on one process (within 10 %)."""
     layout = dict(run__mode="centralized", fed__rounds=2)
-    train(load_config(None, tiny_overrides(tmp_path, "one", **layout)))  # statistics only: in-process is fine
-    two = run_cli(as_args(tiny_overrides(tmp_path, "two", **layout)), nproc=2)
+    with ThreadPoolExecutor(1) as pool:  # the 2 ranks start while the one process trains
+        two_ranks = pool.submit(run_cli, as_args(tiny_overrides(tmp_path, "two", **layout)), nproc=2)
+        train(load_config(None, tiny_overrides(tmp_path, "one", **layout)))  # statistics only: in-process
+        two = two_ranks.result()
     assert two.returncode == 0, two.stderr[-3000:]
     rec = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
            for name in ("one", "two")}
@@ -142,17 +150,19 @@ def test_centralized_ddp_two_ranks_trains_like_one_process(tmp_path):
     assert rec["two"][1]["loss"] < rec["two"][0]["loss"]
 
 
-@pytest.mark.parametrize("drift,kind", [("scaffold", "control"), ("feddyn", "feddyn_grad")])
+# SCAFFOLD's control variates travel by the same ClientStates code as FedDyn's: `-m slow` keeps the
+# default suite within its budget
+@pytest.mark.parametrize("drift,kind", [pytest.param("scaffold", "control", marks=pytest.mark.slow),
+                                        ("feddyn", "feddyn_grad")])
 def test_client_state_follows_its_client_one_process_vs_two_ranks(tmp_path, drift, kind):
     """SCAFFOLD control variates (FedDyn's gradient states) and kept client Adam moments live on
     each client's home rank. After round 1 every client's state was computed from the same global
     model, so it must be bit-identical whether one process or two ranks trained it; so are the
     models (SCAFFOLD's sum of control variates goes through the exact sum too)."""
     state = dict(fed__drift=drift, fed__client_optimizer="keep", ema__sigma_rel="0.1", **LAYOUT)
-    one = run_cli(as_args(tiny_overrides(tmp_path, "one", **state)))
-    two = run_cli(as_args(tiny_overrides(tmp_path, "two", **state)), nproc=2)
+    one, two = run_cli_together((as_args(tiny_overrides(tmp_path, "one", **state)), 1),
+                                (as_args(tiny_overrides(tmp_path, "two", **state)), 2))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
-    from fedrun import checkpoint
     a, b = (checkpoint.load_verified(checkpoint.checkpoint_path(tmp_path / n, 1)) for n in ("one", "two"))
     clients_a, clients_b = a["clients"]["clients"], b["clients"]["clients"]
     assert sorted(clients_a) == sorted(clients_b) and len(clients_a) == 3  # round 1 trained 3 of 5

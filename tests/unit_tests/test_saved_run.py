@@ -3,6 +3,7 @@ and one clear error for each way a run directory cannot be opened."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from fedrun import checkpoint
+from fedrun.__main__ import main
 from fedrun.config import load_config
 from fedrun.data import load_split
 from fedrun.errors import CheckpointError, ConfigError
@@ -65,6 +67,23 @@ def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
         open_run(run_dir, newest, device="cpu")
     first = open_run(run_dir, checkpoint.checkpoint_path(run_dir, 1), device="cpu")
     assert first.round == 1
+
+
+def test_fedrun_eval_scores_the_newest_valid_checkpoint(tmp_path):
+    """`fedrun eval` opens the run this way: a newest checkpoint cut short by a crash is skipped
+    with a warning (as resume and `fedrun audit` skip it) and the one before it is scored."""
+    run_dir = make_run(tmp_path, ema="none")
+    newest = checkpoint.checkpoint_path(run_dir, 2)
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint .*round_0002.pt"):
+        code = main(["eval", str(run_dir), "--eval.feature_extractor", "classifier", "--eval.num_samples",
+                     "20", "--eval.batch_size", "20", "--eval.per_class", "false", "--eval.prdc_k", "0",
+                     "--eval.kid", "false"])
+    assert code == 0
+    row = json.loads((run_dir / "eval" / "round_0001.json").read_text())
+    assert row["round"] == 1 and row["checkpoint"] == str(checkpoint.checkpoint_path(run_dir, 1))
+    assert row["num_samples"] == 20 and row["weights"] == "model" and row["fid_test"] > 0
+    assert not (run_dir / "eval" / "round_0002.json").exists()
 
 
 def test_each_unusable_run_dir_is_one_clear_error(tmp_path):
