@@ -108,3 +108,29 @@ def train_step(model: nn.Module, diffusion: Diffusion, opt: torch.optim.Optimize
     scaler.step(opt)
     scaler.update()
     return loss.detach()
+
+
+class ShardTrainer:
+    """A client trainer of the round loop (fedrun.parts.ClientTrainer) that trains one client at a
+    time on its shard with ``train_fn``: FedAvg's ``train_local``, DP-SGD's ``train_local_dp``.
+
+    ``model`` is what local training calls (e.g. ``torch.compile`` of the global model's module:
+    it shares its parameters); ``shards`` maps each client to its train indices on the device.
+    """
+
+    train_fn: Callable[..., LocalResult]  # (model, diffusion, data, shard, cfg, round, client, **kw)
+
+    def __init__(self, model: nn.Module, diffusion: Diffusion, data: ImageSet,
+                 shards: dict[int, torch.Tensor], cfg: Config, on_step: Callable[[], None] | None = None):
+        self.model, self.diffusion, self.data, self.shards, self.cfg = model, diffusion, data, shards, cfg
+        self.on_step = on_step
+        self.state_kinds: tuple[str, ...] = ("optimizer",) if cfg.fed.client_optimizer == "keep" else ()
+
+    def begin_round(self, round_: int, clients: list[int]) -> None:
+        pass  # one client at a time: nothing to prepare
+
+    def train(self, round_: int, client: int, state: dict[str, Any],
+              grad_term: Callable[[], None] | None) -> LocalResult:
+        return type(self).train_fn(self.model, self.diffusion, self.data, self.shards[client], self.cfg,
+                                   round_, client, on_step=self.on_step,
+                                   optimizer_state=state.get("optimizer"), adjust_grads=grad_term)

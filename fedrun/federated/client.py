@@ -24,7 +24,7 @@ from .. import faults, seeding
 from ..config import Config
 from ..data import ImageSet
 from ..diffusion import Diffusion
-from ..local_training import LocalResult, client_adam, train_step
+from ..local_training import LocalResult, ShardTrainer, client_adam, train_step
 from ..precision import autocast_dtype
 
 
@@ -71,24 +71,7 @@ def train_local(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices:
     return LocalResult(loss_sum, steps, n * cfg.fed.local_epochs, kept)
 
 
-class PlainTrainer:
-    """The client trainer of FedAvg and its drift variants: ``train_local`` on the client's shard.
+class PlainTrainer(ShardTrainer):
+    """The client trainer of FedAvg and its drift variants: ``train_local`` on the client's shard."""
 
-    ``model`` is what local training calls (e.g. ``torch.compile`` of the global model's module:
-    it shares its parameters); ``shards`` maps each client to its train indices on the device.
-    """
-
-    def __init__(self, model: nn.Module, diffusion: Diffusion, data: ImageSet,
-                 shards: dict[int, torch.Tensor], cfg: Config, on_step: Callable[[], None] | None = None):
-        self.model, self.diffusion, self.data, self.shards, self.cfg = model, diffusion, data, shards, cfg
-        self.on_step = on_step
-        self.state_kinds: tuple[str, ...] = ("optimizer",) if cfg.fed.client_optimizer == "keep" else ()
-
-    def begin_round(self, round_: int, clients: list[int]) -> None:
-        pass  # one client at a time: nothing to prepare
-
-    def train(self, round_: int, client: int, state: dict[str, Any],
-              grad_term: Callable[[], None] | None) -> LocalResult:
-        return train_local(self.model, self.diffusion, self.data, self.shards[client], self.cfg, round_,
-                           client, on_step=self.on_step, optimizer_state=state.get("optimizer"),
-                           adjust_grads=grad_term)
+    train_fn = train_local

@@ -52,7 +52,7 @@ from ..config import Config
 from ..data import ImageSet
 from ..diffusion import Diffusion
 from ..errors import ConfigError
-from ..local_training import LocalResult, batch_loss, client_adam
+from ..local_training import LocalResult, ShardTrainer, batch_loss, client_adam
 from ..models import FourierFeatures
 from ..precision import autocast_dtype
 from .accountant import require_opacus, sample_level_step
@@ -211,21 +211,8 @@ def train_local_dp(model: nn.Module, diffusion: Diffusion, data: ImageSet, indic
     return DPLocalResult(loss_sum, total_steps, images, kept, q, pv.noise_multiplier)
 
 
-class DPSGDTrainer:
-    """The round loop's client trainer (fedrun.parts.ClientTrainer) at ``privacy.level =
-    "sample"``: ``train_local_dp`` on the client's shard; same constructor as PlainTrainer."""
+class DPSGDTrainer(ShardTrainer):
+    """The round loop's client trainer at ``privacy.level = "sample"``: ``train_local_dp`` on the
+    client's shard."""
 
-    def __init__(self, model: nn.Module, diffusion: Diffusion, data: ImageSet,
-                 shards: dict[int, torch.Tensor], cfg: Config, on_step: Callable[[], None] | None = None):
-        self.model, self.diffusion, self.data, self.shards, self.cfg = model, diffusion, data, shards, cfg
-        self.on_step = on_step
-        self.state_kinds: tuple[str, ...] = ("optimizer",) if cfg.fed.client_optimizer == "keep" else ()
-
-    def begin_round(self, round_: int, clients: list[int]) -> None:
-        pass
-
-    def train(self, round_: int, client: int, state: dict[str, Any],
-              grad_term: Callable[[], None] | None) -> LocalResult:
-        return train_local_dp(self.model, self.diffusion, self.data, self.shards[client], self.cfg, round_,
-                              client, on_step=self.on_step, optimizer_state=state.get("optimizer"),
-                              adjust_grads=grad_term)
+    train_fn = train_local_dp
