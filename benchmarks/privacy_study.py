@@ -18,7 +18,10 @@ Per seed (default 0 and 1; the seed also draws the partition and the public set'
 * sample-level DP (DP-SGD in every client) at epsilon 1 / 4 / 8 (delta 1e-5, the noise
   multiplier solved from the target by fedrun: ``privacy.noise_multiplier = 0``): from
   scratch, fine-tuned with all weights, with LoRA, and with LoRA and noise multiplicity
-  K = 4 (epsilon 1 and 8: K = 4 costs ~3.5x the compute);
+  K = 4 (epsilon 1 and 8: K = 4 costs ~3.5x the compute), and at epsilon 8 a short LoRA
+  fine-tune of 10 rounds (fewer noisy steps, each with less noise; also with K = 4) and a
+  fine-tune of only the biases and embeddings (``model.trainable = "norms_biases"``: 629 numbers
+  get the noise);
 * client-level DP (DP-FedAvg) at epsilon 8 on the cross-device config
   (configs/digits_cross_device.toml: 300 clients of 4-5 images, q = 0.1), fine-tuned from the
   public model with only biases and embeddings trained (``model.trainable = "norms_biases"``:
@@ -89,6 +92,15 @@ def plan(out: Path, seeds: list[int], extra: dict[str, str]) -> list[Job]:
             if eps in (1, 8):
                 jobs.append(Job(f"dp{eps}_finetune_lora_k4", s, PRIVATE,
                                 {**dp, **init, **LORA, "privacy.multiplicity": "4"}, after=public.name))
+            if eps == 8:  # a short fine-tune: 10 rounds (10x fewer noisy steps, less noise each)
+                jobs.append(Job(f"dp{eps}_finetune_lora_r10", s, PRIVATE,
+                                {**dp, **init, **LORA, "fed.rounds": "10"}, after=public.name))
+                jobs.append(Job(f"dp{eps}_finetune_lora_r10_k4", s, PRIVATE,
+                                {**dp, **init, **LORA, "fed.rounds": "10", "privacy.multiplicity": "4"},
+                                after=public.name))
+                # only biases and embeddings (629 numbers): the least noise per trained number
+                jobs.append(Job(f"dp{eps}_finetune_nb", s, PRIVATE,
+                                {**dp, **init, "model.trainable": "norms_biases"}, after=public.name))
         jobs.append(Job("client_dp8_cross_device", s, CROSS, {**init, "model.trainable": "norms_biases"},
                         after=public.name))
     for j in jobs:
@@ -186,6 +198,9 @@ ROWS = [  # (row, what it is)
       for kind, what in (("scratch", "from scratch"), ("finetune_all", "fine-tuned, all weights"),
                          ("finetune_lora", "fine-tuned, LoRA r4"),
                          ("finetune_lora_k4", "fine-tuned, LoRA r4, multiplicity 4"))],
+    ("dp8_finetune_lora_r10", "sample-level eps 8, fine-tuned, LoRA r4, 10 rounds (10 epochs)"),
+    ("dp8_finetune_lora_r10_k4", "sample-level eps 8, fine-tuned, LoRA r4, 10 rounds, multiplicity 4"),
+    ("dp8_finetune_nb", "sample-level eps 8, fine-tuned, biases + embeddings"),
     ("client_dp8_cross_device", "client-level eps 8, cross-device (300 clients, q 0.1), biases + embeddings"),
 ]
 
@@ -243,7 +258,10 @@ def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
     axes = fig.subplots(1, 3)
     xs = {1: 0, 4: 1, 8: 2, None: 3}
     recipes = [("scratch", "from scratch"), ("finetune_all", "fine-tuned, all"),
-               ("finetune_lora", "fine-tuned, LoRA"), ("finetune_lora_k4", "fine-tuned, LoRA, K = 4")]
+               ("finetune_lora", "fine-tuned, LoRA"), ("finetune_lora_k4", "fine-tuned, LoRA, K = 4"),
+               ("finetune_lora_r10", "fine-tuned, LoRA, 10 rounds"),
+               ("finetune_lora_r10_k4", "fine-tuned, LoRA, 10 rounds, K = 4"),
+               ("finetune_nb", "fine-tuned, biases + embeddings")]
     for ax, (key, title) in zip(axes, (("fid_test", "FID (test), lower is better"),
                                        ("class_acc", "class accuracy"),
                                        ("auc", "membership AUC (0.5 = no signal)")), strict=True):
