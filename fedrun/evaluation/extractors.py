@@ -138,7 +138,7 @@ def fetch_inception(dest: Path, url: str = "", sha256: str | None = None, timeou
     except OSError as exc:
         raise MetricsError(f"eval.inception_weights: cannot create {dest.parent} ({exc.strerror}); point "
                            f"eval.inception_weights at a writable path") from None
-    with FileLock(str(dest) + ".lock"):  # filelock: a dependency of torch
+    with FileLock(str(dest) + ".lock"):
         if dest.is_file():  # another rank of this node fetched it meanwhile
             return dest
         tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
