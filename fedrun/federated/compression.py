@@ -221,11 +221,6 @@ def compression_rules(cfg: Config, model: nn.Module) -> list[UpdateRule]:
     return [CompressUpdate(compressor, cfg.fed.error_feedback, cfg.run.seed, sizes)]
 
 
-def residual_bytes(num_params: int) -> int:
-    """What error feedback adds to one client's state: its residual, P fp32 floats."""
-    return FP32 * num_params
-
-
 # --------------------------------------------------------------------------------------------
 # What a real deployment moves
 
