@@ -34,6 +34,9 @@ sys.path.insert(0, str(ROOT / "launch"))
 import fidelity_study  # noqa: E402
 import run_table  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
+from portable import portable  # noqa: E402
+
 NAME = "communication_study"
 TITLE = "Compressed client updates with error feedback: bytes against quality on the digits default"
 # (compressor, density or None, error feedback) -> the issue's goal: (x fewer bytes up, FID / none)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         written = text.index("Written by `") + len("Written by `")  # the command to run it again: this one
         text = text[:written] + shlex.join(["python", "benchmarks/communication_study.py", *given]) \
             + text[text.index("`", written):]
-        md.write_text(text + "\n" + "\n".join(goals_section(json.loads(js.read_text()))))
+        md.write_text(portable(text + "\n" + "\n".join(goals_section(json.loads(js.read_text())))))
         print(f"communication_study: goals added to {md}")
     return code
 

@@ -35,6 +35,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
+from portable import portable  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits_cross_device_scale.toml"
 
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
               "rounds": args.rounds, "points": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.write_text(portable(json.dumps(result, indent=2) + "\n"))
         print(f"written to {args.out}")
     return 0
 

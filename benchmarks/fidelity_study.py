@@ -46,6 +46,9 @@ import run_table  # noqa: E402
 from fedrun.errors import ConfigError  # noqa: E402
 from fedrun.evaluation import report  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
+from portable import portable  # noqa: E402
+
 SWEEPS = ROOT / "configs" / "digits_study"
 # A rough cost model for --dry-run, measured on the 2-core CPU this study is sized for, one
 # thread per run, two runs at a time: seconds per epoch of the digits' 1,437 training images,
@@ -196,10 +199,10 @@ def write_results(sweeps: list[tuple[Path, dict[str, Any], list[run_table.Job]]]
             lines += ["", f"Not finished: {', '.join(missing)}."]
         lines.append("")
     md, png, js = (results / f"{name}.{ext}" for ext in ("md", "png", "json"))
-    md.write_text("\n".join(lines))
+    md.write_text(portable("\n".join(lines)))
     if pngs:
         _stack_png(pngs, png)
-    js.write_text(json.dumps(numbers, indent=2))
+    js.write_text(portable(json.dumps(numbers, indent=2)))
     return {"md": md, "png": png, "json": js}
 
 

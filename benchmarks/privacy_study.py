@@ -51,6 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
+from portable import portable  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PRIVATE, PUBLIC, CROSS = (ROOT / "configs" / f"{name}.toml"
                           for name in ("digits", "digits_public", "digits_cross_device"))
@@ -242,9 +245,9 @@ def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> di
     if not_run:
         lines += ["", f"Not in this study (`--rows`): {', '.join(not_run)}."]
     md, js, png = (results / f"privacy_study.{ext}" for ext in ("md", "json", "png"))
-    md.write_text("\n".join(lines) + "\n")
-    js.write_text(json.dumps({"command": command, "wall_s": wall, "sessions": sessions, "rows": by_row},
-                             indent=2))
+    md.write_text(portable("\n".join(lines) + "\n"))
+    js.write_text(portable(json.dumps({"command": command, "wall_s": wall, "sessions": sessions,
+                                       "rows": by_row}, indent=2)))
     write_png(by_row, png)
     return {"md": md, "json": js, "png": png}
 

@@ -77,6 +77,9 @@ from fedrun.privacy.mechanisms import build_mechanism  # noqa: E402
 from fedrun.telemetry import host_peak_rss_mb  # noqa: E402
 from fedrun.train import build_round_parts  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
+from portable import portable  # noqa: E402
+
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -342,7 +345,7 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
                            sum(sizes.values()))
         out = args.out or ROOT / "benchmarks" / "results" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        out.write_text(portable(json.dumps(result, indent=2)))
         print_summary(result, out)
         if not args.keep_run:
             shutil.rmtree(cfg.run_dir, ignore_errors=True)

@@ -24,6 +24,7 @@ usage: torchrun --nproc_per_node=W -m fedrun [--config FILE] [--section.key VALU
        fedrun [train] [--config FILE] [--section.key VALUE ...]
        fedrun eval RUN_DIR [--checkpoint FILE] [--section.key VALUE ...]
        fedrun report RUN_DIR [RUN_DIR ...] [--out DIR]
+       fedrun compare RUN_A RUN_B [RUN ...] [--resamples N] [--confidence C] [--out FILE]
        fedrun audit RUN_DIR [--out FILE] [--samples N] [--levels U,U,...] [--draws N] [--k K]
 
 Trains a class-conditional diffusion model (DDPM U-Net) with FedAvg across clients, one or
@@ -32,7 +33,8 @@ more clients per rank, or the centralized baseline (--run.mode centralized).
   --config FILE        TOML job file (default: configs/digits.toml, the embedded digits set)
   --section.key VALUE  override one setting, e.g. --fed.rounds 3 --data.root /data
                        (also --section.key=VALUE); sections: run data model diffusion fed
-                       optim train checkpoint sample eval; see README.md "Config reference"
+                       optim train ema privacy checkpoint sample eval; every key with its
+                       default and text: docs/config.md
   --print-config       print the resolved config as TOML and exit
   -h, --help           this text
 """
@@ -92,7 +94,8 @@ def _main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     # also `fedrun eval --help`; report parses (and answers) its own --help
     if command == "help" or (command != "report" and argv[:1] in (["-h"], ["--help"])):
-        print(USAGE)
+        from .config_reference import methods_help  # the registries: imports the methods (and torch)
+        print(USAGE + "\n" + methods_help())
         return 0
     try:
         if command == "train":
@@ -106,6 +109,9 @@ def _main(argv: list[str] | None = None) -> int:
         if command == "audit":
             from .privacy.audit import audit_main
             return audit_main(argv)
+        if command == "compare":
+            from .evaluation.compare import compare_main
+            return compare_main(argv)
         print(f"fedrun: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     except FedrunError as exc:

@@ -1,7 +1,8 @@
 """Which weights train (``model.trainable``), and the low-rank adapters that make a fine-tune small.
 
 Applied once, right after ``fedrun.models.build`` (and after ``model.init_from`` has loaded the
-base weights), by ``make_trainable``:
+base weights), by ``make_trainable``; each choice registers itself in ``TRAINABLES``
+(``model.trainable``) with its keys (fedrun.registry):
 
 * ``"all"``: nothing happens at all; every parameter trains (fedrun's behaviour before the key).
 * ``"lora"`` (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022): every
@@ -41,17 +42,42 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from . import seeding
-from .config import ModelConfig
+from .config import HASHED_WHEN_SET, Config, ModelConfig, setting
 from .errors import ConfigError
+from .registry import Registry, Settings
 
-TRAINABLE = ("all", "lora", "norms_biases")
 NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+
+TRAINABLES = Registry(
+    "model.trainable", "all", "Which weights train (fedrun/adapters.py): \"all\" | \"lora\" (low-rank "
+    "adapters on the convolutions and linear layers; the embeddings and output layers train in full, the "
+    "rest is frozen) | \"norms_biases\" (biases, norms and embeddings). Only what trains travels, is "
+    "clipped and gets noise. A model setting, not a federated one: the centralized run honours it too.",
+    hashed=HASHED_WHEN_SET)
+
+
+@dataclass
+class LoRASettings(Settings):
+    lora_rank: int = setting(4, hashed=HASHED_WHEN_SET)
+    """LoRA: rank r of every adapter (at most the smallest adapted layer's out / fan-in). 4 keeps
+    the digits default's trained part under 1/10 of its weights (8.2 %; r = 8: 16 %)."""
+    lora_alpha: float = setting(4.0, hashed=HASHED_WHEN_SET)
+    """LoRA: the update is scaled by lora_alpha / lora_rank (Hu et al.: alpha = the first r tried,
+    then fixed while r varies)."""
+
+    def validate(self) -> None:
+        if self.lora_rank < 1:
+            raise ConfigError(f"model.lora_rank: must be >= 1 (the rank of every adapter), got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"model.lora_alpha: must be > 0 (the adapters' update is scaled by alpha / "
+                              f"rank), got {self.lora_alpha}")
 
 
 @runtime_checkable
@@ -158,31 +184,55 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def make_trainable(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
-    """Apply ``cfg.trainable`` to ``model`` in place (and return it): adapters added, frozen
-    parameters' ``requires_grad`` off. ConfigError if the rank does not fit a layer or nothing
-    is left to train. The adapters' init is drawn from the "adapter_init" stream of ``seed``."""
-    if cfg.trainable == "all":
-        return model  # today's model, untouched
-    model.requires_grad_(False)
-    also: list[nn.Module] = model.embeddings() if isinstance(model, Adaptable) else []
-    if cfg.trainable == "lora":
+@TRAINABLES.register("all")
+class AllWeights:
+    """Every parameter trains (the model untouched)."""
+
+    @classmethod
+    def apply(cls, model: nn.Module, settings: Any, seed: int) -> list[nn.Module]:
+        return []
+
+
+@TRAINABLES.register("lora", LoRASettings)
+class LoRA:
+    """Low-rank adapters on every convolution and linear layer; embeddings and output layers in full."""
+
+    @classmethod
+    def apply(cls, model: nn.Module, settings: LoRASettings, seed: int) -> list[nn.Module]:
+        model.requires_grad_(False)
         generator = seeding.stream_generator("cpu", "adapter_init", seed=seed)
-        for name in lora_targets(model, cfg.lora_rank):
+        for name in lora_targets(model, settings.lora_rank):
             base = model.get_submodule(name)
             lora = LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear
-            _replace(model, name, lora(base, cfg.lora_rank, cfg.lora_alpha, generator))
-        if isinstance(model, Adaptable):
-            also += model.output_layers()
-    else:  # norms_biases
-        also += [m for m in model.modules() if isinstance(m, NORMS)]
+            _replace(model, name, lora(base, settings.lora_rank, settings.lora_alpha, generator))
+        return model.embeddings() + model.output_layers() if isinstance(model, Adaptable) else []
+
+
+@TRAINABLES.register("norms_biases")
+class NormsBiases:
+    """Biases, normalisation layers and embeddings train (BitFit plus embeddings); the rest is frozen."""
+
+    @classmethod
+    def apply(cls, model: nn.Module, settings: Any, seed: int) -> list[nn.Module]:
+        model.requires_grad_(False)
         for name, p in model.named_parameters():
             if name.rpartition(".")[2] == "bias":
                 p.requires_grad_(True)
-    for m in also:
+        also = [m for m in model.modules() if isinstance(m, NORMS)]
+        return also + (model.embeddings() if isinstance(model, Adaptable) else [])
+
+
+def make_trainable(model: nn.Module, cfg: Config | ModelConfig, seed: int) -> nn.Module:
+    """Apply ``model.trainable`` (``cfg``: the config or its model section) to ``model`` in place
+    and return it: adapters added, frozen parameters' ``requires_grad`` off. ConfigError if the
+    rank does not fit a layer or nothing is left to train. The adapters' init is drawn from the
+    "adapter_init" stream of ``seed``."""
+    choice = TRAINABLES.selected(cfg)
+    also = choice.target.apply(model, TRAINABLES.settings(cfg), seed)
+    for m in also:  # what trains in full besides (embeddings, output layers, norms)
         m.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError(f"model.trainable: {cfg.trainable!r} leaves no parameter of this model to "
+        raise ConfigError(f"model.trainable: {choice.name!r} leaves no parameter of this model to "
                           f"train; use model.trainable = \"all\" or \"lora\"")
     return model
 

@@ -6,37 +6,50 @@ only lists what differs; CLI overrides use one convention, ``--section.key value
 ``--section.key=value``), and are applied last. Every check runs here, before any process group or
 GPU is touched, and every error names the key that is wrong and how to fix it.
 
-Each key is a dataclass field with its docstring under it (README "Config reference" is the
-user-facing copy). What other code needs to know about a key is kept once, on the field
-(``setting(...)``'s metadata, read through ``key_facts``):
+A section's own keys are fields of its dataclass here, each with its docstring under it. The
+keys of the methods a run chooses between (``fed.server_opt``, ``fed.drift``, ``fed.compress``,
+``fed.placement``, ``fed.participation``, ``fed.client_optimizer``, ``model.trainable``,
+``privacy.level``) and their settings are registered by the methods themselves
+(``fedrun.registry``): a section holds their values too (``cfg.fed.server_lr`` reads the same),
+and the choices, their checks, ``--help`` and the config reference (docs/config.md, written by
+``python -m fedrun.config_reference``) are read from the registries.
+
+What other code needs to know about a key is kept once, on its field (``setting(...)``'s
+metadata, read through ``key_facts``):
 
 * ``hashed``: does the key change the trained model (``Config.hash``, which decides whether a run
   dir may be resumed)? ``"when set"`` marks keys added after runs existed: they count only when
   they differ from their default, so that older run dirs keep their hash.
 * ``label``: may the key tell runs apart in ``fedrun report``? (Names, paths, places and schedules
   of a run never do.)
-* ``applies``: when the key means anything (``fed.prox_mu`` only when ``fed.drift = "fedprox"``).
+* ``applies``: when the key means anything (``fed.prox_mu`` only when ``fed.drift = "fedprox"``;
+  a registered key applies when one of the choices that declare it is chosen).
 * ``off``: the value that switches a method off (``fed.drift = "none"``).
 * ``choices``: the allowed values of a string key.
 
-A section's own fields are checked by its ``validate()``; the few rules that span sections are
-one table, ``CROSS_SECTION_RULES``, that ``validate(cfg)`` walks after the sections.
+Validation, in order: each section checks its own keys (``Section.validate``), each registered
+method its own settings (``Settings.validate``), then the chosen methods check the whole config
+(their ``check(cfg)``, and a centralized run refuses federated methods), then the few rules left
+that span the core sections (``CROSS_SECTION_RULES``). The first refusal is the error.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import sys
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from . import registry
 from .errors import ConfigError
+from .registry import NO_OFF
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,7 +57,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "config_from_dict", "key_facts",
-           "validate"]
+           "validate", "choices_of"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +65,6 @@ __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "config_fr
 
 
 HASHED, HASHED_WHEN_SET, NOT_HASHED = "always", "when set", "never"
-NO_OFF = object()  # ``off`` of a key that is no on/off switch
 
 
 @dataclass(frozen=True)
@@ -122,18 +134,60 @@ class KeyFacts(NamedTuple):
 
 
 class Section:
-    """Base of the config sections: the checks every field gets from its type and metadata."""
+    """Base of the config sections: the checks every field gets from its type and metadata, and
+    the values of the keys that methods register into the section (``fedrun.registry``), which
+    read and write like fields (``cfg.fed.drift``)."""
+
+    def __post_init__(self) -> None:
+        # a fresh dict per instance, every registered key present (dataclasses.replace and
+        # copies pass theirs in)
+        given = self.__dict__.get("_registered") or {}
+        name = _SECTION_NAMES[type(self)]
+        object.__setattr__(self, "_registered",
+                           {key.name: copy.deepcopy(given.get(key.name, key.default))
+                            for key in registry.registered_keys(name)})
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names that are not fields
+        registered = self.__dict__.get("_registered")
+        if registered is not None and name in registered:
+            return registered[name]
+        raise AttributeError(f"{type(self).__name__} has no key {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        registered = self.__dict__.get("_registered")
+        if registered is not None and name in registered:
+            registered[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.values() == other.values()  # type: ignore[attr-defined]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Section:
+        new = object.__new__(type(self))
+        for name, value in self.__dict__.items():
+            object.__setattr__(new, name, copy.deepcopy(value, memo))
+        return new
+
+    def values(self) -> dict[str, Any]:
+        """Every key of the section, its own fields first, then the registered ones."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        out.update(self.__dict__.get("_registered", {}))
+        return out
 
     def validate(self) -> None:
-        """Allowed choices and finite numbers; each section adds its own rules after this."""
+        """Allowed choices and finite numbers of its own fields; each section adds its own rules
+        after this (the registered keys are checked by ``validate_registered``)."""
         name = _SECTION_NAMES[type(self)]
         for f in fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
-            key, value = f"{name}.{f.name}", getattr(self, f.name)
-            allowed = f.metadata.get("choices")
-            if allowed is not None:
-                _require(value in allowed, key, f"got {value!r}; choose one of {', '.join(allowed)}")
-            if isinstance(value, float):
-                _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+            _check_value(f"{name}.{f.name}", getattr(self, f.name), f.metadata.get("choices"))
+
+
+def _check_value(key: str, value: Any, allowed: Any) -> None:
+    if allowed is not None:
+        _require(value in allowed, key, f"got {value!r}; choose one of {', '.join(allowed)}")
+    if isinstance(value, float):
+        _require(math.isfinite(value), key, f"must be a finite number, got {value}")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -143,16 +197,13 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 EMA_SIGMA_REL_MAX = 0.5 / math.sqrt(3)  # the power-function EMA's widest profile (gamma -> 0)
 DATASETS = ("cifar10", "fashion_mnist", "svhn", "image_folder", "digits", "printed_digits", "synthetic")
-STATEFUL_DRIFT = ("scaffold", "feddyn")  # drift terms that keep state per client between rounds
-COMPRESSORS = ("none", "bf16", "int8", "topk", "sign")  # fed.compress
-PLACEMENTS = ("auto", "cost", "size", "on_demand")  # fed.placement (fedrun/federated/placement.py)
 
 
 # --------------------------------------------------------------------------------------------
 # The sections
 
 
-@dataclass
+@dataclass(eq=False)
 class RunConfig(Section):
     """Naming, placing and seeding the job."""
 
@@ -181,7 +232,7 @@ class RunConfig(Section):
                  f"must be in [0, 2**32) (one 32-bit word of every derived seed), got {self.seed}")
 
 
-@dataclass
+@dataclass(eq=False)
 class DataConfig(Section):
     """The data set and how its images are fed."""
 
@@ -215,9 +266,10 @@ class DataConfig(Section):
             _require(self.channels == 3, "data.channels", f"{self.name} is an RGB set; set data.channels = 3")
 
 
-@dataclass
+@dataclass(eq=False)
 class ModelConfig(Section):
-    """The residual U-Net (the authors': attention-free, class-conditional)."""
+    """The residual U-Net (the authors': attention-free, class-conditional). Which of its weights
+    train is ``model.trainable`` (fedrun/adapters.py registers its choices)."""
 
     base_channels: int = 64
     """Width of the first level."""
@@ -243,18 +295,6 @@ class ModelConfig(Section):
     right after the model is built; "" = the seeded random init. The model.* settings must be
     those of the run that wrote it. Not hashed: the init's SHA-256 goes into every checkpoint
     instead, and a resume from another init is refused (moving the file is fine)."""
-    trainable: str = setting("all", hashed=HASHED_WHEN_SET, off="all",
-                             choices=("all", "lora", "norms_biases"))
-    """Which weights train (fedrun/adapters.py): "all" | "lora" (low-rank adapters on the
-    convolutions and linear layers; the embeddings and output layers train in full, the rest is
-    frozen) | "norms_biases" (biases, norms and embeddings). Only what trains travels, is clipped
-    and gets noise. A model setting, not a federated one: the centralized run honours it too."""
-    lora_rank: int = setting(4, hashed=HASHED_WHEN_SET, applies=when("model.trainable", "lora"))
-    """LoRA: rank r of every adapter (at most the smallest adapted layer's out / fan-in). 4 keeps
-    the digits default's trained part under 1/10 of its weights (8.2 %; r = 8: 16 %)."""
-    lora_alpha: float = setting(4.0, hashed=HASHED_WHEN_SET, applies=when("model.trainable", "lora"))
-    """LoRA: the update is scaled by lora_alpha / lora_rank (Hu et al.: alpha = the first r tried,
-    then fixed while r varies)."""
 
     def validate(self) -> None:
         super().validate()
@@ -273,13 +313,10 @@ class ModelConfig(Section):
                  f"levels are 0..{levels - 1} (one per entry of model.channel_mults)")
         _require(0.0 <= self.label_dropout < 1.0, "model.label_dropout",
                  f"must be in [0, 1) (0 = no classifier-free guidance training), got {self.label_dropout}")
-        _require(self.lora_rank >= 1, "model.lora_rank",
-                 f"must be >= 1 (the rank of every adapter), got {self.lora_rank}")
-        _require(self.lora_alpha > 0, "model.lora_alpha",
-                 f"must be > 0 (the adapters' update is scaled by alpha / rank), got {self.lora_alpha}")
 
 
-@dataclass
+
+@dataclass(eq=False)
 class DiffusionConfig(Section):
     """Noise schedule, training objective and sampler."""
 
@@ -310,10 +347,15 @@ class DiffusionConfig(Section):
         _require(self.guidance >= 0, "diffusion.guidance", f"must be >= 0 (0 = off), got {self.guidance}")
 
 
-@dataclass
+@dataclass(eq=False)
 class FedConfig(Section):
-    """The federation: rounds, clients, partition, server rule, client drift. Its keys apply to
-    federated runs only (``Config.fed``), except the two that set a centralized run's epochs."""
+    """The federation: rounds, clients, partition. Its keys apply to federated runs only
+    (``Config.fed``), except the two that set a centralized run's epochs. The methods of a round
+    bring their own keys into this section: the server rule (``fed.server_opt``,
+    fedrun/federated/server.py), client drift (``fed.drift``, drift.py), the client optimizer
+    (``fed.client_optimizer``, client.py), compression (``fed.compress``, compression.py),
+    placement (``fed.placement``, placement.py) and participation (``fed.participation`` with the
+    simulated federation's keys, participation.py)."""
 
     rounds: int = setting(300, hashed=NOT_HASHED, applies=ALWAYS)
     """Communication rounds R (centralized: R "rounds" of E epochs). Not hashed: raising it
@@ -332,85 +374,8 @@ class FedConfig(Section):
     """Resample the Dirichlet draw until every client has this many images."""
     max_resample: int = setting(100, applies=FEDERATED & unless("fed.partition", "iid"))
     """Tries for min_client_size."""
-    server_opt: str = setting("fedavg", off="fedavg",
-                              choices=("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"))
-    """Server rule: "fedavg" | "fedavgm" (server momentum) | "fedadam" | "fedyogi" | "fedadagrad"
-    (Reddi et al. 2021)."""
-    server_lr: float = setting(1.0, applies=FEDERATED & unless("fed.server_opt", "fedavg"))
-    """Server learning rate (all but fedavg)."""
-    server_momentum: float = setting(0.9, applies=FEDERATED & unless("fed.server_opt", "fedavg"))
-    """fedavgm's momentum; beta1 of fedadam / fedyogi / fedadagrad."""
-    server_beta2: float = setting(0.99, applies=FEDERATED & when("fed.server_opt", "fedadam", "fedyogi"))
-    """Second-moment decay of fedadam / fedyogi."""
-    server_tau: float = setting(1e-3, applies=FEDERATED & when("fed.server_opt", "fedadam", "fedyogi",
-                                                               "fedadagrad"))
-    """Adaptivity of fedadam / fedyogi / fedadagrad: x -= lr * m / (sqrt(v) + tau)."""
     max_bad_rounds: int = 3
     """Stop after this many rounds in a row where every client failed."""
-    drift: str = setting("none", hashed=HASHED_WHEN_SET, off="none",
-                         choices=("none", "fedprox", "scaffold", "feddyn"))
-    """Client drift correction: "none" | "fedprox" (Li et al. 2020) | "scaffold" (Karimireddy et
-    al. 2020) | "feddyn" (Acar et al. 2021)."""
-    prox_mu: float = setting(0.01, hashed=HASHED_WHEN_SET, applies=FEDERATED & when("fed.drift", "fedprox"))
-    """FedProx: weight of (mu / 2) ||theta - theta_global||^2."""
-    client_optimizer: str = setting("reset", hashed=HASHED_WHEN_SET, off="reset", choices=("reset", "keep"))
-    """"reset": fresh Adam per client per round (authors) | "keep": each client keeps its Adam
-    moments across rounds."""
-    feddyn_alpha: float = setting(0.01, hashed=HASHED_WHEN_SET,
-                                  applies=FEDERATED & when("fed.drift", "feddyn"))
-    """FedDyn: weight alpha of the quadratic term (alpha / 2) ||theta - theta_global||^2 of each
-    client's dynamic regulariser; must be > 0."""
-    compress: str = setting("none", hashed=HASHED_WHEN_SET, off="none", choices=COMPRESSORS)
-    """Compression of each client's update theta_k - theta before the sum (fedrun/federated/
-    compression.py): "none" | "bf16" | "int8" (stochastic rounding, an fp32 scale per tensor or
-    per block) | "topk" (the largest fed.compress_density share of entries) | "sign" (1 bit per
-    entry and an fp32 scale per tensor). The simulation sums the decompressed values; metrics
-    report the bytes a real client would send."""
-    compress_density: float = setting(0.01, hashed=HASHED_WHEN_SET,
-                                      applies=FEDERATED & when("fed.compress", "topk"))
-    """topk: share of the update's entries sent, in (0, 1] (each as an fp32 value and an int32
-    index: 8 bytes)."""
-    compress_block: int = setting(0, hashed=HASHED_WHEN_SET, applies=FEDERATED & when("fed.compress", "int8"))
-    """int8: entries per fp32 scale; 0 = one scale per tensor."""
-    error_feedback: bool = setting(True, hashed=HASHED_WHEN_SET,
-                                   applies=FEDERATED & unless("fed.compress", "none"))
-    """Error feedback (Seide et al. 2014; Karimireddy et al. 2019): what compression dropped from
-    a client's update is kept in its state (on its home rank, in checkpoints) and added to its
-    next update. false: the dropped part is lost."""
-    placement: str = setting("auto", hashed=NOT_HASHED, label=False, choices=PLACEMENTS)
-    """Which rank trains which client (fedrun/federated/placement.py): "auto" ("on_demand", or home
-    ranks by cost when clients keep state) | "cost" (each client's cost from its steps, images and
-    set-up, balanced per round) | "size" (image counts) | "on_demand" (each free rank takes the
-    next client, largest cost first, from a counter in the rendezvous store; not with per-client
-    state). Not hashed: the round's sum is exact, so the model does not depend on it."""
-    cost_step_share: float = setting(0.15, hashed=NOT_HASHED, label=False)
-    """Placement's cost model: the share of a full batch's step that any step costs, whatever its
-    size (the rest scales with its images). Measured: 0.15 for the digits model on a CPU core; a
-    GPU, where a short batch costs a full step, wants 1."""
-    client_overhead_steps: float = setting(0.2, hashed=NOT_HASHED, label=False)
-    """Placement's cost model: each client's set-up, in full steps (measured: 0.17 on the digits
-    default on a CPU core)."""
-    availability: float = setting(1.0, hashed=HASHED_WHEN_SET, off=1.0)
-    """Simulated federation: probability that a selected client reports in a round (drawn from
-    (seed, round, client)); 1 = always."""
-    availability_trace: str = setting("", hashed=HASHED_WHEN_SET, off="")
-    """A text file, one row per client, T columns of probabilities (0/1 for on/off) used in turn
-    (round r: column (r - 1) mod T); replaces fed.availability. "" = none."""
-    speed_sigma: float = setting(0.0, hashed=HASHED_WHEN_SET, off=0.0)
-    """Stragglers: each client's simulated speed factor is exp(sigma z), z ~ N(0, 1) from (seed,
-    client); 0 = every client as fast."""
-    speed_trace: str = setting("", hashed=HASHED_WHEN_SET, off="")
-    """A text file, one row per client, T columns of positive speed factors (round r: column
-    (r - 1) mod T); replaces fed.speed_sigma. "" = none."""
-    deadline_s: float = setting(0.0, hashed=HASHED_WHEN_SET, off=0.0)
-    """Simulated seconds a round waits for reports; later ones are dropped. 0 = no deadline."""
-    over_select: float = setting(1.0, hashed=HASHED_WHEN_SET, off=1.0)
-    """Select ceil(over_select x clients_per_round) clients and keep the clients_per_round
-    fastest reports (Bonawitz et al. 2019); 1 = no over-selection."""
-    sim_step_s: float = setting(1.0, hashed=HASHED_WHEN_SET)
-    """Simulated seconds one local step takes on a device of speed 1."""
-    sim_client_s: float = setting(0.0, hashed=HASHED_WHEN_SET)
-    """Simulated seconds each participant spends besides its steps (download, upload), times its speed."""
     client_state_memory_mb: int = setting(4096, hashed=NOT_HASHED, label=False)
     """Host memory for the kept state of clients not in the round, per rank (MiB); past it, states
     go to memory-mapped files in a temporary folder. 0 = no limit."""
@@ -425,48 +390,12 @@ class FedConfig(Section):
         _require(self.alpha > 0, "fed.alpha", f"the Dirichlet concentration must be > 0, got {self.alpha}")
         _require(self.min_client_size >= 0, "fed.min_client_size", "must be >= 0")
         _require(self.max_resample >= 1, "fed.max_resample", "must be >= 1")
-        _require(self.server_lr > 0, "fed.server_lr", "must be > 0")
-        _require(0 <= self.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
-        _require(0 <= self.server_beta2 < 1, "fed.server_beta2", "must be in [0, 1)")
-        _require(self.server_tau > 0, "fed.server_tau", "must be > 0 (it keeps 1 / (sqrt(v) + tau) finite)")
         _require(self.max_bad_rounds >= 1, "fed.max_bad_rounds", "must be >= 1")
-        _require(self.prox_mu >= 0, "fed.prox_mu", f"must be >= 0 (the proximal weight), got {self.prox_mu}")
-        _require(self.feddyn_alpha > 0, "fed.feddyn_alpha",
-                 f"must be > 0 (FedDyn's regulariser weight), got {self.feddyn_alpha}")
-        _require(0 < self.compress_density <= 1, "fed.compress_density",
-                 f"must be in (0, 1] (the share of entries top-k sends), got {self.compress_density}")
-        _require(self.compress_block >= 0, "fed.compress_block",
-                 f"must be >= 0 (entries per int8 scale; 0 = one per tensor), got {self.compress_block}")
-        _require(0 <= self.cost_step_share <= 1, "fed.cost_step_share",
-                 f"must be in [0, 1] (the share of a full step any step costs), got {self.cost_step_share}")
-        _require(self.client_overhead_steps >= 0, "fed.client_overhead_steps",
-                 f"must be >= 0 (a client's set-up cost in local steps), got {self.client_overhead_steps}")
-        _require(0 <= self.availability <= 1, "fed.availability",
-                 f"must be a probability in [0, 1] (1 = every selected client reports), got "
-                 f"{self.availability}")
-        _require(self.availability == 1 or not self.availability_trace, "fed.availability",
-                 "give either fed.availability or fed.availability_trace, not both")
-        _require(self.speed_sigma >= 0, "fed.speed_sigma",
-                 f"must be >= 0 (0 = no stragglers), got {self.speed_sigma}")
-        _require(self.speed_sigma == 0 or not self.speed_trace, "fed.speed_sigma",
-                 "give either fed.speed_sigma or fed.speed_trace, not both")
-        _require(self.deadline_s >= 0, "fed.deadline_s",
-                 f"must be >= 0 (0 = no deadline), got {self.deadline_s}")
-        _require(self.over_select >= 1, "fed.over_select",
-                 f"must be >= 1 (the share of clients selected per client needed), got {self.over_select}")
-        _require(self.sim_step_s > 0, "fed.sim_step_s", f"must be > 0, got {self.sim_step_s}")
-        _require(self.sim_client_s >= 0, "fed.sim_client_s", f"must be >= 0, got {self.sim_client_s}")
         _require(self.client_state_memory_mb >= 0, "fed.client_state_memory_mb",
                  f"must be >= 0 (0 = no limit), got {self.client_state_memory_mb}")
-        stateful = self.client_optimizer == "keep" or self.drift in STATEFUL_DRIFT or (
-            self.compress != "none" and self.error_feedback)
-        _require(not (self.placement == "on_demand" and stateful), "fed.placement",
-                 "'on_demand' hands a client to whichever rank is free, but this run keeps per-client "
-                 "state (kept Adam, SCAFFOLD, FedDyn or error feedback) on each client's home rank; set "
-                 "fed.placement = \"cost\"")
 
 
-@dataclass
+@dataclass(eq=False)
 class OptimConfig(Section):
     """Each client's Adam (centralized: the one Adam of the run)."""
 
@@ -501,7 +430,7 @@ class OptimConfig(Section):
                  f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
-@dataclass
+@dataclass(eq=False)
 class EMAConfig(Section):
     """Exponential moving average of the global model, updated once per round on the server."""
 
@@ -516,50 +445,19 @@ class EMAConfig(Section):
                  f"must be 0 (off) or in (0, {EMA_SIGMA_REL_MAX:.4f}), e.g. 0.05 to 0.15; got {s}")
 
 
-@dataclass
+@dataclass(eq=False)
 class PrivacyConfig(Section):
-    """Differential privacy: per image (DP-SGD in every client) or per client (DP-FedAvg). Its
-    keys apply only when privacy.level is set (``Config.privacy``)."""
-
-    level: str = setting("none", applies=ALWAYS, off="none", choices=("none", "sample", "client"))
-    """"none" | "sample" (DP-SGD with Opacus: the image is the unit) | "client" (DP-FedAvg: the site)."""
-    clip: float = 1.0
-    """sample: L2 bound of each per-sample gradient; client: L2 bound of each client's update."""
-    noise_multiplier: float = 1.0
-    """Gaussian noise std divided by the sensitivity (clip). 0 = solve it: the smallest noise
-    multiplier that keeps the planned run within privacy.target_epsilon (the worst client at
-    sample level), printed before training and used everywhere (DP-SGD, DP-FedAvg's noise, the
-    ledger, summary.json); a resume must solve the same value."""
-    delta: float = 1e-5
-    """The delta of (epsilon, delta)-DP; should be well below 1 / (number of units protected)."""
-    target_epsilon: float = 0.0
-    """0 = no budget; else a run whose planned epsilon exceeds it is refused before training."""
-    accountant: str = setting("prv", hashed=HASHED_WHEN_SET, choices=("rdp", "prv"))
-    """Opacus accountant: "prv" (privacy random variables, Gopi et al. 2021: the tightest Opacus
-    offers) | "rdp" (Renyi DP, Mironov 2017; the default before "prv", hence hashed only when set:
-    run dirs written with "rdp" keep their hash)."""
-    multiplicity: int = setting(1, hashed=HASHED_WHEN_SET, off=1, applies=when("privacy.level", "sample"))
-    """DP-SGD: K noise levels and noise draws per image, their losses averaged inside the image's
-    per-sample gradient before clipping (Dockhorn et al. 2023, DPDM): less gradient variance at
-    the same epsilon (each image is still one sample), K times the rows. 1 = off."""
-
-    def validate(self) -> None:
-        super().validate()
-        _require(self.clip > 0, "privacy.clip", f"must be > 0 (an L2 norm bound), got {self.clip}")
-        _require(self.noise_multiplier > 0 or (self.noise_multiplier == 0 and self.target_epsilon > 0),
-                 "privacy.noise_multiplier", f"must be > 0 (no noise, no privacy), or 0 to solve the "
-                 f"smallest one that fits privacy.target_epsilon (then set that > 0); got "
-                 f"{self.noise_multiplier}")
-        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), e.g. 1e-5; got {self.delta}")
-        _require(self.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0 (0 = no budget)")
-        _require(self.multiplicity >= 1, "privacy.multiplicity",
-                 f"must be >= 1 (noise draws per image; 1 = off), got {self.multiplicity}")
-        _require(self.multiplicity == 1 or self.level == "sample", "privacy.multiplicity",
-                 f"averages noise draws inside DP-SGD's per-sample gradients: it needs privacy.level = "
-                 f"\"sample\" (got {self.level!r}); set privacy.multiplicity = 1")
+    """Differential privacy. Its keys come with ``privacy.level``'s choices (the mechanisms of
+    fedrun/privacy/mechanisms.py) and apply only when a level is set (``Config.privacy``)."""
 
 
-@dataclass
+@dataclass(eq=False)
+class SecureAggConfig(Section):
+    """Secure aggregation of the round's sum. Its keys come with ``secure_agg.protocol``'s choices
+    (fedrun/privacy/secure_sum.py)."""
+
+
+@dataclass(eq=False)
 class TrainConfig(Section):
     """How the local steps run on the hardware."""
 
@@ -584,7 +482,7 @@ class TrainConfig(Section):
                      "only; set train.compile = false or train.clients_at_once = 1")
 
 
-@dataclass
+@dataclass(eq=False)
 class CheckpointConfig(Section):
     """When checkpoints are written and whether a run resumes (never hashed, never a label)."""
 
@@ -601,7 +499,7 @@ class CheckpointConfig(Section):
         _require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
 
 
-@dataclass
+@dataclass(eq=False)
 class SampleConfig(Section):
     """The sample grids (never hashed, never a label)."""
 
@@ -616,7 +514,7 @@ class SampleConfig(Section):
         _require(self.steps >= 0, "sample.steps", "must be >= 0 (0 = diffusion.sample_steps)")
 
 
-@dataclass
+@dataclass(eq=False)
 class EvalConfig(Section):
     """Scores: FID/IS, KID, precision/recall, per class and per client (never hashed). The keys
     that change the numbers (sampler, sample count, features, KID/PRDC settings) may label a
@@ -654,6 +552,11 @@ class EvalConfig(Section):
     """FID/KID of the samples of class c against the test images of class c."""
     client_samples: int = setting(0, label=False)
     """Per-client scores: samples of each local model at local_models_at; 0 = off."""
+    bootstrap: int = setting(200, label=False)
+    """Resamples of every score's confidence interval (generated and reference features resampled,
+    fedrun/evaluation/intervals.py); 0 = no intervals."""
+    confidence: float = setting(0.95, label=False)
+    """Confidence of the intervals (and of `fedrun compare`'s verdicts)."""
 
     def validate(self) -> None:
         super().validate()
@@ -669,6 +572,12 @@ class EvalConfig(Section):
                  f"must be >= 0 (0 = no precision/recall), got {self.prdc_k}")
         _require(self.client_samples >= 0, "eval.client_samples",
                  f"must be >= 0 (0 = no per-client scores), got {self.client_samples}")
+        _require(0.5 <= self.confidence < 1, "eval.confidence",
+                 f"must be in [0.5, 1), e.g. 0.95, got {self.confidence}")
+        fewest = math.ceil(2 / (1 - self.confidence))  # >= 1 resample beyond each end of the interval
+        _require(self.bootstrap == 0 or self.bootstrap >= fewest, "eval.bootstrap",
+                 f"{self.bootstrap} resamples cannot place the ends of a {self.confidence:g} interval; "
+                 f"use 0 (no intervals) or >= {fewest}")
 
 
 @dataclass
@@ -686,6 +595,7 @@ class Config:
     ema: EMAConfig = section(EMAConfig, hashed=HASHED_WHEN_SET)
     privacy: PrivacyConfig = section(PrivacyConfig, hashed=HASHED_WHEN_SET,
                                      applies=unless("privacy.level", "none"))
+    secure_agg: SecureAggConfig = section(SecureAggConfig, hashed=HASHED_WHEN_SET, applies=FEDERATED)
     # how often a run checkpoints, samples or scores must not stop it from resuming
     checkpoint: CheckpointConfig = section(CheckpointConfig, hashed=NOT_HASHED, label=False)
     sample: SampleConfig = section(SampleConfig, hashed=NOT_HASHED, label=False)
@@ -696,7 +606,17 @@ class Config:
         return Path(self.run.out_dir) / self.run.name
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """{section: {key: value}} with every key, registered ones included (copies)."""
+        return {name: copy.deepcopy(getattr(self, name).values()) for name in _HINTS}
+
+    def with_values(self, values: Mapping[str, Any]) -> Config:
+        """A copy with "section.key" -> value set (typed values, as the code computed them; the
+        copy is validated)."""
+        new = copy.deepcopy(self)
+        for key, value in values.items():
+            _set(new, key, value)
+        validate(new)
+        return new
 
     def to_toml(self) -> str:
         return dump_toml(self.to_dict())
@@ -726,24 +646,33 @@ def _hashed(cfg: Config) -> dict[str, dict[str, Any]]:
         if sec.metadata["hashed"] == HASHED_WHEN_SET and not sec.metadata["applies"].holds(flat):
             continue
         body, default_body = {}, {}
-        for f in fields(_HINTS[sec.name]):
-            value, default = d[sec.name][f.name], defaults[sec.name][f.name]
-            hashed = f.metadata.get("hashed", HASHED)
+        for name, value in d[sec.name].items():
+            default = defaults[sec.name][name]
+            hashed = _key_metadata(f"{sec.name}.{name}").get("hashed", HASHED)
             if hashed == NOT_HASHED or (hashed == HASHED_WHEN_SET and value == default):
                 continue
-            body[f.name], default_body[f.name] = value, default
+            body[name], default_body[name] = value, default
         if sec.metadata["hashed"] == HASHED_WHEN_SET and body == default_body:
             continue
         out[sec.name] = body
     return out
 
 
+def hashed_values(cfg: Config) -> dict[str, Any]:
+    """"section.key" -> value of every key that ``Config.hash`` hashes (to name what differs)."""
+    return {f"{section}.{key}": value for section, body in _hashed(cfg).items() for key, value in body.items()}
+
+
 _HINTS = typing.get_type_hints(Config)
 _SECTION_NAMES = {cls: name for name, cls in _HINTS.items()}
 
 
-@cache
 def _default_dict() -> dict[str, dict[str, Any]]:
+    return _cached_defaults(registry.generation)
+
+
+@cache
+def _cached_defaults(generation: int) -> dict[str, dict[str, Any]]:
     return Config().to_dict()
 
 
@@ -753,28 +682,63 @@ def default_of(key: str) -> Any:
     return _default_dict().get(section_name, {}).get(name)
 
 
+def _registered(key: str) -> registry.Key | None:
+    return _registered_keys(registry.generation).get(key)
+
+
 @cache
+def _registered_keys(generation: int) -> dict[str, registry.Key]:
+    return {key.dotted: key for key in registry.registered_keys()}
+
+
+def _key_metadata(key: str) -> Mapping[str, Any]:
+    """The facts stored on a key's field (a section's own, or a method's settings)."""
+    found = _registered(key)
+    if found is not None:
+        return found.metadata
+    section_name, _, name = key.partition(".")
+    if section_name not in _HINTS:
+        return {}
+    return next((f.metadata for f in fields(_HINTS[section_name]) if f.name == name), {})
+
+
 def key_facts(key: str) -> KeyFacts:
     """Facts about "section.key", its section's folded in. A key fedrun does not know (from an
     older run) is hashed, may label, always applies and has no off value."""
+    return _key_facts(key, registry.generation)
+
+
+@cache
+def _key_facts(key: str, generation: int) -> KeyFacts:
     section_name, _, name = key.partition(".")
     sec = next((f for f in fields(Config) if f.name == section_name), None)
     if sec is None:
         return KeyFacts(HASHED, True, ALWAYS, NO_OFF, None)
-    meta: Mapping[str, Any] = next((f.metadata for f in fields(_HINTS[section_name]) if f.name == name), {})
+    meta = _key_metadata(key)
     hashed = NOT_HASHED if sec.metadata["hashed"] == NOT_HASHED else meta.get("hashed", HASHED)
     applies = meta.get("applies")
+    found = _registered(key)
+    if found is not None and found.users:  # a method's setting: when one of its choices is chosen
+        chooser = found.registry
+        chosen = when(chooser.key, *found.users)
+        base = chooser.applies if chooser.applies is not None else sec.metadata["applies"]
+        applies = base & chosen if applies is None else base & chosen & applies
+    elif found is not None:  # a selector
+        applies = found.registry.applies
+    choices = meta.get("choices")
     return KeyFacts(hashed, sec.metadata["label"] and meta.get("label", True),
                     sec.metadata["applies"] if applies is None else applies,
-                    meta.get("off", NO_OFF), meta.get("choices"))
+                    meta.get("off", NO_OFF), None if choices is None else tuple(choices))
 
 
 def all_keys() -> list[str]:
-    """Every "section.key", in config order."""
-    return [f"{s}.{f.name}" for s, cls in _HINTS.items() for f in fields(cls)]
+    """Every "section.key", in config order (a section's own keys, then its registered ones)."""
+    return [f"{s}.{name}" for s, body in _default_dict().items() for name in body]
 
 
-CHOICES: dict[str, tuple[str, ...]] = {k: c for k in all_keys() if (c := key_facts(k).choices) is not None}
+def choices_of(key: str) -> tuple[str, ...] | None:
+    """The allowed values of a string key (a registry's choices, or a field's), else None."""
+    return key_facts(key).choices
 
 
 # --------------------------------------------------------------------------------------------
@@ -838,7 +802,9 @@ def _type_name(hint: Any) -> str:
 
 def _section_hints(section: str) -> dict[str, Any]:
     hints = typing.get_type_hints(_HINTS[section])
-    return {f.name: hints[f.name] for f in fields(_HINTS[section])}
+    out = {f.name: hints[f.name] for f in fields(_HINTS[section])}
+    out.update({key.name: key.hint for key in registry.registered_keys(section)})
+    return out
 
 
 def _set(cfg: Config, key: str, value: Any, from_cli: bool = False) -> None:
@@ -919,8 +885,9 @@ def config_from_dict(table: dict[str, Any]) -> Config:
 
 
 class Rule(NamedTuple):
-    """A combination of keys of different sections that fedrun refuses: when ``refused(cfg)``,
-    the error is ``"<key>: <message>"`` (``message`` may be computed from the config)."""
+    """A combination of keys of different core sections that fedrun refuses: when
+    ``refused(cfg)``, the error is ``"<key>: <message>"`` (``message`` may be computed from the
+    config). Rules about a method live with the method (its ``check(cfg)``)."""
 
     refused: Callable[[Config], bool]
     key: str
@@ -932,95 +899,50 @@ def _halvings(cfg: Config) -> int:
     return 2 ** (len(cfg.model.channel_mults) - 1)
 
 
-def _dp(cfg: Config) -> bool:
-    return cfg.privacy.level != "none"
-
-
 # In order: the first rule that refuses the config gives the error.
 CROSS_SECTION_RULES: tuple[Rule, ...] = (
     Rule(lambda c: c.data.image_size % _halvings(c) != 0, "data.image_size",
          lambda c: f"{c.data.image_size} cannot be halved {len(c.model.channel_mults) - 1} times by the "
                    f"U-Net (model.channel_mults has {len(c.model.channel_mults)} levels); use a multiple "
                    f"of {_halvings(c)} or fewer levels"),
-    Rule(lambda c: c.train.clients_at_once > 1 and not (
-            c.model.label_dropout == 0 and c.fed.drift == "none" and c.optim.lr_schedule == "constant"),
-         "train.clients_at_once", "the experimental grouped trainer has no label dropout, drift term or "
-         "learning-rate schedule; set train.clients_at_once = 1"),
     Rule(lambda c: c.diffusion.guidance > 0 and not (
             c.model.label_dropout > 0 and c.model.class_embed_dim > 0), "diffusion.guidance",
          "classifier-free guidance needs a model trained with a null class: set "
          "model.label_dropout (e.g. 0.1) and model.class_embed_dim > 0, or guidance = 0"),
-    # per-client state lives on the client's home rank; the grouped trainer has none
-    Rule(lambda c: c.fed.drift in STATEFUL_DRIFT and c.train.clients_at_once != 1, "train.clients_at_once",
-         lambda c: f"fed.drift = {c.fed.drift!r} keeps per-client state, which the experimental grouped "
-                   f"trainer does not; set train.clients_at_once = 1"),
-    Rule(lambda c: c.fed.client_optimizer == "keep" and c.train.clients_at_once != 1, "train.clients_at_once",
-         "fed.client_optimizer = 'keep' keeps per-client state, which the experimental grouped trainer "
-         "does not; set train.clients_at_once = 1"),
-    # the drift terms add to raw gradients; under fp16 the GradScaler has scaled them
-    Rule(lambda c: c.fed.drift == "scaffold" and c.train.precision == "fp16", "train.precision",
-         "SCAFFOLD corrects unscaled gradients; fp16's GradScaler scales them: use bf16 (or auto), or "
-         "another fed.drift"),
-    Rule(lambda c: c.fed.drift == "feddyn" and c.train.precision == "fp16", "train.precision",
-         "FedDyn adds its terms to unscaled gradients; fp16's GradScaler scales them: use bf16 (or auto), "
-         "or another fed.drift"),
-    Rule(lambda c: c.run.mode == "centralized" and c.fed.drift != "none", "fed.drift",
-         "client drift correction is a federated setting; set fed.drift = \"none\" for the centralized run"),
-    Rule(lambda c: c.run.mode == "centralized" and c.fed.client_optimizer != "reset", "fed.client_optimizer",
-         "the centralized run keeps its one Adam for the whole run already; set "
-         "fed.client_optimizer = \"reset\""),
-    # compression edits the client's update before the sum; what else travels is not compressed
-    Rule(lambda c: c.run.mode == "centralized" and c.fed.compress != "none", "fed.compress",
-         "compression of client updates is a federated setting; set fed.compress = \"none\" for the "
-         "centralized run"),
-    Rule(lambda c: c.fed.compress != "none" and c.fed.drift == "scaffold", "fed.compress",
-         "SCAFFOLD's control variates (one more model-sized vector per client and round) would travel "
-         "uncompressed next to the compressed update; use fed.drift = \"none\", \"fedprox\" or "
-         "\"feddyn\" with compression, or fed.compress = \"none\""),
-    Rule(lambda c: c.fed.compress != "none" and c.train.clients_at_once != 1, "train.clients_at_once",
-         "the experimental grouped trainer does not compress client updates or keep their error "
-         "feedback; set train.clients_at_once = 1 (or fed.compress = \"none\")"),
-    Rule(lambda c: _dp(c) and c.run.mode != "fedavg", "privacy.level",
-         "differential privacy is implemented for federated runs; use run.mode = \"fedavg\" or "
-         "privacy.level = \"none\""),
-    Rule(lambda c: _dp(c) and c.fed.drift == "scaffold", "fed.drift",
-         "SCAFFOLD's control variates travel without noise and would leak what DP protects; use "
-         "fed.drift = \"none\" or \"fedprox\" with privacy"),
-    # DP-FedAvg weighs clients uniformly and clips their updates; FedDyn's server correction
-    # assumes the data-size-weighted sum of unclipped updates
-    Rule(lambda c: c.privacy.level == "client" and c.fed.drift == "feddyn", "fed.drift",
-         "FedDyn's server correction assumes the data-weighted sum of unclipped client updates, which "
-         "DP-FedAvg (privacy.level = \"client\") replaces by clipped, uniformly weighted ones; use "
-         "fed.drift = \"none\" or \"fedprox\", or privacy.level = \"sample\""),
-    Rule(lambda c: c.model.trainable != "all" and c.train.clients_at_once != 1, "train.clients_at_once",
-         lambda c: f"the experimental grouped trainer stacks and trains every parameter; model.trainable = "
-                   f"{c.model.trainable!r} freezes some: set train.clients_at_once = 1 (or model.trainable = "
-                   f"\"all\")"),
-    Rule(lambda c: _dp(c) and c.train.clients_at_once != 1, "train.clients_at_once",
-         "DP training runs one client at a time; set train.clients_at_once = 1"),
-    Rule(lambda c: c.privacy.level == "sample" and c.train.precision == "fp16", "train.precision",
-         "DP-SGD clips per-sample gradients that fp16's GradScaler would scale; use bf16 (or auto) or fp32"),
-    Rule(lambda c: c.privacy.level == "sample" and c.train.compile, "train.compile",
-         "Opacus's per-sample gradient hooks do not go through torch.compile; set train.compile = false"),
-    Rule(lambda c: c.privacy.level == "client" and bool(c.eval.local_models_at or c.eval.client_samples),
-         "eval.local_models_at", "client-level DP protects only the noised global model; local models and "
-         "their samples are not private: set eval.local_models_at = [] and eval.client_samples = 0"),
-    Rule(lambda c: c.fed.placement == "on_demand" and c.train.clients_at_once != 1, "fed.placement",
-         "the experimental grouped trainer plans its groups before the round; 'on_demand' hands clients "
-         "out during it: set fed.placement = \"cost\" or train.clients_at_once = 1"),
-    # dropouts thin the sample independently per client (the accountant's epsilon stays an upper
-    # bound); keeping the fastest reports makes one client's participation depend on the others'
-    Rule(lambda c: _dp(c) and c.fed.over_select > 1, "fed.over_select",
-         "over-selection keeps the fastest reports, so whether one client counts depends on the others: "
-         "the accountant's (Poisson or uniform) sampling no longer holds; set fed.over_select = 1 "
-         "(availability and deadlines are allowed with privacy)"),
 )
 
 
+def validate_registered(cfg: Config) -> None:
+    """The methods' keys: each registered key's choices and finite numbers, each method's own
+    settings (``Settings.validate``, selected or not: a section checks all of its keys); then each
+    chosen method checks the whole config (its ``check(cfg)``; a centralized run refuses the
+    federated ones), then the checks registered without a choice (``registry.config_check``)."""
+    for reg in registry.registries():
+        section = getattr(cfg, reg.section)
+        for key in reg.keys():
+            _check_value(key.dotted, getattr(section, key.name), key.metadata.get("choices"))
+        for name in reg:
+            settings = reg.settings(cfg, name)
+            if settings is not None:
+                settings.validate()
+    for reg in registry.registries():
+        choice = reg.selected(cfg)
+        if reg.federated and cfg.run.mode == "centralized" and choice.name != reg.default:
+            raise ConfigError(f"{reg.key}: {choice.name!r} is a federated method; set {reg.key} = "
+                              f"\"{reg.default}\" for the centralized run")
+        check = getattr(choice.target, "check", None)
+        if check is not None:
+            check(cfg)
+    for check in registry.checks():
+        check(cfg)
+
+
 def validate(cfg: Config) -> None:
-    """Every section checks its own keys, in config order; then the cross-section rules."""
+    """Every section checks its own keys, in config order; then the methods' keys and checks;
+    then the cross-section rules of the core."""
     for name in _HINTS:
         getattr(cfg, name).validate()
+    validate_registered(cfg)
     for rule in CROSS_SECTION_RULES:
         if rule.refused(cfg):
             message = rule.message if isinstance(rule.message, str) else rule.message(cfg)

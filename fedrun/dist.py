@@ -13,12 +13,15 @@ command line asks it for the rank (``launch_rank``) to say a config error once, 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import re
+import socket
 import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from .errors import ConfigError
@@ -44,21 +47,58 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _split_top_level(text: str) -> list[str]:
+    """'a[1-2],b' -> ['a[1-2]', 'b']: commas inside brackets separate ranges, not hosts."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0 or depth > 1:
+            raise ValueError(f"cannot parse SLURM node list {text!r}: unbalanced brackets")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"cannot parse SLURM node list {text!r}: unbalanced brackets")
+    return parts + [text[start:]]
+
+
+def _expand_range(group: str, nodelist: str) -> list[str]:
+    """'003-005,010' -> ['003', '004', '005', '010'] (zero padding as written)."""
+    out = []
+    for item in group.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"cannot parse SLURM node list {nodelist!r}: bad range {item!r}")
+        lo, hi = m.group(1), m.group(2) or m.group(1)
+        out += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1)]
+    return out
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Every host of a SLURM node list, in SLURM's order (what ``scontrol show hostnames``
+    prints, without asking SLURM): 'gpu[003-005,010],cpu1' -> gpu003 gpu004 gpu005 gpu010 cpu1;
+    'rack[1-2]-n[07-08]' -> rack1-n07 rack1-n08 rack2-n07 rack2-n08; 'gpu[01-02]-ib' -> gpu01-ib
+    gpu02-ib."""
+    hosts: list[str] = []
+    for expr in _split_top_level(nodelist.strip()):
+        if not expr.strip():
+            raise ValueError(f"cannot parse SLURM node list {nodelist!r}: empty host")
+        names = [""]
+        for text, group in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", expr.strip()):
+            names = [n + text for n in names]
+            if group:
+                names = [n + r for n in names for r in _expand_range(group, nodelist)]
+        hosts += names
+    return hosts
+
+
 def first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003',
     'rack[1-2]-n[07-08]' -> 'rack1-n07', 'gpu[01-02]-ib' -> 'gpu01-ib'."""
-    text = nodelist.strip()
-    depth, end = 0, len(text)
-    for i, ch in enumerate(text):  # the first host expression ends at a comma outside brackets
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            end = i
-            break
-    expr = text[:end]
-    if not expr or depth < 0 or expr.count("[") != expr.count("]"):
-        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    # each bracket group contributes the start of its first range
-    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], expr)
+    try:
+        return slurm_hostnames(nodelist)[0]
+    except ValueError as e:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}: {e}") from None
 
 
 def slurm_tasks_on_node(spec: str, node_id: int) -> int:
@@ -139,6 +179,131 @@ def launch_env(env: Mapping[str, str] | None = None) -> dict[str, int | str]:
             "master_addr": "127.0.0.1", "master_port": "29500"}
 
 
+def _source_address(host: str, port: int) -> str | None:
+    """The local address this host would send from to reach ``host`` (no packet is sent: a UDP
+    socket's connect only asks the routing table); None where ``host`` does not resolve or has
+    no route."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError):
+        return None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.connect(sockaddr)
+                return str(s.getsockname()[0]).split("%")[0]
+        except OSError:
+            continue
+    return None
+
+
+def interface_addresses() -> dict[str, list[str]]:
+    """Every up interface of this host with its addresses: IPv4 (the primary address, from
+    ``SIOCGIFADDR``) and IPv6 (``/proc/net/if_inet6``). Linux only; {} elsewhere."""
+    import struct
+    out: dict[str, list[str]] = {}
+    try:
+        import fcntl
+        names = [name for _, name in socket.if_nameindex()]
+    except (ImportError, OSError):
+        return out
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                flags = struct.unpack("H", fcntl.ioctl(s.fileno(), 0x8913, req)[16:18])[0]  # SIOCGIFFLAGS
+                if not flags & 1:  # IFF_UP
+                    continue
+                out[name] = []
+                out[name].append(socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, req)[20:24]))  # SIOCGIFADDR
+            except OSError:  # no IPv4 address
+                continue
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            fields = line.split()
+            if len(fields) == 6 and fields[5] in out:
+                out[fields[5]].append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def is_own_address(host: str) -> bool:
+    """``host`` (a name or an address) resolves to a non-loopback address of one of this
+    machine's up interfaces. launch/torchrun_multinode.sh asks it whether this node hosts the
+    c10d rendezvous at HEAD."""
+    try:
+        addrs = {str(i[4][0]).split("%")[0] for i in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    own = {a for found in interface_addresses().values() for a in found}
+    return any(a in own and not _is_loopback(a) for a in addrs)
+
+
+def _default_route_interface() -> str | None:
+    """The interface of this host's IPv4 default route (``/proc/net/route``), if it has one."""
+    try:
+        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == "00000000":
+                return fields[0]
+    except OSError:
+        pass
+    return None
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def gloo_interface(master_addr: str, master_port: int) -> str | None:
+    """The network interface gloo must bind to so that the ranks of other hosts can reach this
+    one, or None where gloo's own choice already works.
+
+    Left alone, gloo binds to the address that this host's *own name* resolves to, and tells
+    every peer to connect there. On Debian and Ubuntu, /etc/hosts maps a machine's own name to
+    127.0.1.1, so a multi-host job fails ("Gloo connectFullMesh failed ... Connection refused,
+    remote=[127.0.1.1]") or hangs. Chosen here, in this order:
+
+    1. the interface holding the address this host sends from to reach ``master_addr``: the
+       network the job's rendezvous already goes over (every host but the master's, and the
+       master's own where its name resolves to a real address);
+    2. nothing where ``master_addr`` is written as loopback (127.0.0.1, ::1, localhost: every
+       "node" is this machine), where this host's name resolves to an address of an up,
+       non-loopback interface (gloo's default works), or where this host has no such interface;
+    3. else (the master's own host, whose name resolves to loopback here) the interface of the
+       default route, else the only up non-loopback interface.
+
+    Raises ConfigError, naming GLOO_SOCKET_IFNAME, where several interfaces remain.
+    """
+    interfaces = interface_addresses()
+    owner = {a: name for name, addrs in interfaces.items() for a in addrs}
+    src = _source_address(master_addr, master_port)
+    if src is not None and not _is_loopback(src) and src in owner:
+        return owner[src]
+    if master_addr == "localhost" or _is_loopback(master_addr):
+        return None
+    try:
+        own = {str(i[4][0]).split("%")[0] for i in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        own = set()
+    outside = [name for name, addrs in interfaces.items() if addrs and not all(map(_is_loopback, addrs))]
+    if not outside or any(a in owner and not _is_loopback(a) for a in own):
+        return None
+    default = _default_route_interface()
+    if default in outside:
+        return default
+    if len(outside) == 1:
+        return outside[0]
+    raise ConfigError(
+        f"GLOO_SOCKET_IFNAME: this host's name ({socket.gethostname()}) resolves to no address of its "
+        f"interfaces but loopback, and fedrun cannot tell which of {', '.join(outside)} reaches the "
+        f"other hosts; export GLOO_SOCKET_IFNAME=<that interface> (see `ip -br addr`)")
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     import torch
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
@@ -172,6 +337,11 @@ def init(device: str = "auto", threads: int = 0) -> DistInfo:
                           stacklevel=2)
         os.environ.setdefault("MASTER_ADDR", str(env["master_addr"]))
         os.environ.setdefault("MASTER_PORT", str(env["master_port"]))
+        if dev.type == "cpu" and not os.environ.get("GLOO_SOCKET_IFNAME") \
+                and int(env["world_size"]) > int(env["local_world_size"]):  # ranks on other hosts
+            ifname = gloo_interface(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+            if ifname:
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
         global _HAD_GROUP
         _HAD_GROUP = True
         dist.init_process_group(

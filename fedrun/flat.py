@@ -10,8 +10,14 @@ parameter trainable (``"all"``, the default) the layout is every parameter, as b
 
 One round's whole communication is one all_reduce(SUM) of one int64 buffer laid out as
 
-    [ sum_k w'_k theta_k  (P) | sum_k w'_k | n | loss * n | images | skipped | trained |
-      (round start, ready, steps, clients) of rank 0 | ... of rank W-1 | regions of the rules ]
+    [ sum_k w'_k theta_k  (P) | sum_k w'_k | n | loss * n | images | trained | regions of the rules |
+      (round start, ready, steps, clients, skipped) of rank 0 | ... of rank W-1 | reported (N) ]
+
+The part up to the rules' regions is what the clients contribute (``summed``): each client's
+contribution to it may be masked (secure aggregation: ``masker``, masks that cancel modulo 2^64,
+removed after the sum by ``unmasker``), and its model part may be an encoding of the client's
+update instead of its fixed-point model (``encoder``: distributed DP's integer grid). The rest is
+the ranks' own bookkeeping, in the clear, and, when tracked, one flag per client that reported.
 
 **The sum does not depend on who adds what** (``RoundBuffer``): every client's weighted model
 w'_k theta_k (w'_k = w_k / max_weight <= 1, so data sizes do not eat into the range) is rounded
@@ -40,20 +46,24 @@ sum_k n_k (c_k+ - c_k)), which ``add`` folds into the buffer with the client's m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, Protocol
+
 import torch
 from torch import nn
 
 from . import dist
-from .parts import Aggregate
+from .parts import Aggregate, ClientUpdate
 
-# Tail slots of the aggregation buffer, after the P parameters; then PER_RANK slots per rank.
-# W_SLOT: sum of w' on the values' grid (the average's denominator); N_SLOT: sum of the weights
-# themselves on a grid of 2^-WEIGHT_BITS (exact for integer weights: n_k, or DP-FedAvg's 1).
-W_SLOT, N_SLOT, LOSS_SLOT, IMAGES_SLOT, SKIPPED_SLOT, TRAINED_SLOT = range(6)
-TAIL = 6
+# Tail slots of the aggregation buffer, after the model part; then the rules' regions, then
+# PER_RANK slots per rank. W_SLOT: sum of w' on the values' grid (the average's denominator);
+# N_SLOT: sum of the weights themselves on a grid of 2^-WEIGHT_BITS (exact for integer weights:
+# n_k, or DP-FedAvg's 1).
+W_SLOT, N_SLOT, LOSS_SLOT, IMAGES_SLOT, TRAINED_SLOT = range(5)
+TAIL = 5
 WEIGHT_BITS = 20
-START_NS, READY_NS, STEPS, CLIENTS = range(4)
-PER_RANK = 4
+START_NS, READY_NS, STEPS, CLIENTS, SKIPPED = range(5)
+PER_RANK = 5
 VALUE_BITS = 16  # |w' theta| <= 2^16 for every summed number (module docstring)
 CHUNK = 1 << 20  # numbers converted back to fp32 at a time (an 8 MB float64 temporary)
 
@@ -96,7 +106,8 @@ def all_finite(model: nn.Module) -> bool:
 
 
 def buffer_size(num_params: int, world_size: int) -> int:
-    """Numbers in the aggregation buffer before the rules' regions: parameters, statistics, per-rank slots."""
+    """Numbers in a plain round's buffer: parameters, statistics, per-rank slots (no rules' regions,
+    no client flags)."""
     return num_params + TAIL + PER_RANK * world_size
 
 
@@ -121,31 +132,74 @@ def add_fixed_(out: torch.Tensor, t: torch.Tensor, factor: float, f64: torch.Ten
         out[i:i + piece.numel()].add_(q)
 
 
+class Encoder(Protocol):
+    """How a client's update enters the sum instead of its fixed-point model: ``size`` integers
+    per client, summed (modulo 2^64), decoded once into sum_k (theta_k - theta) (a privacy
+    mechanism's distributed-DP encoding, fedrun.privacy)."""
+
+    size: int
+
+    def encode(self, update: ClientUpdate) -> torch.Tensor:
+        """The client's ``size`` int64 numbers (its clipped, encoded, noised update)."""
+
+    def decode(self, summed: torch.Tensor, round_: int) -> torch.Tensor:
+        """sum_k (theta_k - theta) (with whatever noise the encodings carried) from the summed model part."""
+
+
+class Masking(Protocol):
+    """Secure aggregation as the buffer sees it (fedrun.privacy.secure_sum): keys for the round's
+    clients, a mask on each client's contribution, and the masks' removal from the sum."""
+
+    def begin_round(self, round_: int, selected: Sequence[int]) -> None:
+        """Set up the round for the clients that start it (every rank, identically)."""
+
+    def mask_(self, client: int, vec: torch.Tensor) -> None:
+        """Add the client's masks to its int64 contribution, in place (modulo 2^64)."""
+
+    def unmask_(self, summed: torch.Tensor, survivors: list[int]) -> str:
+        """Remove every mask from the sum in place; "" when done, else why the round is abandoned
+        (then ``summed`` is untouched)."""
+
+    def record(self) -> dict[str, Any]:
+        """The round's figures for metrics.jsonl (seconds, bytes)."""
+
+
 class RoundBuffer:
     """The one buffer a round all-reduces (module docstring): exact fixed-point sums, the tail,
-    per-rank slots, and the rules' regions.
+    the rules' regions, per-rank slots and, when tracked, the clients that reported.
 
     ``regions``: numbers each update rule adds per client (by rule name; zero-sized ones get none).
     ``max_clients``: the most clients one round can sum (the run's N). ``max_weight``: the largest
     client weight expected (the largest data size); weights are divided by it, so that data sizes
     do not narrow the range (a weight above it only narrows that client's own range).
+    ``track_clients``: keep one flag per client (N) of who reported (secure aggregation needs the
+    survivors). ``encoder``: the model part is this encoding of each update (distributed DP).
+    ``masking``: secure aggregation's masks on every contribution (set by the mechanism).
     """
 
     def __init__(self, num_params: int, world_size: int, regions: dict[str, int], device: torch.device,
-                 rank: int = 0, max_clients: int = 1, max_weight: float = 1.0):
+                 rank: int = 0, max_clients: int = 1, max_weight: float = 1.0, track_clients: int = 0,
+                 encoder: Encoder | None = None):
         self.num_params, self.world_size, self.rank = num_params, world_size, rank
         self.max_weight = float(max(max_weight, 1.0))
         self.bits = fraction_bits(max_clients)
         self.scale = 2.0 ** self.bits
         self.limit = 2.0 ** VALUE_BITS
-        self._ranks = num_params + TAIL  # the first per-rank slot
-        offset = buffer_size(num_params, world_size)
+        self.encoder = encoder
+        self.model_size = num_params if encoder is None else encoder.size
+        offset = self.model_size + TAIL
         self._regions: dict[str, tuple[int, int]] = {}
         for name, size in regions.items():
             if size:
                 self._regions[name] = (offset, size)
                 offset += size
-        self.data = torch.zeros(offset, dtype=torch.int64, device=device)
+        self.summed = offset  # what the clients contribute (masked, when masking)
+        self._ranks = offset  # the first per-rank slot
+        self._reported = offset + PER_RANK * world_size
+        self.data = torch.zeros(self._reported + track_clients, dtype=torch.int64, device=device)
+        self.masking: Masking | None = None
+        self.round = 0
+        self.abandoned = ""  # why this round's sum could not be read ("" = it can)
         # the rules' per-client sums, in fp32 as they write them; ``add`` folds them in
         self._scratch = {name: torch.zeros(size, device=device) for name, (_, size) in self._regions.items()}
         self._sums: dict[str, torch.Tensor] = {}
@@ -156,10 +210,18 @@ class RoundBuffer:
         work = min(CHUNK, max(num_params, *regions.values(), 1))  # scratch of the fixed-point conversion
         self._work = (torch.empty(work, dtype=torch.float64, device=device),
                       torch.empty(work, dtype=torch.int64, device=device))
+        self._vec: torch.Tensor | None = None  # one client's contribution, when it is masked
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+    def begin_round(self, round_: int, selected: Sequence[int]) -> None:
+        """A new round whose ``selected`` clients start it (secure aggregation sets up their keys)."""
+        self.round, self.abandoned = round_, ""
+        self.zero_()
+        if self.masking is not None:
+            self.masking.begin_round(round_, selected)
 
     def zero_(self) -> None:
         self.data.zero_()
@@ -177,37 +239,53 @@ class RoundBuffer:
         """Every number finite and |x * factor| <= 2^VALUE_BITS (NaN fails the comparison)."""
         return bool(float(extremes(tensors)) * factor <= self.limit)
 
-    def add(self, model: nn.Module, weight: float, loss: float, images: int, steps: int = 0) -> bool:
-        """One usable client: w' theta_k into the sum, the rules' scratch regions folded in, its
-        statistics into the tail. Returns False, adding nothing, when one of its numbers is not
-        finite or out of range (module docstring): the caller leaves the client out."""
+    def add(self, model: nn.Module, weight: float, loss: float, images: int, steps: int = 0, *,
+            client: int = -1, update: ClientUpdate | None = None) -> bool:
+        """One usable client: its contribution (w' theta_k, or the encoder's numbers for
+        ``update``; the rules' scratch regions; its statistics) into the sum, masked first when
+        a masker is set. Returns False, adding nothing, when one of its numbers is not finite or
+        out of range (module docstring): the caller leaves the client out."""
         w = weight / self.max_weight
         tensors = float_tensors(model)
         extra = list(self._scratch.values())
-        if not (0 <= w <= self.limit and self._within(tensors, w)
+        if not (0 <= w <= self.limit and (self.encoder is not None or self._within(tensors, w))
                 and self._within(extra, 1 / self.max_weight)):
             self._clear_scratch()
             return False
-        P, factor = self.num_params, w * self.scale
+        if self.masking is None:
+            out = self.data[:self.summed]
+        else:
+            if self._vec is None:
+                self._vec = torch.zeros(self.summed, dtype=torch.int64, device=self.data.device)
+            out = self._vec.zero_()
+        M, factor = self.model_size, w * self.scale
         f64, i64 = self._work
-        offset = 0
-        for t in tensors:  # tensor by tensor: no flat copy of the model
-            add_fixed_(self.data[offset:offset + t.numel()], t, factor, f64, i64)
-            offset += t.numel()
+        if self.encoder is not None:
+            assert update is not None, "an encoded update needs its ClientUpdate"
+            out[:M] += self.encoder.encode(update)
+        else:
+            offset = 0
+            for t in tensors:  # tensor by tensor: no flat copy of the model
+                add_fixed_(out[offset:offset + t.numel()], t, factor, f64, i64)
+                offset += t.numel()
         for name, (start, size) in self._regions.items():
             # each rule weights its own sums (SCAFFOLD: n_k); the buffer only rescales them
-            add_fixed_(self.data[start:start + size], self._scratch[name], self.scale / self.max_weight,
-                       f64, i64)
+            add_fixed_(out[start:start + size], self._scratch[name], self.scale / self.max_weight, f64, i64)
         self._clear_scratch()
         loss = min(max(loss, -self.limit), self.limit)  # only reported: clamped, never a reason to refuse
-        tail = [round(factor), round(weight * 2**WEIGHT_BITS), round(loss * factor), images, 0, 1]
-        self.data[P:P + TAIL] += torch.tensor(tail, dtype=torch.int64, device=self.data.device)
+        tail = [round(factor), round(weight * 2**WEIGHT_BITS), round(loss * factor), images, 1]
+        out[M:M + TAIL] += torch.tensor(tail, dtype=torch.int64, device=self.data.device)
+        if self.masking is not None:
+            self.masking.mask_(client, out)
+            self.data[:self.summed] += out  # int64 addition wraps: masks cancel modulo 2^64
+        if self.data.numel() > self._reported and client >= 0:
+            self.data[self._reported + client] = 1
         self.count(steps)
         return True
 
     def skip(self, steps: int = 0) -> None:
         """One client left out of the round (non-finite or out-of-range numbers)."""
-        self.data[self.num_params + SKIPPED_SLOT] += 1
+        self.data[self._slot(self.rank, SKIPPED)] += 1
         self.count(steps)
         self._clear_scratch()
 
@@ -229,9 +307,15 @@ class RoundBuffer:
         self.data[self._slot(self.rank, START_NS)] = start_ns
         self.data[self._slot(self.rank, READY_NS)] = ready_ns
 
+    def reported(self) -> list[int]:
+        """After the all_reduce: the clients whose contribution is in the sum (tracked buffers)."""
+        return torch.nonzero(self.data[self._reported:])[:, 0].tolist()
+
     def all_reduce(self) -> None:
         self._sums = {}
         dist.all_reduce_sum(self.data)  # <- the whole FedAvg communication of the round
+        if self.masking is not None:  # the same decision on every rank (it reads the sum only)
+            self.abandoned = self.masking.unmask_(self.data[:self.summed], self.reported())
 
     def _real(self, t: torch.Tensor, out: torch.Tensor | None = None, divisor: float = 0.0) -> torch.Tensor:
         """Fixed-point sums back in fp32: in weight units, or divided by ``divisor`` (the fixed-point
@@ -244,24 +328,43 @@ class RoundBuffer:
 
     def aggregate(self, round_: int, clients: list[int]) -> Aggregate:
         """The round as every rank sees it after the all_reduce: the average is the ratio of the
-        two exact sums, rounded once to fp32; the rules' sums are back in their units."""
-        P = self.num_params
-        w_fixed = int(self.data[P + W_SLOT])
-        total = self._real(self.data[:P], self._total)
-        average = self._real(self.data[:P], self._average, divisor=float(max(w_fixed, 1)))
+        two exact sums, rounded once to fp32; the rules' sums are back in their units. With an
+        encoder, ``delta_sum`` is the decoded sum of the updates and total/average are empty. An
+        abandoned round (``abandoned``) has nothing usable."""
+        M = self.model_size
+        empty = torch.zeros(0, device=self.data.device)
+        if self.abandoned:
+            return Aggregate(round_, clients, empty, 0.0, empty, {}, usable=False, abandoned=self.abandoned)
+        w_fixed = int(self.data[M + W_SLOT])
+        weight = int(self.data[M + N_SLOT]) / 2**WEIGHT_BITS
         self._sums = {name: self._real(self.data[start:start + size])
                       for name, (start, size) in self._regions.items()}
-        weight = int(self.data[P + N_SLOT]) / 2**WEIGHT_BITS
+        if self.encoder is not None:
+            delta = self.encoder.decode(self.data[:M], round_)
+            return Aggregate(round_, clients, empty, weight, empty, dict(self._sums), usable=w_fixed > 0,
+                             delta_sum=delta)
+        total = self._real(self.data[:M], self._total)
+        average = self._real(self.data[:M], self._average, divisor=float(max(w_fixed, 1)))
         return Aggregate(round_, clients, total, weight, average, dict(self._sums), usable=w_fixed > 0)
+
+    def record(self) -> dict[str, Any]:
+        """The round's figures of the masking, if any (metrics.jsonl)."""
+        return {} if self.masking is None else self.masking.record()
 
     def stats(self) -> tuple[dict[str, float], list[dict[str, float]]]:
         """After the all_reduce: (the tail statistics by name, each rank's slots: "start_ns",
-        "ready_ns", "steps", "clients")."""
-        P = self.num_params
-        tail = self.data[P:P + TAIL].tolist()
+        "ready_ns", "steps", "clients", "skipped"). An abandoned round's sums are unreadable: its
+        statistics count the reports only."""
+        M = self.model_size
+        slots = self.data[self._ranks:self._ranks + PER_RANK * self.world_size].view(-1, PER_RANK).tolist()
+        names = ("start_ns", "ready_ns", "steps", "clients", "skipped")  # START_NS .. SKIPPED
+        ranks = [dict(zip(names, row, strict=True)) for row in slots]
+        skipped = sum(r["skipped"] for r in ranks)
+        if self.abandoned:
+            reported = len(self.reported())
+            return {"n": 0.0, "loss": 0.0, "images": 0, "skipped": skipped, "trained": reported}, ranks
+        tail = self.data[M:M + TAIL].tolist()
         stats = {"n": tail[N_SLOT] / 2**WEIGHT_BITS,
                  "loss": tail[LOSS_SLOT] * self.max_weight / self.scale,
-                 "images": tail[IMAGES_SLOT], "skipped": tail[SKIPPED_SLOT], "trained": tail[TRAINED_SLOT]}
-        slots = self.data[self._ranks:self._ranks + PER_RANK * self.world_size].view(-1, PER_RANK).tolist()
-        names = ("start_ns", "ready_ns", "steps", "clients")  # the order of START_NS .. CLIENTS
-        return stats, [dict(zip(names, row, strict=True)) for row in slots]
+                 "images": tail[IMAGES_SLOT], "skipped": skipped, "trained": tail[TRAINED_SLOT]}
+        return stats, ranks

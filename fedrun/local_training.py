@@ -6,7 +6,9 @@ centralized baseline.
 * ``client_adam``: a client's Adam for one round (fresh, or resuming its kept moments) at the
   round's learning rate (``lr_at_round``);
 * ``train_step``: one optimizer step (backward, an optional gradient term, clipping);
-* ``local_steps`` and ``LocalResult``: what one client's local training costs and returns.
+* ``local_steps`` and ``LocalResult``: what one client's local training costs and returns;
+* ``CLIENT_OPTIMIZERS`` (``fed.client_optimizer``): a fresh Adam per client and round (the
+  authors), or one whose moments each client keeps.
 
 It sits in the core so that ``fedrun.federated`` (the plain client), ``fedrun.privacy`` (DP-SGD)
 and ``fedrun.centralized`` can all import it without importing each other.
@@ -15,16 +17,41 @@ and ``fedrun.centralized`` can all import it without importing each other.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import Config, OptimConfig
+from .config import FEDERATED, HASHED_WHEN_SET, Config, OptimConfig
 from .data import ImageSet, random_hflip
 from .diffusion import Diffusion
+from .registry import Registry
+
+CLIENT_OPTIMIZERS = Registry(
+    "fed.client_optimizer", "reset", "\"reset\": fresh Adam per client per round (authors) | \"keep\": "
+    "each client keeps its Adam moments across rounds.", hashed=HASHED_WHEN_SET, applies=FEDERATED,
+    federated=True)
+
+
+@CLIENT_OPTIMIZERS.register("reset")
+class FreshAdam:
+    """A fresh Adam per client per round (the authors): nothing but the weights leaves a client."""
+
+    state_kinds: tuple[str, ...] = ()
+
+
+@CLIENT_OPTIMIZERS.register("keep")
+class KeptAdam:
+    """Each client keeps its Adam moments across rounds (state kind "optimizer", on its home rank)."""
+
+    state_kinds: tuple[str, ...] = ("optimizer",)
+
+
+def keeps_optimizer(cfg: Config) -> bool:
+    """Does each client keep its Adam state between rounds (``fed.client_optimizer``)?"""
+    return "optimizer" in CLIENT_OPTIMIZERS.selected(cfg).target.state_kinds
 
 
 def local_steps(num_images: int, batch_size: int, epochs: int) -> int:
@@ -47,6 +74,7 @@ class LocalResult:
     steps: int
     images: int
     optimizer_state: dict[str, Any] | None = None  # the client's Adam state, when it keeps it
+    message: torch.Tensor | None = None  # what the client sends instead of its model (rows of records)
 
     @property
     def state(self) -> dict[str, Any]:
@@ -112,25 +140,31 @@ def train_step(model: nn.Module, diffusion: Diffusion, opt: torch.optim.Optimize
 
 class ShardTrainer:
     """A client trainer of the round loop (fedrun.parts.ClientTrainer) that trains one client at a
-    time on its shard with ``train_fn``: FedAvg's ``train_local``, DP-SGD's ``train_local_dp``.
+    time on its shard with ``train_fn``: FedAvg's ``train_local``; a privacy mechanism swaps in
+    DP-SGD's ``train_local_dp`` (``using``).
 
     ``model`` is what local training calls (e.g. ``torch.compile`` of the global model's module:
     it shares its parameters); ``shards`` maps each client to its train indices on the device.
     """
 
-    train_fn: Callable[..., LocalResult]  # (model, diffusion, data, shard, cfg, round, client, **kw)
-
-    def __init__(self, model: nn.Module, diffusion: Diffusion, data: ImageSet,
-                 shards: dict[int, torch.Tensor], cfg: Config, on_step: Callable[[], None] | None = None):
+    def __init__(self, train_fn: Callable[..., LocalResult], model: nn.Module, diffusion: Diffusion,
+                 data: ImageSet, shards: dict[int, torch.Tensor], cfg: Config,
+                 on_step: Callable[[], None] | None = None):
+        self.train_fn = train_fn  # (model, diffusion, data, shard, cfg, round, client, **kw)
         self.model, self.diffusion, self.data, self.shards, self.cfg = model, diffusion, data, shards, cfg
         self.on_step = on_step
-        self.state_kinds: tuple[str, ...] = ("optimizer",) if cfg.fed.client_optimizer == "keep" else ()
+        self.state_kinds: tuple[str, ...] = CLIENT_OPTIMIZERS.selected(cfg).target.state_kinds
 
-    def begin_round(self, round_: int, clients: list[int]) -> None:
-        pass  # one client at a time: nothing to prepare
+    def using(self, train_fn: Callable[..., LocalResult]) -> ShardTrainer:
+        """The same trainer with another local-training function (same contract as ``train_fn``)."""
+        return ShardTrainer(train_fn, self.model, self.diffusion, self.data, self.shards, self.cfg,
+                            self.on_step)
+
+    def begin_round(self, round_: int, clients: Iterable[int]) -> Iterable[int]:
+        return clients  # one client at a time: nothing to prepare, trained in the order taken
 
     def train(self, round_: int, client: int, state: dict[str, Any],
               grad_term: Callable[[], None] | None) -> LocalResult:
-        return type(self).train_fn(self.model, self.diffusion, self.data, self.shards[client], self.cfg,
-                                   round_, client, on_step=self.on_step,
-                                   optimizer_state=state.get("optimizer"), adjust_grads=grad_term)
+        return self.train_fn(self.model, self.diffusion, self.data, self.shards[client], self.cfg,
+                             round_, client, on_step=self.on_step,
+                             optimizer_state=state.get("optimizer"), adjust_grads=grad_term)

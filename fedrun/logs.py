@@ -91,7 +91,9 @@ class RunLogger:
         if self.enabled:
             self.console.print(*args, **kwargs)
 
-    def start_round(self, round_: int, steps: int, description: str = "") -> None:
+    def start_round(self, round_: int, steps: int | None = None, description: str = "") -> None:
+        """A new inner bar: ``steps`` local steps, or None to count steps as they come (a
+        federated rank learns its clients while it takes them)."""
         if self.progress is not None:
             self.progress.reset(self.inner_task, total=steps, description=description or f"round {round_}")
 

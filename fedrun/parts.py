@@ -6,13 +6,21 @@ registry line, never a new branch in the round loop (README "Adding a method").
 
     Participation   who takes part in round r         federated.participation, privacy.client_dp
     Placement       which rank trains which client    federated.placement
-    ClientTrainer   how one client trains             federated.client, privacy.dp_sgd, experimental
-    UpdateRule      what a method does around local   federated.drift (FedProx, SCAFFOLD, FedDyn),
-                    training and to the update, on    privacy.client_dp (clipping)
-                    the client's rank, and to the sum
-                    after the all_reduce
+    ClientTrainer   how one client trains             local_training (ShardTrainer: plain, DP-SGD
+                                                      swapped in by privacy), experimental
+    UpdateRule      what a method does around local   federated.compression, federated.drift
+                    training and to the update, on    (FedProx, SCAFFOLD, FedDyn), privacy.client_dp
+                    the client's rank                 (clipping)
     ServerStep      from the round's sum to the next  federated.server (the server rules), wrapped
                     global model                      by privacy (noise, the ledger)
+
+An update rule implements the client side (``UpdateRule``) and, only where its method needs
+them, three more pieces: ``SumsExtra`` (numbers of its own in the round's all_reduce),
+``ServerHalf`` (what it does with the sum after the all_reduce, and the state every rank keeps
+for it) and ``WireFormat`` (what a real client's message costs after it). Its ``stage`` places
+it in the chain: what encodes the update first (compression), then what corrects it (drift),
+then what bounds it last (DP-FedAvg's clip), so that the bound holds for what is summed;
+``check_chain`` enforces that order where the chain is built.
 
 The interfaces live in the core so that ``fedrun.privacy`` and ``fedrun.experimental``
 implement them without importing ``fedrun.federated``.
@@ -20,8 +28,9 @@ implement them without importing ``fedrun.federated``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -37,7 +46,11 @@ GradTerm = Callable[[], None]
 class Participation(Protocol):
     """Who takes part in round ``r``: the same list on every rank (drawn from (seed, r))."""
 
-    def clients(self, round_: int) -> list[int]: ...
+    def clients(self, round_: int) -> list[int]:
+        """The clients whose updates the round sums (those that report, in a simulated federation)."""
+
+    def selected(self, round_: int) -> list[int]:
+        """The clients that start the round (before any drops out); ``clients`` is a subset."""
 
     def record(self, round_: int) -> dict[str, Any]:
         """What the round's line of metrics.jsonl gets from participation ({} for most; the
@@ -47,9 +60,6 @@ class Participation(Protocol):
 class Placement(Protocol):
     """Which rank trains which of the round's clients. The model must not depend on it (the
     round's sum is exact, fedrun.flat), only the ranks' waiting does."""
-
-    def assign(self, clients: list[int]) -> list[list[int]]:
-        """One list per rank, the same on every rank (handed out on demand: the plan it starts from)."""
 
     def take(self, round_: int, clients: list[int], rank: int) -> Iterable[int]:
         """The clients ``rank`` trains, in order (on demand: handed out while it trains)."""
@@ -64,8 +74,9 @@ class ClientTrainer(Protocol):
     state_kinds: tuple[str, ...]
     """kinds of per-client state this trainer keeps (e.g. ``("optimizer",)`` for kept Adam)"""
 
-    def begin_round(self, round_: int, clients: list[int]) -> None:
-        """Called once per round with this rank's clients (those with data) before the first."""
+    def begin_round(self, round_: int, clients: Iterable[int]) -> Iterable[int]:
+        """Called once per round with the clients this rank takes (the placement's ``take``);
+        returns them in the order to train them (a trainer that groups clients reads them all)."""
 
     def train(self, round_: int, client: int, state: dict[str, Any],
               grad_term: GradTerm | None) -> LocalResult: ...
@@ -90,6 +101,10 @@ class ClientUpdate:
     """what the client keeps from this round on (by kind): written by the trainer and the rules"""
     round: int = 0
     """the round it trained in (rules that draw random numbers seed them by (seed, round, client))"""
+    message: torch.Tensor | None = None
+    """what the client sends instead of its model, when its trainer computes one (one noised step's
+    clipped per-example gradients, a row each: fedrun.privacy's "sample_once"); the buffer's
+    encoder turns it into the client's contribution"""
 
 
 @dataclass
@@ -109,32 +124,36 @@ class Aggregate:
     """each update rule's own sums (e.g. SCAFFOLD's sum_k n_k (c_k+ - c_k)), by rule name"""
     usable: bool
     """is there an update to apply (weight > 0; DP-FedAvg: always, noise is an update)"""
+    delta_sum: torch.Tensor | None = None
+    """sum_k (theta_k - theta) decoded from encoded updates (distributed DP: with its noise);
+    ``total`` and ``average`` are then empty"""
+    abandoned: str = ""
+    """why the round's sum could not be read (secure aggregation without enough survivors): the
+    global model stays as it was"""
+
+
+class Stage(IntEnum):
+    """Where a link sits in the update chain (``check_chain``)."""
+
+    ENCODE = 0
+    """turns the update into what the client sends (compression); sees the raw update"""
+    CORRECT = 1
+    """corrects or records the update as the server receives it (drift rules' state)"""
+    BOUND = 2
+    """bounds what is summed (DP-FedAvg's clip): the last link, so nothing undoes the bound"""
 
 
 class UpdateRule:
-    """One link of the update chain: what a method does around a client's local training and
-    to its update before it is summed (on the client's rank), and with the sum afterwards (on
-    every rank, identically). Every hook does nothing by default: a rule overrides what it uses.
+    """One link of the update chain, on the client's rank: what a method does around a client's
+    local training and to its update before it is summed. Both hooks do nothing by default.
 
-    Rules run in the order ``fedrun.train`` lists them; a rule that keeps per-client state names
-    its kind in ``state_kinds`` and reads it from ``ClientUpdate.state`` / writes it to
-    ``ClientUpdate.new_state``; state that every rank holds identically (a server control
-    variate) goes in ``shared_state`` and reaches checkpoints through ``ClientStates``.
+    A rule that keeps per-client state names its kind in ``state_kinds`` and reads it from
+    ``ClientUpdate.state`` / writes it to ``ClientUpdate.new_state``.
     """
 
     name: ClassVar[str] = ""
+    stage: ClassVar[Stage] = Stage.CORRECT
     state_kinds: ClassVar[tuple[str, ...]] = ()
-
-    def extra_floats(self, num_params: int) -> int:
-        """Floats this rule adds to the round's all_reduce buffer (its region of ``extra``)."""
-        return 0
-
-    def wire_bytes(self, num_params: int, up: int, down: int) -> tuple[int, int]:
-        """(bytes up, bytes down) of one participating client in a real deployment after this
-        link, given those before it (the chain starts from the fp32 update and model, 4 bytes a
-        float each way): a link that encodes the update says what its message costs, one that
-        sends more (SCAFFOLD's control variates) adds it. Not what the simulation all-reduces."""
-        return up, down
 
     def begin_client(self, model: nn.Module, global_flat: torch.Tensor,
                      state: dict[str, Any]) -> GradTerm | None:
@@ -143,12 +162,27 @@ class UpdateRule:
 
     def end_client(self, update: ClientUpdate, term: GradTerm | None, extra: torch.Tensor) -> None:
         """After client training, for a usable (finite) update: edit the model or the weight, add
-        this rule's sums into ``extra`` (its region of the buffer), set ``update.new_state``."""
+        this rule's sums into ``extra`` (its region of the buffer when it ``SumsExtra``, else
+        empty), set ``update.new_state``."""
+
+
+class SumsExtra:
+    """A rule with numbers of its own in the round's all_reduce (SCAFFOLD's control variates)."""
+
+    def extra_floats(self, num_params: int) -> int:
+        """Floats this rule adds to the round's buffer (its region of ``Aggregate.extra``)."""
+        raise NotImplementedError
+
+
+class ServerHalf:
+    """A rule that acts on every rank after the all_reduce, before the server rule, and keeps
+    state that every rank holds identically (SCAFFOLD's c, FedDyn's h: checkpointed through
+    ``ClientStates``)."""
 
     def on_server(self, global_flat: torch.Tensor, average: torch.Tensor, agg: Aggregate) -> torch.Tensor:
-        """After the all_reduce, before the server rule (only when ``agg.usable``): the average
-        the server rule should step toward, and this rule's server-side state updated."""
-        return average
+        """Only when ``agg.usable``: the average the server rule should step toward, and this
+        rule's server-side state updated."""
+        raise NotImplementedError
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """State every rank holds identically (checkpointed with the clients' state)."""
@@ -156,6 +190,30 @@ class UpdateRule:
 
     def load_shared_state(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
         """Restore what ``shared_state`` returned (resume)."""
+
+
+class WireFormat:
+    """A rule that changes what a real client sends or receives (not what the simulation sums)."""
+
+    def wire_bytes(self, num_params: int, up: int, down: int) -> tuple[int, int]:
+        """(bytes up, bytes down) of one participating client in a real deployment after this
+        link, given those before it (the chain starts from the fp32 update and model, 4 bytes a
+        float each way): a link that encodes the update says what its message costs, one that
+        sends more (SCAFFOLD's control variates) adds it."""
+        raise NotImplementedError
+
+
+def check_chain(rules: Sequence[UpdateRule]) -> list[UpdateRule]:
+    """``rules`` as the update chain, after checking its order: stages never go back, and at most
+    one link bounds the update, the last (a link after the clip could undo the bound that the
+    privacy guarantee rests on). Returns them as a list; a wrong order is a bug, not a user error."""
+    for before, after in zip(rules, rules[1:], strict=False):
+        if after.stage < before.stage:
+            raise AssertionError(f"update chain: {after.name} ({after.stage.name}) after {before.name} "
+                                 f"({before.stage.name})")
+        if before.stage is Stage.BOUND:
+            raise AssertionError(f"update chain: {after.name} after the bounding link {before.name}")
+    return list(rules)
 
 
 class ServerStep(Protocol):

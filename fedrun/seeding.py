@@ -33,22 +33,29 @@ from .errors import ConfigError
 INIT, CLIENT, SOBOL, SHUFFLE, SAMPLE, SELECT, DP_NOISE, DP_SAMPLING, AUDIT = range(9)
 COMPRESS = 9
 AVAILABILITY, SPEED = 10, 11  # simulated federations (fed.availability, fed.speed_sigma)
+SECAGG, DDP = 12, 13  # secure aggregation (privacy/secure_agg.py); distributed DP (privacy/distributed_dp.py)
+BOOTSTRAP = 14  # the scores' confidence intervals (eval.bootstrap)
 TAGS: Mapping[str, int] = MappingProxyType({
     "INIT": INIT, "CLIENT": CLIENT, "SOBOL": SOBOL, "SHUFFLE": SHUFFLE, "SAMPLE": SAMPLE,
     "SELECT": SELECT, "DP_NOISE": DP_NOISE, "DP_SAMPLING": DP_SAMPLING, "AUDIT": AUDIT,
-    "COMPRESS": COMPRESS, "AVAILABILITY": AVAILABILITY, "SPEED": SPEED})
+    "COMPRESS": COMPRESS, "AVAILABILITY": AVAILABILITY, "SPEED": SPEED, "SECAGG": SECAGG, "DDP": DDP,
+    "BOOTSTRAP": BOOTSTRAP})
 
 # Sub-tags of SAMPLE (the part after seed and round), of AUDIT and INIT (the part after seed).
 SAMPLE_GRID, SAMPLE_EVAL, SAMPLE_CLIENT_GRID, SAMPLE_CLIENT_EVAL = range(4)
 AUDIT_MEMBERS, AUDIT_NON_MEMBERS, AUDIT_SAMPLES = range(3)
 INIT_ADAPTERS = 1  # the part after seed of INIT (0, absent, is the model's own init)
 COMPRESS_UP = 0  # the part after seed and round of COMPRESS (room for a downlink stream)
+SECAGG_GRAPH, SECAGG_KEYS = range(2)  # the part after seed and round of SECAGG
+DDP_ROTATION, DDP_ROUNDING, DDP_NOISE = range(3)  # the part after seed and round of DDP
 SUB_TAGS: Mapping[str, tuple[int, int]] = MappingProxyType({  # name -> (its tag, its value)
     "SAMPLE_GRID": (SAMPLE, SAMPLE_GRID), "SAMPLE_EVAL": (SAMPLE, SAMPLE_EVAL),
     "SAMPLE_CLIENT_GRID": (SAMPLE, SAMPLE_CLIENT_GRID), "SAMPLE_CLIENT_EVAL": (SAMPLE, SAMPLE_CLIENT_EVAL),
     "AUDIT_MEMBERS": (AUDIT, AUDIT_MEMBERS), "AUDIT_NON_MEMBERS": (AUDIT, AUDIT_NON_MEMBERS),
     "AUDIT_SAMPLES": (AUDIT, AUDIT_SAMPLES), "INIT_ADAPTERS": (INIT, INIT_ADAPTERS),
-    "COMPRESS_UP": (COMPRESS, COMPRESS_UP)})
+    "COMPRESS_UP": (COMPRESS, COMPRESS_UP),
+    "SECAGG_GRAPH": (SECAGG, SECAGG_GRAPH), "SECAGG_KEYS": (SECAGG, SECAGG_KEYS),
+    "DDP_ROTATION": (DDP, DDP_ROTATION), "DDP_ROUNDING": (DDP, DDP_ROUNDING), "DDP_NOISE": (DDP, DDP_NOISE)})
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,9 @@ class Stream:
 
 FEDAVG, CENTRALIZED = {"run.mode": "fedavg"}, {"run.mode": "centralized"}
 DP_SGD, DP_FEDAVG = {"privacy.level": "sample"}, {"privacy.level": "client"}
+SAMPLE_ONCE = {"privacy.level": "sample_once"}
+SECURE_AGG = {"run.mode": "fedavg", "secure_agg.protocol": "secagg+"}
+SKELLAM = SECURE_AGG  # and secure_agg.bits > 0 (distributed DP)
 
 STREAMS: Mapping[str, Stream] = MappingProxyType({
     "init": Stream(INIT, ("seed",), "the model's initial weights (models.build)"),
@@ -86,6 +96,10 @@ STREAMS: Mapping[str, Stream] = MappingProxyType({
                               {**FEDAVG, **DP_SGD}),
     "dp_sgd_noise": Stream(DP_NOISE, ("seed", "round", "client"), "DP-SGD's gradient noise",
                            {**FEDAVG, **DP_SGD}),
+    "sample_once_sampling": Stream(DP_SAMPLING, ("seed", "round", "client"), "noise once: a client's "
+                                   "Poisson batch of the round's one step", {**FEDAVG, **SAMPLE_ONCE}),
+    "sample_once_noise": Stream(DP_NOISE, ("seed", "round"), "noise once, central: the server's Gaussian "
+                                "on the round's sum (secure_agg.bits = 0)", {**FEDAVG, **SAMPLE_ONCE}),
     "dp_fedavg_sampling": Stream(DP_SAMPLING, ("seed", "round"), "DP-FedAvg's Poisson clients",
                                  {**FEDAVG, **DP_FEDAVG}),
     "dp_fedavg_noise": Stream(DP_NOISE, ("seed", "round"), "DP-FedAvg's server noise",
@@ -113,6 +127,20 @@ STREAMS: Mapping[str, Stream] = MappingProxyType({
                            "does a selected client report in this round (fed.availability, a trace's "
                            "probabilities)", FEDAVG),
     "speed": Stream(SPEED, ("seed", "client"), "a client's simulated speed factor (fed.speed_sigma)", FEDAVG),
+    "eval_bootstrap": Stream(BOOTSTRAP, ("seed", "draw"), "the scores' bootstrap resamples (fedrun."
+                             "evaluation.intervals.DRAWS: one per set resampled, and FID at infinite N's "
+                             "halves)"),
+    "secagg_graph": Stream(SECAGG, ("seed", "round", SECAGG_GRAPH),
+                           "secure aggregation: the ring order of a round's neighbour graph", SECURE_AGG),
+    "secagg_keys": Stream(SECAGG, ("seed", "round", SECAGG_KEYS, "client"),
+                          "secure aggregation: a client's keys and self-mask seed, only with seeded keys "
+                          "(reproducible tests; the default draws them from os.urandom)", SECURE_AGG),
+    "ddp_rotation": Stream(DDP, ("seed", "round", DDP_ROTATION),
+                           "distributed DP: the random signs of a round's Hadamard rotation", SKELLAM),
+    "ddp_rounding": Stream(DDP, ("seed", "round", DDP_ROUNDING, "client"),
+                           "distributed DP: a client's randomized rounding to the integer grid", SKELLAM),
+    "ddp_noise": Stream(DDP, ("seed", "round", DDP_NOISE, "client"),
+                        "distributed DP: a client's Skellam noise share", SKELLAM),
 })
 
 # Seeded from run.seed directly, by other generator families (numpy's PCG64 / MT19937 and

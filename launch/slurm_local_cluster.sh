@@ -39,8 +39,8 @@ pid_of() {  # the live pid recorded for daemon $1, or nothing (a stale file's pi
   if [[ "$pid" =~ ^[0-9]+$ ]] && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1" ]]; then echo "$pid"; fi
 }
 
-installed() { command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-                && command -v munged >/dev/null; }
+installed() { command -v sbatch >/dev/null && command -v slurmctld >/dev/null \
+                && command -v slurmd >/dev/null && command -v munged >/dev/null; }
 
 need_root() { [[ "$(id -u)" == 0 ]] || die "$1 needs root (the daemons run as root here)"; }
 

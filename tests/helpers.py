@@ -87,7 +87,8 @@ def run_cli(args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", *(extra_torchrun or []), "-m", "fedrun", *args]
     full_env = {**clean_env(), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # cwd: the test's own working directory (conftest.py), never the checkout
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_cli_together(*jobs: tuple[list[str], int]) -> list[subprocess.CompletedProcess]:
@@ -106,7 +107,7 @@ def run_srun_style(args: list[str], ntasks: int, timeout: float = 240) -> list[t
             "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": str(ntasks), "SLURM_JOB_NODELIST": "127.0.0.1",
             "SLURM_JOB_ID": str(port - 20000)}
     cmd = [sys.executable, "-m", "fedrun", *args]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+    procs = [subprocess.Popen(cmd, env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for i in range(ntasks)]
     out = []

@@ -56,19 +56,22 @@ def eval_main(argv: list[str]) -> int:
     try:
         # the run's partition, drawn again from its seed: the global model against each client
         evaluator = Evaluator(cfg, info, run.train, run.test, shards=run.clients)
-        scores = evaluator.evaluate(run.model, run.diffusion, run.round)
+        trained = load_run_config(run_dir)
+        guidance = cfg.diffusion.guidance
+        tag = f"_guidance{guidance:g}" if guidance != trained.diffusion.guidance else ""
+        # scored against another data set (a public model against the private test split)
+        tag += f"_{cfg.data.name}" if cfg.data.name != trained.data.name else ""
+        tag += f"_steps{cfg.eval.steps}" if cfg.eval.steps != trained.eval.steps else ""
+        tag += f"_n{cfg.eval.num_samples}" if cfg.eval.num_samples != trained.eval.num_samples else ""
+        features = run_dir / "eval" / f"{run.checkpoint.stem}{tag}_features.npz"  # for fedrun compare
+        scores = evaluator.evaluate(run.model, run.diffusion, run.round, features_to=features)
         if info.is_main and scores is not None:
             row = {"round": run.round, "checkpoint": str(run.checkpoint), "weights": run.weights, **scores}
-            trained = load_run_config(run_dir)
-            guidance = cfg.diffusion.guidance
-            tag = f"_guidance{guidance:g}" if guidance != trained.diffusion.guidance else ""
-            # scored against another data set (a public model against the private test split)
-            tag += f"_{cfg.data.name}" if cfg.data.name != trained.data.name else ""
             out = run_dir / "eval" / f"{run.checkpoint.stem}{tag}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(row, indent=2))
             log_console().print(scores_table([row], title=f"{run_dir} @ round {row['round']}"))
-            log_console().print(f"scores written to {out}")
+            log_console().print(f"scores written to {out}, the generated features to {features}")
         return 0
     finally:
         dist.shutdown()

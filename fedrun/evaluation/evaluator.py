@@ -12,7 +12,10 @@
   against the client's own data and against the test split (also per class).
 * ``Evaluator.client_grid``: a client's local model, right after its local training, draws a
   class-ordered grid with a colour-cluster strip: ``clients/round_XXXX/client_YY.png``.
-* ``Evaluator.final_grid``: ``samples/final.png`` of the global model at the end of a run.
+* ``Evaluator.final_grid``: ``samples/final.png`` of the global model at the end of a run: the
+  first sample.per_class scored images of every class of the last round's evaluation when it
+  drew them with the grid's sampler (same steps and eta, enough of every class), else drawn.
+* The last round's generated features go to ``eval/round_XXXX_features.npz`` (``fedrun compare``).
 
 Every draw comes from a stream registered in ``fedrun.seeding.STREAMS`` ("eval_samples",
 "final_grid", "client_grid", "client_eval").
@@ -20,6 +23,7 @@ Every draw comes from a stream registered in ``fedrun.seeding.STREAMS`` ("eval_s
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from ..errors import MetricsError
 from ..precision import autocast_dtype
 from . import grids
 from .extractors import inception_weights_path, load_inception
+from .intervals import client_draw
 from .sampling import class_balanced_labels, eval_labels, sample_sharded
 from .scorer import Scorer
 
@@ -89,8 +94,11 @@ class Evaluator:
     """``shards``: each client's train indices (FedAvg); per-client scores need them."""
 
     def __init__(self, cfg: Config, info: dist.DistInfo, train_set: ImageSet, test_set: ImageSet | None,
-                 shards: list[np.ndarray] | None = None):
+                 shards: list[np.ndarray] | None = None, local_models: bool = True):
+        """``local_models``: may clients' local models be shown (their grids)? Not when a privacy
+        mechanism protects only the global model (client-level DP, secure aggregation)."""
         self.cfg, self.info = cfg, info
+        self.local_models = local_models
         self.shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         self.amp = autocast_dtype(cfg.train.precision, info.device)
         self.num_classes = train_set.num_classes
@@ -100,6 +108,8 @@ class Evaluator:
         e = cfg.eval
         self.shards = shards if e.enabled and e.client_samples > 0 else None
         self._pending: dict[int, torch.Tensor] = {}  # client -> its local model's samples (this rank)
+        # the last round's scored images (rank 0; None elsewhere) when final.png can show them
+        self._final: tuple[torch.Tensor | None, torch.Tensor] | None = None
         if e.enabled:
             assert test_set is not None
             n = e.num_samples or len(test_set)
@@ -112,7 +122,7 @@ class Evaluator:
                     test_set, cache_dir=e.cache_dir, device=info.device,
                     inception_weights=e.inception_weights, batch_size=e.batch_size, kid=e.kid,
                     kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size, prdc_k=e.prdc_k,
-                    per_class=e.per_class, seed=cfg.run.seed)
+                    per_class=e.per_class, seed=cfg.run.seed, bootstrap=e.bootstrap, confidence=e.confidence)
                 self.scorer.prepare(client_scores=self.shards is not None)
             dist.barrier()
 
@@ -120,8 +130,11 @@ class Evaluator:
         e = self.cfg.eval
         return e.enabled and (round_ == self.cfg.fed.rounds or (e.every > 0 and round_ % e.every == 0))
 
-    def evaluate(self, model: torch.nn.Module, diffusion: Diffusion, round_: int) -> dict[str, Any] | None:
-        """All ranks call this. Rank 0 returns the scores (plus timings); the others None."""
+    def evaluate(self, model: torch.nn.Module, diffusion: Diffusion, round_: int,
+                 features_to: Path | None = None) -> dict[str, Any] | None:
+        """All ranks call this. Rank 0 returns the scores (plus timings); the others None. The
+        generated features go to ``features_to`` (``save_features``), by default at the last
+        round only, to ``eval/round_XXXX_features.npz``."""
         e = self.cfg.eval
         t0 = time.perf_counter()
         seed, device = self.cfg.run.seed, self.info.device
@@ -130,6 +143,8 @@ class Evaluator:
                                                                    round=round_, chunk=j),
                                 self.info, chunk=e.batch_size, autocast_dtype=self.amp)
         t_sample = time.perf_counter() - t0
+        if self._grid_from_scored(round_):  # every rank: final.png then draws nothing
+            self._final = (images, self.labels)
         if images is None:
             return None
         assert self.scorer is not None
@@ -139,22 +154,54 @@ class Evaluator:
         scores = self.scorer.score_features(feats, logits, self.labels)
         if self.shards is not None:  # the global model against each client's own data
             scores["clients"] = [{"client": k, "images": len(idx), **self.scorer.against_client(
-                feats, self.labels, idx)} for k, idx in enumerate(self.shards)]
+                feats, self.labels, idx, draw=client_draw(k, 0))} for k, idx in enumerate(self.shards)]
         scores["features_s"] = round(t_feats, 3)
         scores["scores_s"] = round(time.perf_counter() - t1 - t_feats, 3)
+        t2 = time.perf_counter()
         per_class = self.cfg.sample.per_class or 10
         keep = torch.cat([torch.nonzero(self.labels == c)[:per_class, 0] for c in range(self.num_classes)])
         path = self.cfg.run_dir / "samples" / f"round_{round_:04d}.png"
         grids.save_class_grid(images[keep], self.labels[keep], path,
                               padding=1, scale=grid_scale(self.cfg.data.image_size))
+        if features_to is None and round_ == self.cfg.fed.rounds:
+            features_to = self.cfg.run_dir / "eval" / f"round_{round_:04d}_features.npz"
+        if features_to is not None:
+            save_features(features_to, feats, logits, self.labels, self.scorer, self.cfg, round_)
+        scores["grid_s"] = round(time.perf_counter() - t2, 3)
         return {**scores, "sample_s": round(t_sample, 3), "eval_s": round(time.perf_counter() - t0, 3)}
 
+    def _grid_from_scored(self, round_: int) -> bool:
+        """Can final.png show the first sample.per_class scored images of each class of round_'s
+        evaluation? Yes when that evaluation drew them with the grid's sampler (steps, eta) and
+        has enough of every class. The same answer on every rank (config only)."""
+        cfg, e = self.cfg, self.cfg.eval
+        if not (e.enabled and self.due(round_) and round_ == cfg.fed.rounds and cfg.sample.per_class):
+            return False
+        grid_steps = cfg.sample.steps or cfg.diffusion.sample_steps
+        same_sampler = e.steps == grid_steps and e.eta == cfg.diffusion.eta
+        fewest = int(torch.bincount(self.labels, minlength=self.num_classes).min()) if len(self.labels) else 0
+        return same_sampler and fewest >= cfg.sample.per_class
+
     def final_grid(self, model: torch.nn.Module, diffusion: Diffusion) -> Path | None:
-        """``samples/final.png``: sample.per_class images of every class from the global model.
-        All ranks call this; rank 0 writes the file and returns its path (None if disabled)."""
+        """``samples/final.png``: sample.per_class images of every class from the global model
+        (``model``: the one the last round scored). All ranks call this; rank 0 writes the file
+        and returns its path (None if disabled). When the last round's evaluation drew its images
+        with the grid's sampler, they are shown (the first of each class) and nothing is drawn
+        again; else they come from the stream "final_grid"."""
         cfg = self.cfg
         if cfg.sample.per_class == 0:
             return None
+        if self._final is not None:  # the last round's scored images, drawn with the same sampler
+            images, scored = self._final
+            self._final = None
+            if images is None:  # not rank 0
+                return None
+            keep = torch.cat([torch.nonzero(scored == c)[:cfg.sample.per_class, 0]
+                              for c in range(self.num_classes)])
+            path = cfg.run_dir / "samples" / "final.png"
+            grids.save_class_grid(images[keep], scored[keep], path, padding=1,
+                                  scale=grid_scale(cfg.data.image_size))
+            return path
         labels = class_balanced_labels([cfg.sample.per_class] * self.num_classes)
         seed, device = cfg.run.seed, self.info.device
         images = sample_sharded(model, diffusion, labels, self.shape,
@@ -174,8 +221,8 @@ class Evaluator:
 
     def client_rounds(self) -> set[int]:
         """Rounds whose clients draw a grid (none if sample.per_class = 0)."""
-        # client-level DP protects only the noised global model: no local model is shown
-        if self.cfg.sample.per_class == 0 or self.cfg.privacy.level == "client":
+        # a mechanism that protects only the global model: no local model is shown
+        if self.cfg.sample.per_class == 0 or not self.local_models:
             return set()
         return self._local_model_rounds()
 
@@ -213,13 +260,18 @@ class Evaluator:
             mine = {k: v for part in gathered for k, v in part.items()}  # type: ignore[attr-defined]
         assert self.scorer is not None and self.shards is not None
         rows = []
+        test_labels = self.scorer.sets["test"].labels.cpu().numpy()
         for k in sorted(mine):
             feats, _ = self.scorer.features(mine[k])
-            test = self.scorer.against(feats, self.scorer.reference_feats("test"))
+            test = self.scorer.against(feats, self.scorer.reference_feats("test"), self.client_labels.numpy(),
+                                       test_labels, draw=client_draw(k, 1))
             per_class = self.scorer.per_class_scores(feats, self.client_labels)
             rows.append({"client": k, "images": len(self.shards[k]), "round": round_,
-                         **self.scorer.against_client(feats, self.client_labels, self.shards[k]),
+                         **self.scorer.against_client(feats, self.client_labels, self.shards[k],
+                                                      draw=client_draw(k, 0)),
                          "fid_test": test["fid"], "kid_test": test["kid"],
+                         **({"fid_test_ci": test["fid_ci"], "kid_test_ci": test["kid_ci"]}
+                            if "fid_ci" in test else {}),
                          "per_class_fid_test": per_class["fid_test"],
                          "per_class_kid_test": per_class["kid_test"],
                          "num_samples": int(len(feats))})
@@ -253,16 +305,37 @@ def extractor_label(scores: dict[str, Any]) -> str:
     return str(fid) if is_ == fid else f"{fid} (IS: {is_})"
 
 
+def with_interval(row: dict[str, Any], key: str, fmt: str = ".2f", scale: float = 1.0) -> str:
+    """"1.80 [1.52, 2.10]": the score and its interval (``<key>_ci``) when it has one."""
+    ci = row.get(f"{key}_ci")
+    text = _num(row.get(key), fmt, scale)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        text += f" [{_num(ci[0], fmt, scale)}, {_num(ci[1], fmt, scale)}]"
+    return text
+
+
 def scores_table(rows: list[dict[str, Any]], title: str = "FID / IS") -> Table:
+    """The scores of evaluated rounds; each with its interval where the bootstrap gave one."""
+    cols = ["round", "IS", "FID (train)", "FID (test)"]
+    inf = any(r.get("fid_test_inf") is not None for r in rows)
+    cols += ["FID∞ (test)"] if inf else []
+    cols += ["KID x1e3", "precision", "recall", "density", "coverage", "samples", "extractor"]
     table = Table(title=title)
-    for col in ("round", "IS", "FID (train)", "FID (test)", "KID x1e3", "precision", "recall", "density",
-                "coverage", "samples", "extractor"):
+    for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["round"]), f"{r['is_mean']:.2f} ± {r['is_std']:.2f}", f"{r['fid_train']:.2f}",
-                      f"{r['fid_test']:.2f}", _num(r.get("kid_test"), scale=1e3),
-                      *[_num(r.get(k), ".3f") for k in ("precision", "recall", "density", "coverage")],
+        is_ = with_interval(r, "is_mean") if r.get("is_mean_ci") else \
+            f"{r['is_mean']:.2f} ± {r['is_std']:.2f}"
+        table.add_row(str(r["round"]), is_, with_interval(r, "fid_train"), with_interval(r, "fid_test"),
+                      *([with_interval(r, "fid_test_inf")] if inf else []),
+                      with_interval(r, "kid_test", scale=1e3),
+                      *[with_interval(r, k, ".3f") for k in ("precision", "recall", "density", "coverage")],
                       str(r["num_samples"]), extractor_label(r))
+    if any(r.get("bootstrap") for r in rows):
+        b = next(r["bootstrap"] for r in rows if r.get("bootstrap"))
+        table.caption = (f"\\[lo, hi]: {b['confidence']:.0%} intervals, {b['resamples']} bootstrap resamples "
+                         f"of the "
+                         f"generated and reference features; FID∞: FID extrapolated to infinite N")
     return table
 
 
@@ -283,3 +356,19 @@ def clients_table(local: list[dict[str, Any]], global_rows: list[dict[str, Any]]
                       _num(lo.get("fid_test")), _num(gl.get("fid_own")), _num(lo.get("kid_own"), scale=1e3),
                       _num(gl.get("kid_own"), scale=1e3))
     return table
+
+
+def save_features(path: Path, feats: np.ndarray, logits: np.ndarray, labels: torch.Tensor, scorer: Scorer,
+                  cfg: Config, round_: int) -> None:
+    """The generated images' features (float32), logits and labels, with what makes them
+    comparable (extractor and its tag, data set, sampler): what ``fedrun compare`` reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"extractor": scorer.extractor.name, "tag": scorer.extractor.tag, "is_extractor": scorer.is_name,
+            "dataset": scorer.key, "test_images": len(scorer.sets["test"].labels),
+            "train_images": len(scorer.sets["train"].labels), "round": round_, "steps": cfg.eval.steps,
+            "eta": cfg.eval.eta, "guidance": cfg.diffusion.guidance, "seed": cfg.run.seed}
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, feats=np.asarray(feats, np.float32), logits=np.asarray(logits, np.float32),
+                 labels=labels.cpu().numpy(), meta=json.dumps(meta))
+    tmp.replace(path)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 from ..cache import atomic_save, resolve_cache_dir
 from ..data import ImageSet
 from ..errors import MetricsError
+from . import intervals as iv
 from .extractors import (
     EXTRACTORS,
     Extractor,
@@ -64,7 +67,8 @@ class Scorer:
                  cache_dir: str | os.PathLike = "", device: str | torch.device = "cpu",
                  inception_weights: str | os.PathLike = "", batch_size: int = 500,
                  classifier_seed: int = 0, kid: bool = True, kid_subsets: int = 100,
-                 kid_subset_size: int = 1000, prdc_k: int = 5, per_class: bool = True, seed: int = 0):
+                 kid_subset_size: int = 1000, prdc_k: int = 5, per_class: bool = True, seed: int = 0,
+                 bootstrap: int = 0, confidence: float = 0.95):
         if extractor not in EXTRACTORS:
             raise MetricsError(f"eval.feature_extractor: got {extractor!r}; choose one of "
                                f"{', '.join(EXTRACTORS)}")
@@ -74,6 +78,7 @@ class Scorer:
         self.device = torch.device(device)
         self.kid, self.kid_subsets, self.kid_subset_size = kid, kid_subsets, kid_subset_size
         self.prdc_k, self.per_class, self.seed = prdc_k, per_class, seed
+        self.bootstrap = iv.Bootstrap(bootstrap, confidence, seed)  # resamples 0: no intervals
         self.is_extractor: Extractor | None = None  # None: the logits of ``extractor``'s own pass
         if extractor == "inception":
             self.extractor = inception_extractor(inception_weights, device)
@@ -132,9 +137,9 @@ class Scorer:
 
     def prepare(self, client_scores: bool = False) -> None:
         """Compute (or load) now every reference the configured scores will need."""
-        if self.kid or self.prdc_k or self.per_class or client_scores:
+        if self.kid or self.prdc_k or self.per_class or client_scores or self.bootstrap.resamples:
             self.reference_feats("test")
-        if client_scores:
+        if client_scores or self.bootstrap.resamples:  # the bootstrap resamples the train split too
             self.reference_feats("train")
         self.reference_stats("train")
         self.reference_stats("test")
@@ -154,11 +159,32 @@ class Scorer:
         return kernel_distance(fake, real, self.kid_subsets, self.kid_subset_size, seed=self.seed,
                                device=self.device)
 
-    def against(self, fake: np.ndarray, real: np.ndarray) -> dict[str, float | None]:
-        """FID and KID (when on) of two feature sets; None where a set has fewer than 2 vectors."""
+    def against(self, fake: np.ndarray, real: np.ndarray, fake_labels: np.ndarray | None = None,
+                real_labels: np.ndarray | None = None, draw: int | None = None) -> dict[str, Any]:
+        """FID and KID (when on) of two feature sets; None where a set has fewer than 2 vectors.
+        With the bootstrap on and a ``draw`` (intervals.DRAWS), also "fid_ci" and "kid_ci": both
+        sets resampled (within their classes where labels are given) from that draw's stream."""
         ok = min(len(fake), len(real)) >= 2
-        return {"fid": frechet_distance_fast(fake, real, self.device) if ok else None,
-                "kid": self.kernel_distance(fake, real) if ok and self.kid else None}
+        out: dict[str, Any] = {"fid": frechet_distance_fast(fake, real, self.device) if ok else None,
+                               "kid": self.kernel_distance(fake, real) if ok and self.kid else None}
+        if draw is not None and self.bootstrap.resamples:
+            out.update(fid_ci=None, kid_ci=None)
+            if ok:
+                rng = self.bootstrap.rng(draw)
+                n = self.bootstrap.resamples
+                w_f = iv.resample_counts(fake_labels if fake_labels is not None else len(fake), n, rng)
+                w_r = iv.resample_counts(real_labels if real_labels is not None else len(real), n, rng)
+                out.update(self._fid_kid_ci(fake, real, w_f, w_r, out["fid"], out["kid"]))
+        return out
+
+    def _fid_kid_ci(self, fake: np.ndarray, real: np.ndarray, w_f: np.ndarray, w_r: np.ndarray,
+                    fid: float | None, kid: float | None) -> dict[str, list[float] | None]:
+        c = self.bootstrap.confidence
+        out = {"fid_ci": iv.interval(fid, iv.fid_weighted(fake, real, w_f, w_r, self.device), c,
+                                     iv.BOUNDS["fid"])}
+        out["kid_ci"] = iv.interval(kid, iv.kid_weighted_capped(fake, real, w_f, w_r, self.device), c) \
+            if kid is not None else None
+        return out
 
     def per_class_scores(self, feats: np.ndarray, labels: torch.Tensor) -> dict[str, list]:
         """FID/KID of the samples of class c against the test images of class c, for every c."""
@@ -170,6 +196,20 @@ class Scorer:
             out["fid_test"].append(res["fid"])
             out["kid_test"].append(res["kid"])
             out["count"].append(int((labels == c).sum()))
+        return out
+
+    def per_class_intervals(self, feats: np.ndarray, labels: np.ndarray, per_class: dict[str, list],
+                            w_f: np.ndarray, w_r: np.ndarray) -> dict[str, list]:
+        """"fid_test_ci" / "kid_test_ci" per class, from the class's columns of the (stratified)
+        resamples of the whole sets."""
+        real, real_labels = self.reference_feats("test"), self.sets["test"].labels.cpu().numpy()
+        out: dict[str, list] = {"fid_test_ci": [], "kid_test_ci": []}
+        for c, (fid, kid) in enumerate(zip(per_class["fid_test"], per_class["kid_test"], strict=True)):
+            mine, theirs = labels == c, real_labels == c
+            res = self._fid_kid_ci(feats[mine], real[theirs], w_f[:, mine], w_r[:, theirs], fid, kid) \
+                if fid is not None else {"fid_ci": None, "kid_ci": None}
+            out["fid_test_ci"].append(res["fid_ci"])
+            out["kid_test_ci"].append(res["kid_ci"])
         return out
 
     def score(self, fake_images: torch.Tensor, fake_labels: torch.Tensor | None = None,
@@ -212,23 +252,106 @@ class Scorer:
         if self.is_name == "classifier" and fake_labels is not None:
             pred = torch.from_numpy(logits.argmax(1))
             out["class_acc"] = float((pred == fake_labels.cpu().long()).float().mean())
+        if self.bootstrap.resamples:
+            t0 = time.perf_counter()
+            out.update(self.intervals(feats, logits, fake_labels, out, splits))
+            out["bootstrap_s"] = round(time.perf_counter() - t0, 3)
         return out
 
-    def against_client(self, feats: np.ndarray, labels: torch.Tensor,
-                       client_idx: np.ndarray) -> dict[str, Any]:
-        """FID/KID of generated features against one client's train images.
+    def intervals(self, feats: np.ndarray, logits: np.ndarray, fake_labels: torch.Tensor | None,
+                  points: dict[str, Any], splits: int = 10) -> dict[str, Any]:
+        """The ``<score>_ci`` intervals of ``score_features``'s scores (``points``), FID at infinite
+        N against the test split ("fid_test_inf" and its interval) and "bootstrap" (the method's
+        settings). One stratified resample of each set serves every score."""
+        b = self.bootstrap
+        labels = fake_labels.cpu().numpy() if fake_labels is not None else None
+        refs = self.reference_resamples()
+        w_f = b.counts(iv.GENERATED, labels if labels is not None else len(feats))
+        reps = self.replicates(feats, logits, labels, w_f, refs, splits)
+        out: dict[str, Any] = {"fid_test_inf": reps.pop("fid_test_inf_point")}
+        points = {**points, "fid_test_inf": out["fid_test_inf"]}
+        for key, values in reps.items():
+            if points.get(key) is not None:
+                out[f"{key}_ci"] = iv.interval(points[key], values, b.confidence, iv.bounds(key))
+        if points.get("per_class") is not None and labels is not None:
+            points["per_class"].update(self.per_class_intervals(feats, labels, points["per_class"], w_f,
+                                                                refs.test.w[:b.resamples]))
+        out["bootstrap"] = {"resamples": b.resamples, "confidence": b.confidence, "interval": "centred",
+                            "fid_inf": "2 FID(N) - FID(N/2), both sets halved"}
+        return out
+
+    def reference_resamples(self, bootstrap: iv.Bootstrap | None = None) -> ReferenceResamples:
+        """The test and train splits' stratified resamples (the test split's with halves), each
+        followed by INF_POINT_DRAWS rows of the whole split (FID at infinite N's point)."""
+        b = bootstrap or self.bootstrap
+        rng = b.rng(iv.SUBSETS)
+        sets = {}
+        for split, draw in (("test", iv.TEST), ("train", iv.TRAIN)):
+            feats, labels = self.reference_feats(split), self.sets[split].labels.cpu().numpy()
+            w = np.vstack([b.counts(draw, labels), np.ones((INF_POINT_DRAWS, len(feats)), np.int64)])
+            sets[split] = iv.Weighted(feats, w, iv.split_halves(w, labels, rng) if split == "test" else None)
+        return ReferenceResamples(sets["test"], sets["train"], rng)
+
+    def replicates(self, feats: np.ndarray, logits: np.ndarray, labels: np.ndarray | None, w_f: np.ndarray,
+                   refs: ReferenceResamples, splits: int = 10) -> dict[str, Any]:
+        """Every score of ``score_features`` recomputed on each resample [B] of the generated set
+        (counts ``w_f``) and of the reference splits (``refs``): "fid_test", "fid_train",
+        "fid_test_inf", "is_mean", and where on "kid_test", "precision", "recall", "density",
+        "coverage", "class_acc"; plus "fid_test_inf_point" (FID at infinite N of the sets
+        themselves, INF_POINT_DRAWS random halvings averaged)."""
+        n = len(w_f)
+        test = refs.test.feats
+        w_f_all = np.vstack([w_f, np.ones((INF_POINT_DRAWS, len(feats)), np.int64)])
+        fake = iv.Weighted(feats, w_f_all, iv.split_halves(w_f_all, labels, refs.rng))
+        (fid_test, half_test), (fid_train, _) = iv.fid_replicates(fake, [refs.test, refs.train], self.device)
+        assert half_test is not None
+        inf = iv.fid_infinity(fid_test, half_test)
+        w_test = refs.test.w[:n]
+        out: dict[str, Any] = {
+            "fid_test": fid_test[:n], "fid_train": fid_train[:n], "fid_test_inf": inf[:n],
+            "fid_test_inf_point": float(inf[n:].mean()),
+            "is_mean": iv.is_weighted(logits, w_f, min(splits, len(logits))),
+        }
+        if self.kid:
+            out["kid_test"] = iv.kid_weighted_capped(feats, test, w_f, w_test, self.device)
+        if self.prdc_k:
+            out.update(iv.prdc_weighted(test, feats, w_test, w_f, self.prdc_k, self.device))
+        if self.is_name == "classifier" and labels is not None:
+            out["class_acc"] = iv.mean_weighted(logits.argmax(1) == labels, w_f)
+        return out
+
+    def against_client(self, feats: np.ndarray, labels: torch.Tensor, client_idx: np.ndarray,
+                       draw: int | None = None) -> dict[str, Any]:
+        """FID/KID of generated features against one client's train images (with the bootstrap on
+        and a ``draw``, also "fid_own_ci" and "kid_own_ci").
 
         The generated set is cut to the client's class mix (``match_class_mix``): a client
         holding only 3s and 7s is compared with generated 3s and 7s in the same proportions.
         """
         train_labels = self.sets["train"].labels.cpu().numpy()[client_idx]
         counts = np.bincount(train_labels, minlength=int(self.sets["train"].num_classes))
-        keep = match_class_mix(labels.cpu().numpy(), counts)
-        res = self.against(feats[keep], self.reference_feats("train")[client_idx])
-        return {"fid_own": res["fid"], "kid_own": res["kid"], "own_samples": int(len(keep))}
+        fake_labels = labels.cpu().numpy()
+        keep = match_class_mix(fake_labels, counts)
+        res = self.against(feats[keep], self.reference_feats("train")[client_idx], fake_labels[keep],
+                           train_labels, draw=draw)
+        out = {"fid_own": res["fid"], "kid_own": res["kid"], "own_samples": int(len(keep))}
+        if "fid_ci" in res:
+            out.update(fid_own_ci=res["fid_ci"], kid_own_ci=res["kid_ci"])
+        return out
+
+
+@dataclass
+class ReferenceResamples:
+    """The reference splits' resamples (``Scorer.reference_resamples``), shared by every generated
+    set scored against them (``fedrun compare``: the paired bootstrap)."""
+
+    test: iv.Weighted
+    train: iv.Weighted
+    rng: np.random.Generator  # the halves of FID at infinite N
 
 
 PRDC_KEYS = ("precision", "recall", "density", "coverage")
+INF_POINT_DRAWS = 8  # FID at infinite N: its point averages 8 random halvings of the sets
 
 
 def match_class_mix(labels: np.ndarray, target_counts: np.ndarray) -> np.ndarray:

@@ -21,13 +21,14 @@ Same maths as ``federated.client.train_local``, client by client:
   are masked out of its loss; a client that has finished sits out (no Adam step).
 Per client the result equals train_local's up to float rounding: the vmapped convolutions
 (grouped) and padded batches sum in a different order. tests/unit_tests/test_multiclient.py checks it.
-Not supported: fp16 with GradScaler, torch.compile (config validation refuses both).
+Not supported: fp16 with GradScaler, torch.compile (the train section refuses both), and every
+method that ``supports_grouped`` refuses (one config check, registered here).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +40,38 @@ from .. import seeding
 from ..config import Config
 from ..data import ImageSet
 from ..diffusion import Diffusion, alpha_sigma
+from ..errors import ConfigError
 from ..local_training import LocalResult, local_steps
 from ..precision import autocast_dtype
+from ..registry import config_check
+
+# What the grouped trainer does not do, as (key, the value it needs, why): the authors' method only.
+UNSUPPORTED = (
+    ("model.label_dropout", 0.0, "has no label dropout"),
+    ("fed.drift", "none", "adds no drift term and keeps no per-client state"),
+    ("optim.lr_schedule", "constant", "has no learning-rate schedule"),
+    ("fed.client_optimizer", "reset", "keeps no per-client state"),
+    ("fed.compress", "none", "does not compress client updates or keep their error feedback"),
+    ("model.trainable", "all", "stacks and trains every parameter, and this choice freezes some"),
+)
+
+
+@config_check
+def supports_grouped(cfg: Config) -> None:
+    """train.clients_at_once > 1: refuse what the grouped trainer cannot do (one line each)."""
+    if cfg.train.clients_at_once == 1:
+        return
+    for key, needed, why in UNSUPPORTED:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != needed:
+            raise ConfigError(f"train.clients_at_once: the experimental grouped trainer {why}; {key} = "
+                              f"{value!r} needs train.clients_at_once = 1 (or {key} = {needed!r})")
+    if cfg.fed.placement == "on_demand":
+        raise ConfigError("fed.placement: the experimental grouped trainer plans its groups before the "
+                          "round; "
+                          "'on_demand' hands clients out during it: set fed.placement = \"cost\" or "
+                          "train.clients_at_once = 1")
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, which train_local uses
 
@@ -353,15 +384,18 @@ class GroupedClientTrainer:
         Trained = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, LocalResult]
         self._trained: dict[int, Trained] = {}
 
-    def begin_round(self, round_: int, clients: list[int]) -> None:
+    def begin_round(self, round_: int, clients: Iterable[int]) -> list[int]:
+        """Groups the clients this rank takes (a fixed placement: all known now); returns them."""
+        taken = list(clients)
         self.round = round_
-        self.shards = {k: self.all_shards[k] for k in clients}
+        self.shards = {k: self.all_shards[k] for k in taken if len(self.all_shards[k])}
         # the start of every client: the weights the model holds now (the global model)
         self.start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         steps = {k: local_steps(len(s), self.cfg.optim.batch_size, self.cfg.fed.local_epochs)
                  for k, s in self.shards.items()}
         self.groups = group_clients(list(self.shards), steps, self.cfg.train.clients_at_once)
         self._trained.clear()
+        return taken
 
     @torch.no_grad()
     def train(self, round_: int, client: int, state: dict[str, Any],

@@ -24,7 +24,7 @@ from .. import faults, seeding
 from ..config import Config
 from ..data import ImageSet
 from ..diffusion import Diffusion
-from ..local_training import LocalResult, ShardTrainer, client_adam, train_step
+from ..local_training import LocalResult, ShardTrainer, client_adam, keeps_optimizer, train_step
 from ..precision import autocast_dtype
 
 
@@ -67,11 +67,11 @@ def train_local(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices:
                 faults.at_step(model, round_, client, steps)
             if on_step is not None:
                 on_step()
-    kept = opt.state_dict() if cfg.fed.client_optimizer == "keep" else None
+    kept = opt.state_dict() if keeps_optimizer(cfg) else None
     return LocalResult(loss_sum, steps, n * cfg.fed.local_epochs, kept)
 
 
-class PlainTrainer(ShardTrainer):
+def plain_trainer(model: nn.Module, diffusion: Diffusion, data: ImageSet, shards: dict[int, torch.Tensor],
+                  cfg: Config, on_step: Callable[[], None] | None = None) -> ShardTrainer:
     """The client trainer of FedAvg and its drift variants: ``train_local`` on the client's shard."""
-
-    train_fn = train_local
+    return ShardTrainer(train_local, model, diffusion, data, shards, cfg, on_step)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .. import dist
-from ..parts import UpdateRule
+from ..parts import ServerHalf, UpdateRule
 
 
 def _to(obj: Any, device: torch.device | str) -> Any:
@@ -85,7 +85,7 @@ class ClientStates:
                  memory_mb: int = 0, spill_dir: str | Path | None = None):
         self.kinds = tuple(kinds)
         self.device = device
-        self.rules = list(rules)  # owners of the shared state
+        self.rules = [r for r in rules if isinstance(r, ServerHalf)]  # owners of the shared state
         self.entries: OrderedDict[int, dict[str, Any]] = OrderedDict()  # in host memory, oldest first
         self.budget = memory_mb * 2**20
         self.held = 0  # bytes in self.entries

@@ -33,7 +33,11 @@ An update that is not finite after adding the residual, or whose encoding is not
 |x| near the fp32 limit in bf16 or in a sign scale), is sent as zeros and leaves the residual as
 it was, so that one bad round cannot poison a client's state (a warning says so).
 
-The simulation sums the decoded updates in its one fp32 all_reduce; ``Traffic`` says what a real
+A compressor registers itself in ``COMPRESSORS`` (``fed.compress``) with its keys
+(fedrun.registry); ``fed.error_feedback`` is every compressor's key.
+
+The simulation sums the decoded updates in its one all_reduce (exact int64 sums, fedrun.flat);
+``Traffic`` says what a real
 deployment moves: every participant with data downloads the global model (fp32) and uploads its
 message, whose size the chain's links declare (``UpdateRule.wire_bytes``). Bytes therefore follow
 from the config and the round's participants alone: no counting in the buffer.
@@ -44,6 +48,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -51,11 +56,62 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import seeding
-from ..config import Config
+from ..config import FEDERATED, HASHED_WHEN_SET, Config, ConfigError, setting
 from ..flat import flatten, float_tensors, load_flat_
-from ..parts import ClientUpdate, GradTerm, Participation, UpdateRule
+from ..parts import ClientUpdate, GradTerm, Participation, Stage, UpdateRule, WireFormat
+from ..registry import Registry, Settings
 
 FP32 = 4  # bytes of a float32 (a value, a scale, an uncompressed entry)
+
+@dataclass
+class CompressSettings(Settings):
+    """Every compressor's key."""
+
+    error_feedback: bool = setting(True, hashed=HASHED_WHEN_SET)
+    """Error feedback (Seide et al. 2014; Karimireddy et al. 2019): what compression dropped from
+    a client's update is kept in its state (on its home rank, in checkpoints) and added to its
+    next update. false: the dropped part is lost."""
+
+
+COMPRESSORS = Registry(
+    "fed.compress", "none", "Compression of each client's update theta_k - theta before the sum "
+    "(fedrun/federated/compression.py): \"none\" | \"bf16\" | \"int8\" (stochastic rounding, an fp32 "
+    "scale per tensor or per block) | \"topk\" (the largest fed.compress_density share of entries) | "
+    "\"sign\" (1 bit per entry and an fp32 scale per tensor). The simulation sums the decompressed "
+    "values; metrics report the bytes a real client would send.",
+    hashed=HASHED_WHEN_SET, applies=FEDERATED, federated=True, requires=CompressSettings)
+
+
+@dataclass
+class Int8Settings(CompressSettings):
+    compress_block: int = setting(0, hashed=HASHED_WHEN_SET)
+    """int8: entries per fp32 scale; 0 = one scale per tensor."""
+
+    def validate(self) -> None:
+        if self.compress_block < 0:
+            raise ConfigError(f"fed.compress_block: must be >= 0 (entries per int8 scale; 0 = one per "
+                              f"tensor), got {self.compress_block}")
+
+
+@dataclass
+class TopKSettings(CompressSettings):
+    compress_density: float = setting(0.01, hashed=HASHED_WHEN_SET)
+    """topk: share of the update's entries sent, in (0, 1] (each as an fp32 value and an int32
+    index: 8 bytes)."""
+
+    def validate(self) -> None:
+        if not 0 < self.compress_density <= 1:
+            raise ConfigError(f"fed.compress_density: must be in (0, 1] (the share of entries top-k sends), "
+                              f"got {self.compress_density}")
+
+
+@COMPRESSORS.register("none")
+class NoCompression:
+    """Updates travel as fp32: nothing joins the update chain (FedAvg's bits)."""
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> None:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +124,15 @@ class Compressor:
     name: ClassVar[str] = ""
     random: ClassVar[bool] = False  # draws random numbers (stochastic rounding)
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> Compressor:
+        return cls()
+
+    @classmethod
+    def kept_state(cls, settings: CompressSettings) -> tuple[str, ...]:
+        """With error feedback a client keeps what compression dropped (per-client state)."""
+        return ("ef_residual",) if settings.error_feedback else ()
+
     def apply(self, x: torch.Tensor, sizes: Sequence[int], gen: torch.Generator | None) -> torch.Tensor:
         """decompress(compress(x)): the values the server receives (fp32, x's shape)."""
         raise NotImplementedError
@@ -77,7 +142,10 @@ class Compressor:
         raise NotImplementedError
 
 
+@COMPRESSORS.register("bf16", CompressSettings)
 class BF16(Compressor):
+    """Every entry rounded to bfloat16 (nearest even): 2 bytes an entry."""
+
     name = "bf16"
 
     def apply(self, x: torch.Tensor, sizes: Sequence[int], gen: torch.Generator | None) -> torch.Tensor:
@@ -87,6 +155,7 @@ class BF16(Compressor):
         return 2 * sum(sizes)
 
 
+@COMPRESSORS.register("int8", Int8Settings)
 class Int8(Compressor):
     """Stochastic rounding to 127 levels either side of zero, one fp32 scale per tensor or block."""
 
@@ -96,6 +165,10 @@ class Int8(Compressor):
 
     def __init__(self, block: int = 0):
         self.block = block  # 0: one scale per tensor
+
+    @classmethod
+    def from_settings(cls, settings: Int8Settings) -> Int8:
+        return cls(settings.compress_block)
 
     def apply(self, x: torch.Tensor, sizes: Sequence[int], gen: torch.Generator | None) -> torch.Tensor:
         u = torch.rand(x.numel(), generator=gen, device=x.device, dtype=x.dtype)
@@ -122,6 +195,7 @@ class Int8(Compressor):
         return sum(sizes) + FP32 * self.scales(sizes)
 
 
+@COMPRESSORS.register("topk", TopKSettings)
 class TopK(Compressor):
     """The k entries of largest magnitude of the whole update (an fp32 value and an int32 index each)."""
 
@@ -129,6 +203,10 @@ class TopK(Compressor):
 
     def __init__(self, density: float):
         self.density = density
+
+    @classmethod
+    def from_settings(cls, settings: TopKSettings) -> TopK:
+        return cls(settings.compress_density)
 
     def k(self, numel: int) -> int:
         return max(1, min(numel, math.ceil(self.density * numel)))
@@ -143,6 +221,7 @@ class TopK(Compressor):
         return 2 * FP32 * self.k(sum(sizes))  # int32 indices: models below 2**31 entries
 
 
+@COMPRESSORS.register("sign", CompressSettings)
 class Sign(Compressor):
     """1 bit an entry, and per tensor the scale mean|x| that keeps the l1 norm."""
 
@@ -160,26 +239,19 @@ class Sign(Compressor):
 
 
 def build_compressor(cfg: Config) -> Compressor | None:
-    """The compressor of ``fed.compress`` (None for "none")."""
-    f = cfg.fed
-    builders = {  # the registry: one line per compressor
-        "none": lambda: None,
-        "bf16": BF16,
-        "int8": lambda: Int8(f.compress_block),
-        "topk": lambda: TopK(f.compress_density),
-        "sign": Sign,
-    }
-    return builders[f.compress]()
+    """The compressor ``fed.compress`` names (None for "none")."""
+    return COMPRESSORS.selected(cfg).target.from_settings(COMPRESSORS.settings(cfg))
 
 
 # --------------------------------------------------------------------------------------------
 # The link of the update chain
 
 
-class CompressUpdate(UpdateRule):
+class CompressUpdate(UpdateRule, WireFormat):
     """theta_k <- theta + decompress(compress(delta_k + e_k)) on the client's rank, e_k kept."""
 
     name = "compress"
+    stage = Stage.ENCODE
 
     def __init__(self, compressor: Compressor, error_feedback: bool, seed: int, sizes: Sequence[int]):
         self.compressor, self.error_feedback, self.seed = compressor, error_feedback, seed
@@ -218,7 +290,7 @@ def compression_rules(cfg: Config, model: nn.Module) -> list[UpdateRule]:
     if compressor is None:
         return []
     sizes = [t.numel() for t in float_tensors(model)]
-    return [CompressUpdate(compressor, cfg.fed.error_feedback, cfg.run.seed, sizes)]
+    return [CompressUpdate(compressor, COMPRESSORS.settings(cfg).error_feedback, cfg.run.seed, sizes)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +308,8 @@ class Traffic:
                  participation: Participation):
         up = down = FP32 * num_params
         for rule in rules:
-            up, down = rule.wire_bytes(num_params, up, down)
+            if isinstance(rule, WireFormat):
+                up, down = rule.wire_bytes(num_params, up, down)
         self.up, self.down = up, down  # per participating client
         self.sizes, self.participation = sizes, participation
         self.last_round, self.total_up, self.total_down = -1, 0, 0

@@ -2,7 +2,8 @@
 
 Each is an ``UpdateRule`` (fedrun.parts): a gradient term for the client's local steps and,
 where the method needs them, per-client state, extra sums in the round's all_reduce and a
-server-side correction. ``DRIFT_RULES`` maps ``fed.drift`` to the rule.
+server-side correction. Each registers itself in ``DRIFT_RULES`` (``fed.drift``) with its keys
+and its checks (fedrun.registry).
 
 FedProx (Li et al., MLSys 2020) adds (mu / 2) ||theta - theta_global||^2 to each client's loss,
 i.e. mu * (theta - theta_global) to its gradient, pulling local models back toward the round's
@@ -42,14 +43,28 @@ zero gradients, so their entries stay zero).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import FEDERATED, HASHED_WHEN_SET, Config, ConfigError, setting
 from ..flat import flatten, float_tensors
-from ..parts import Aggregate, ClientUpdate, GradTerm, UpdateRule
+from ..parts import Aggregate, ClientUpdate, GradTerm, ServerHalf, SumsExtra, UpdateRule, WireFormat
+from ..registry import Registry, Settings
+
+DRIFT_RULES = Registry(
+    "fed.drift", "none", "Client drift correction: \"none\" | \"fedprox\" (Li et al. 2020) | "
+    "\"scaffold\" (Karimireddy et al. 2020) | \"feddyn\" (Acar et al. 2021); "
+    "fedrun/federated/drift.py.", hashed=HASHED_WHEN_SET, applies=FEDERATED, federated=True)
+
+
+def refuse_fp16(cfg: Config, method: str) -> None:
+    """Drift terms add to raw gradients; fp16's GradScaler has scaled them."""
+    if cfg.train.precision == "fp16":
+        raise ConfigError(f"train.precision: {method} adds its terms to unscaled gradients; fp16's "
+                          f"GradScaler scales them: use bf16 (or auto), or another fed.drift")
 
 
 def _views(model: nn.Module, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,10 +142,35 @@ class FedDynClient:
 # The rules
 
 
+@DRIFT_RULES.register("none")
+class NoDrift:
+    """No drift correction (the authors' FedAvg): nothing joins the update chain."""
+
+    @classmethod
+    def build(cls, settings: Any, num_params: int, total_images: int, device: torch.device) -> list[UpdateRule]:
+        return []
+
+
+@dataclass
+class FedProxSettings(Settings):
+    prox_mu: float = setting(0.01, hashed=HASHED_WHEN_SET)
+    """FedProx: weight of (mu / 2) ||theta - theta_global||^2."""
+
+    def validate(self) -> None:
+        if not self.prox_mu >= 0:
+            raise ConfigError(f"fed.prox_mu: must be >= 0 (the proximal weight), got {self.prox_mu}")
+
+
+@DRIFT_RULES.register("fedprox", FedProxSettings)
 class FedProxRule(UpdateRule):
     """FedProx's proximal term; no state, nothing extra travels."""
 
     name = "fedprox"
+
+    @classmethod
+    def build(cls, settings: FedProxSettings, num_params: int, total_images: int,
+              device: torch.device) -> list[UpdateRule]:
+        return [cls(settings.prox_mu)]
 
     def __init__(self, mu: float):
         self.mu = mu
@@ -140,11 +180,26 @@ class FedProxRule(UpdateRule):
         return FedProx(self.mu, model, global_flat) if self.mu > 0 else None  # mu = 0: FedAvg's bits
 
 
-class ScaffoldRule(UpdateRule):
+@DRIFT_RULES.register("scaffold")
+class ScaffoldRule(UpdateRule, SumsExtra, ServerHalf, WireFormat):
     """SCAFFOLD for Adam clients: per-client c_k, the server's c, sum_k n_k (c_k+ - c_k) in the buffer."""
 
     name = "scaffold"
     state_kinds = ("control",)
+    sends_unprotected = True  # c_k+ - c_k travels beside the update (privacy mechanisms refuse it)
+
+    @classmethod
+    def build(cls, settings: Any, num_params: int, total_images: int, device: torch.device) -> list[UpdateRule]:
+        return [cls(num_params, total_images, device)]
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        refuse_fp16(cfg, "SCAFFOLD")
+        if cfg.fed.compress != "none":
+            raise ConfigError("fed.compress: SCAFFOLD's control variates (one more model-sized vector per "
+                              "client and round) would travel uncompressed next to the compressed update; use "
+                              "fed.drift = \"none\", \"fedprox\" or \"feddyn\" with compression, or "
+                              "fed.compress = \"none\"")
 
     def __init__(self, num_params: int, total_images: int, device: torch.device):
         self.server_control = torch.zeros(num_params, device=device)
@@ -180,11 +235,35 @@ class ScaffoldRule(UpdateRule):
             self.server_control = state["server_control"].to(device)
 
 
-class FedDynRule(UpdateRule):
+@dataclass
+class FedDynSettings(Settings):
+    feddyn_alpha: float = setting(0.01, hashed=HASHED_WHEN_SET)
+    """FedDyn: weight alpha of the quadratic term (alpha / 2) ||theta - theta_global||^2 of each
+    client's dynamic regulariser; must be > 0."""
+
+    def validate(self) -> None:
+        if not self.feddyn_alpha > 0:
+            raise ConfigError(f"fed.feddyn_alpha: must be > 0 (FedDyn's regulariser weight), got "
+                              f"{self.feddyn_alpha}")
+
+
+@DRIFT_RULES.register("feddyn", FedDynSettings)
+class FedDynRule(UpdateRule, ServerHalf):
     """FedDyn: the linear + quadratic client term with state g_k, and the server's h."""
 
     name = "feddyn"
     state_kinds = ("feddyn_grad",)
+    # its server correction assumes the data-weighted sum of unclipped updates (DP-FedAvg refuses it)
+    needs_weighted_sum = True
+
+    @classmethod
+    def build(cls, settings: FedDynSettings, num_params: int, total_images: int,
+              device: torch.device) -> list[UpdateRule]:
+        return [cls(settings.feddyn_alpha, num_params, total_images, device)]
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        refuse_fp16(cfg, "FedDyn")
 
     def __init__(self, alpha: float, num_params: int, total_images: int, device: torch.device):
         self.alpha = alpha
@@ -215,12 +294,5 @@ class FedDynRule(UpdateRule):
 
 
 def drift_rules(cfg: Config, num_params: int, total_images: int, device: torch.device) -> list[UpdateRule]:
-    """The rule of ``fed.drift`` ([] for "none")."""
-    f = cfg.fed
-    builders = {  # the registry: one line per method
-        "none": lambda: [],
-        "fedprox": lambda: [FedProxRule(f.prox_mu)],
-        "scaffold": lambda: [ScaffoldRule(num_params, total_images, device)],
-        "feddyn": lambda: [FedDynRule(f.feddyn_alpha, num_params, total_images, device)],
-    }
-    return builders[f.drift]()
+    """The links of ``fed.drift`` ([] for "none")."""
+    return DRIFT_RULES.selected(cfg).target.build(DRIFT_RULES.settings(cfg), num_params, total_images, device)

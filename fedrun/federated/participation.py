@@ -6,6 +6,9 @@ rank draws the same list without talking to the others and a resumed round draws
 DP-FedAvg samples clients by Poisson instead (``fedrun.privacy.client_dp.PoissonParticipation``),
 the sampling its accountant assumes.
 
+Participation models register themselves in ``PARTICIPATION`` (``fed.participation``; fedrun.registry)
+with their keys: "uniform" is the authors' draw, and its keys are the simulated federation's.
+
 ``SimulatedParticipation`` wraps either with what real federations lose (``fed.availability``,
 ``fed.speed_sigma``, ``fed.deadline_s``, ``fed.over_select``, traces): it is only built when
 one of those keys is set, so a run without them draws exactly as before.
@@ -36,6 +39,7 @@ probabilities in [0, 1] (0/1 for an on/off trace); speed values are positive fac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +47,61 @@ from typing import Any
 import numpy as np
 
 from .. import seeding
-from ..config import Config
+from ..config import FEDERATED, HASHED_WHEN_SET, Config, setting
 from ..errors import ConfigError
 from ..local_training import local_steps
 from ..parts import Participation
+from ..registry import Registry, Settings
+
+PARTICIPATION = Registry(
+    "fed.participation", "uniform", "Who takes part in a round (fedrun/federated/participation.py): "
+    "\"uniform\" (fed.clients_per_round of fed.num_clients, uniformly from (seed, round); with the "
+    "simulated federation's availability, stragglers, deadline and over-selection when set).",
+    hashed=HASHED_WHEN_SET, applies=FEDERATED, federated=True)
+
+
+@dataclass
+class SimulationSettings(Settings):
+    """The simulated federation: who reports, how fast, and how long a round waits."""
+
+    availability: float = setting(1.0, hashed=HASHED_WHEN_SET, off=1.0)
+    """Simulated federation: probability that a selected client reports in a round (drawn from
+    (seed, round, client)); 1 = always."""
+    availability_trace: str = setting("", hashed=HASHED_WHEN_SET, off="")
+    """A text file, one row per client, T columns of probabilities (0/1 for on/off) used in turn
+    (round r: column (r - 1) mod T); replaces fed.availability. "" = none."""
+    speed_sigma: float = setting(0.0, hashed=HASHED_WHEN_SET, off=0.0)
+    """Stragglers: each client's simulated speed factor is exp(sigma z), z ~ N(0, 1) from (seed,
+    client); 0 = every client as fast."""
+    speed_trace: str = setting("", hashed=HASHED_WHEN_SET, off="")
+    """A text file, one row per client, T columns of positive speed factors (round r: column
+    (r - 1) mod T); replaces fed.speed_sigma. "" = none."""
+    deadline_s: float = setting(0.0, hashed=HASHED_WHEN_SET, off=0.0)
+    """Simulated seconds a round waits for reports; later ones are dropped. 0 = no deadline."""
+    over_select: float = setting(1.0, hashed=HASHED_WHEN_SET, off=1.0)
+    """Select ceil(over_select x clients_per_round) clients and keep the clients_per_round
+    fastest reports (Bonawitz et al. 2019); 1 = no over-selection."""
+    sim_step_s: float = setting(1.0, hashed=HASHED_WHEN_SET)
+    """Simulated seconds one local step takes on a device of speed 1."""
+    sim_client_s: float = setting(0.0, hashed=HASHED_WHEN_SET)
+    """Simulated seconds each participant spends besides its steps (download, upload), times its speed."""
+
+    def validate(self) -> None:
+        def require(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
+        require(0 <= self.availability <= 1, "fed.availability",
+                f"must be a probability in [0, 1] (1 = every selected client reports), got {self.availability}")
+        require(self.availability == 1 or not self.availability_trace, "fed.availability",
+                "give either fed.availability or fed.availability_trace, not both")
+        require(self.speed_sigma >= 0, "fed.speed_sigma", f"must be >= 0 (0 = no stragglers), got {self.speed_sigma}")
+        require(self.speed_sigma == 0 or not self.speed_trace, "fed.speed_sigma",
+                "give either fed.speed_sigma or fed.speed_trace, not both")
+        require(self.deadline_s >= 0, "fed.deadline_s", f"must be >= 0 (0 = no deadline), got {self.deadline_s}")
+        require(self.over_select >= 1, "fed.over_select",
+                f"must be >= 1 (the share of clients selected per client needed), got {self.over_select}")
+        require(self.sim_step_s > 0, "fed.sim_step_s", f"must be > 0, got {self.sim_step_s}")
+        require(self.sim_client_s >= 0, "fed.sim_client_s", f"must be >= 0, got {self.sim_client_s}")
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> list[int]:
@@ -57,14 +112,24 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> 
     return sorted(int(c) for c in rng.choice(num_clients, per_round, replace=False))
 
 
+@PARTICIPATION.register("uniform", SimulationSettings)
 class UniformParticipation:
-    """``per_round`` of ``num_clients`` clients, uniformly without replacement, from (seed, round)."""
+    """fed.clients_per_round of fed.num_clients clients, uniformly without replacement, from (seed,
+    round); a simulated round keeps the ``keep`` fastest reports (None: all of them)."""
 
-    def __init__(self, num_clients: int, per_round: int, seed: int):
+    def __init__(self, num_clients: int, per_round: int, seed: int, keep: int | None = None):
         self.num_clients, self.per_round, self.seed = num_clients, per_round, seed
+        self.keep = keep
+
+    @classmethod
+    def build(cls, settings: SimulationSettings, cfg: Config) -> UniformParticipation:
+        return cls(cfg.fed.num_clients, selected_per_round(cfg), cfg.run.seed, cfg.fed.clients_per_round)
 
     def clients(self, round_: int) -> list[int]:
         return sample_clients(self.num_clients, self.per_round, self.seed, round_)
+
+    def selected(self, round_: int) -> list[int]:
+        return self.clients(round_)
 
     def record(self, round_: int) -> dict[str, Any]:
         return {}
@@ -190,6 +255,16 @@ def selected_per_round(cfg: Config) -> int:
     return min(f.num_clients, math.ceil(f.over_select * f.clients_per_round - 1e-9))
 
 
+def build_participation(cfg: Config, sizes: dict[int, int],
+                        wrap: Callable[[Participation], Participation] = lambda p: p) -> Participation:
+    """The participation ``fed.participation`` names, ``wrap``ped (a privacy mechanism's Poisson
+    draw), inside the simulated federation when one of its keys is set. Built before any process
+    group: a trace that cannot be read, or a deadline no client meets, is one ConfigError line."""
+    base = wrap(PARTICIPATION.selected(cfg).target.build(PARTICIPATION.settings(cfg), cfg))
+    simulation = Simulation.from_config(cfg, sizes)  # None unless availability/stragglers are set
+    return base if simulation is None else SimulatedParticipation(base, simulation, getattr(base, "keep", None))
+
+
 class SimulatedParticipation:
     """Availability, stragglers, a deadline and over-selection around a base draw (module
     docstring): ``clients`` are the selected clients that report in time, the fastest ``keep``
@@ -202,6 +277,10 @@ class SimulatedParticipation:
 
     def clients(self, round_: int) -> list[int]:
         return self._round(round_)[0]
+
+    def selected(self, round_: int) -> list[int]:
+        """Every client the base drew, those that went offline or were late included."""
+        return self.base.clients(round_)
 
     def record(self, round_: int) -> dict[str, Any]:
         """The round's simulated figures, and the simulated clock so far (recomputed from round 1
@@ -230,3 +309,11 @@ class SimulatedParticipation:
                        "sim_round_s": round(seconds, 6)}
             self._rounds[round_] = (sorted(k for _, k in kept), figures)
         return self._rounds[round_]
+
+
+def planned_clients(cfg: Config) -> list[list[int]]:
+    """The clients the chosen participation draws in each round 1..fed.rounds, before dropouts
+    (drawn from (seed, round): known in advance; what a privacy mechanism's plan counts, an upper
+    bound when clients drop out)."""
+    base = PARTICIPATION.selected(cfg).target.build(PARTICIPATION.settings(cfg), cfg)
+    return [base.clients(r) for r in range(1, cfg.fed.rounds + 1)]

@@ -27,16 +27,53 @@ waiting" has the measurements.
 * ``HomeRanks``: with per-client state (kept Adam, SCAFFOLD, FedDyn, error feedback) every
   client has a fixed home rank for the whole run (LPT by cost over all clients), where its
   state lives; it always trains there. Used for "auto", "cost" and "size" when the run keeps
-  state; "on_demand" is refused with state (config validation).
+  state (``fedrun.registry.kept_state``); "on_demand" refuses a run with state.
+
+A placement is one thing to the round loop: ``take(round, clients, rank)``, the clients this rank
+trains, in order; the loop counts what was taken. Each registers itself in ``PLACEMENTS``
+(``fed.placement``) with its keys (fedrun.registry).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from .. import dist
-from ..config import Config
+from ..config import FEDERATED, NOT_HASHED, Config, ConfigError, setting
 from ..local_training import local_steps
+from ..parts import Placement
+from ..registry import Registry, Settings, kept_state
+
+PLACEMENTS = Registry(
+    "fed.placement", "auto", "Which rank trains which client (fedrun/federated/placement.py): \"auto\" "
+    "(\"on_demand\", or home ranks by cost when clients keep state) | \"cost\" (each client's cost from "
+    "its steps, images and set-up, balanced per round) | \"size\" (image counts) | \"on_demand\" (each "
+    "free rank takes the next client, largest cost first, from a counter in the rendezvous store; not "
+    "with per-client state). Not hashed: the round's sum is exact, so the model does not depend on it.",
+    hashed=NOT_HASHED, label=False, off=False, applies=FEDERATED)
+
+
+@dataclass
+class CostSettings(Settings):
+    """The cost model of the placements that balance cost."""
+
+    cost_step_share: float = setting(0.15, hashed=NOT_HASHED, label=False)
+    """Placement's cost model: the share of a full batch's step that any step costs, whatever its
+    size (the rest scales with its images). Measured: 0.15 for the digits model on a CPU core; a
+    GPU, where a short batch costs a full step, wants 1."""
+    client_overhead_steps: float = setting(0.2, hashed=NOT_HASHED, label=False)
+    """Placement's cost model: each client's set-up, in full steps (measured: 0.17 on the digits
+    default on a CPU core)."""
+
+    def validate(self) -> None:
+        if not 0 <= self.cost_step_share <= 1:
+            raise ConfigError(f"fed.cost_step_share: must be in [0, 1] (the share of a full step any step "
+                              f"costs), got {self.cost_step_share}")
+        if self.client_overhead_steps < 0:
+            raise ConfigError(f"fed.client_overhead_steps: must be >= 0 (a client's set-up cost in local "
+                              f"steps), got {self.client_overhead_steps}")
 
 
 def client_costs(sizes: dict[int, int], batch_size: int, epochs: int, overhead_steps: float,
@@ -71,6 +108,11 @@ def home_ranks(cost: dict[int, float], world_size: int) -> dict[int, int]:
     return {k: r for r, ks in enumerate(lpt(list(cost), cost, world_size)) for k in ks}
 
 
+def _costs(settings: CostSettings, cfg: Config, sizes: dict[int, int]) -> dict[int, float]:
+    return client_costs(sizes, cfg.optim.batch_size, cfg.fed.local_epochs, settings.client_overhead_steps,
+                        settings.cost_step_share)
+
+
 class _Static:
     """A placement fixed before the round starts: every rank trains its own list."""
 
@@ -81,6 +123,7 @@ class _Static:
         return self.assign(clients)[rank]
 
 
+@PLACEMENTS.register("cost", CostSettings)
 class ByCost(_Static):
     """Each round, the round's clients split over ranks by cost (``lpt``)."""
 
@@ -90,7 +133,14 @@ class ByCost(_Static):
     def assign(self, clients: list[int]) -> list[list[int]]:
         return lpt(clients, self.cost, self.world_size)
 
+    @classmethod
+    def build(cls, settings: CostSettings, cfg: Config, sizes: dict[int, int], world_size: int,
+              stateful: bool) -> Placement:
+        cost = _costs(settings, cfg, sizes)
+        return HomeRanks(cost, world_size) if stateful else cls(cost, world_size)
 
+
+@PLACEMENTS.register("size")
 class BySize(_Static):
     """Each round, the round's clients split over ranks by data size (``assign_clients``)."""
 
@@ -99,6 +149,13 @@ class BySize(_Static):
 
     def assign(self, clients: list[int]) -> list[list[int]]:
         return assign_clients(clients, self.sizes, self.world_size)
+
+    @classmethod
+    def build(cls, settings: Any, cfg: Config, sizes: dict[int, int], world_size: int,
+              stateful: bool) -> Placement:
+        if stateful:
+            return HomeRanks({k: float(max(n, 1)) for k, n in sizes.items()}, world_size)
+        return cls(sizes, world_size)
 
 
 class HomeRanks(_Static):
@@ -118,37 +175,48 @@ class HomeRanks(_Static):
         return {k for k, r in self.home.items() if r == rank}
 
 
+@PLACEMENTS.register("on_demand", CostSettings)
 class OnDemand:
     """Clients handed out while the round runs: the round's clients in order of cost (largest
     first, ties by id) are tickets 0, 1, ...; a free rank takes the next ticket from a job-wide
-    counter (one ``dist.counter_add`` per client it takes, and one that finds none left).
-    ``assign`` is the LPT split it would make if every step cost the same (for the progress bar
-    and the idle-rank warning); who trains what in fact depends on the ranks' speed."""
+    counter (one ``dist.counter_add`` per client it takes, and one that finds none left). Who
+    trains what depends on the ranks' speed."""
 
     def __init__(self, cost: dict[int, float], world_size: int):
         self.cost, self.world_size = cost, world_size
-
-    def assign(self, clients: list[int]) -> list[list[int]]:
-        return lpt(clients, self.cost, self.world_size)
 
     def take(self, round_: int, clients: list[int], rank: int) -> Iterator[int]:
         order = sorted(clients, key=lambda k: (-self.cost[k], k))
         while (ticket := dist.counter_add(f"handout/{round_}") - 1) < len(order):
             yield order[ticket]
 
+    @classmethod
+    def build(cls, settings: CostSettings, cfg: Config, sizes: dict[int, int], world_size: int,
+              stateful: bool) -> Placement:
+        return cls(_costs(settings, cfg, sizes), world_size)
 
-def build_placement(cfg: Config, sizes: dict[int, int], world_size: int,
-                    stateful: bool) -> ByCost | BySize | HomeRanks | OnDemand:
-    """The placement of ``fed.placement``; home ranks (by the same cost) when clients keep state."""
-    f = cfg.fed
-    if f.placement == "size":
-        return HomeRanks({k: float(max(n, 1)) for k, n in sizes.items()}, world_size) if stateful \
-            else BySize(sizes, world_size)
-    cost = client_costs(sizes, cfg.optim.batch_size, f.local_epochs, f.client_overhead_steps,
-                        f.cost_step_share)
-    if stateful:
-        return HomeRanks(cost, world_size)
-    return ByCost(cost, world_size) if f.placement == "cost" else OnDemand(cost, world_size)
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        if kept_state(cfg):
+            raise ConfigError("fed.placement: 'on_demand' hands a client to whichever rank is free, but this "
+                              "run keeps per-client state (kept Adam, SCAFFOLD, FedDyn or error feedback) on "
+                              "each client's home rank; set fed.placement = \"cost\"")
+
+
+@PLACEMENTS.register("auto", CostSettings)
+class Auto:
+    """On demand, or home ranks by cost when clients keep state."""
+
+    @classmethod
+    def build(cls, settings: CostSettings, cfg: Config, sizes: dict[int, int], world_size: int,
+              stateful: bool) -> Placement:
+        cost = _costs(settings, cfg, sizes)
+        return HomeRanks(cost, world_size) if stateful else OnDemand(cost, world_size)
+
+
+def build_placement(cfg: Config, sizes: dict[int, int], world_size: int, stateful: bool) -> Placement:
+    """The placement ``fed.placement`` names; home ranks (by its cost) when clients keep state."""
+    return PLACEMENTS.selected(cfg).target.build(PLACEMENTS.settings(cfg), cfg, sizes, world_size, stateful)
 
 
 def home_clients(cfg: Config, sizes: dict[int, int], world_size: int, rank: int) -> set[int]:

@@ -1,9 +1,11 @@
 """The FedAvg round loop. It only calls the parts ``fedrun.train`` built (fedrun.parts).
 
-One round, on every rank at once:
+``FederatedRounds`` loads what it saves: ``resume`` restores the newest checkpoint into the
+parts (model, EMA, server state, the clients' kept state, the random state) and ``run`` saves
+them when due. One round, on every rank at once:
   1. participation: the round's clients, the same list everywhere (drawn from (seed, round));
-  2. placement: which rank trains which of them (fixed before the round, or handed out on
-     demand while it runs);
+  2. placement: the clients this rank takes (fixed before the round, or handed out on demand
+     while it runs); the progress bar counts what was taken;
   3. each rank trains its clients one after another with the client trainer, each from the
      global weights; the update rules add their gradient terms to local training, then edit the
      update (clipping, ...) and add their own sums; the update goes into ONE flat buffer of exact
@@ -20,13 +22,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from .. import dist
+from .. import checkpoint, dist
 from ..checkpoint import Checkpointer
 from ..config import Config
 from ..diffusion import Diffusion
@@ -34,7 +36,6 @@ from ..ema import PowerEMA
 from ..errors import TrainingDivergedError
 from ..evaluation.evaluator import Evaluator
 from ..flat import RoundBuffer, all_finite, flatten, load_flat_
-from ..local_training import local_steps
 from ..logs import RunLogger
 from ..parts import (
     Aggregate,
@@ -44,11 +45,13 @@ from ..parts import (
     Placement,
     ServerStep,
     UpdateRule,
+    WireFormat,
     compose_terms,
 )
 from ..telemetry import RoundTimer, memory_record, reset_device_peak
 from .client_state import ClientStates
 from .compression import Traffic
+from .placement import home_clients
 
 RoundHook = Callable[[dict[str, Any]], None]
 
@@ -61,9 +64,13 @@ class RoundParts:
     placement: Placement
     trainer: ClientTrainer
     rules: list[UpdateRule]
-    """the update chain, in order"""
+    """the update chain, in order (``fedrun.parts.check_chain``)"""
     server: ServerStep
     states: ClientStates
+    buffer: RoundBuffer
+    """the round's one all_reduce buffer (exact sums; regions for the rules that sum extras)"""
+    wire: list[WireFormat] = field(default_factory=list)
+    """what else changes a real client's messages (secure aggregation's masked vector and keys)"""
 
 
 class FederatedRounds:
@@ -78,16 +85,30 @@ class FederatedRounds:
         self.checkpointer, self.ema = checkpointer, ema
         self.hooks = list(on_round_end or [])
         self.global_flat = flatten(model)
-        P = self.global_flat.numel()
-        # the exact sum's range: at most N clients a round, weights up to the largest client's size
-        self.buffer = RoundBuffer(P, info.world_size, {r.name: r.extra_floats(P) for r in parts.rules},
-                                  info.device, rank=info.rank, max_clients=len(sizes),
-                                  max_weight=max(sizes.values(), default=1))
-        self.traffic = Traffic(parts.rules, P, sizes, parts.participation)  # what a real round would move
+        self.buffer = parts.buffer
+        self.traffic = Traffic([*parts.rules, *parts.wire], self.global_flat.numel(), sizes,  # real bytes
+                               parts.participation)
         self.grid_rounds = evaluator.client_rounds()  # personalization: what local models draw
         self.score_rounds = evaluator.client_score_rounds()  # ... and how well
         self.bad_rounds = 0
         self.warned_idle = False
+
+    def resume(self) -> int:
+        """Restore the newest usable checkpoint, if any, into the model, the EMA, the server step
+        and this rank's home clients' state (the random state too); returns its round (0: none)."""
+        resumed = self.checkpointer.load()
+        if resumed is None:
+            return 0
+        self.model.load_state_dict(resumed.model)
+        self.global_flat = flatten(self.model)
+        self.ema.load_state_dict(resumed.ema, self.info.device)
+        self.parts.server.load_state_dict(resumed.server, self.info.device)
+        self.parts.server.load_extra_state(resumed.extra)
+        home = home_clients(self.cfg, self.sizes, self.info.world_size, self.info.rank)
+        self.parts.states.load_state_dict(resumed.clients, home)
+        checkpoint.set_rng_state(resumed.rng)
+        self.log.print(f"resuming from {resumed.path} (round {resumed.round})")
+        return resumed.round
 
     def run(self, start_round: int) -> list[dict[str, Any]]:
         """Rounds start_round + 1 .. fed.rounds; returns their records."""
@@ -97,15 +118,10 @@ class FederatedRounds:
             timer = RoundTimer(self.info.device)
             reset_device_peak(self.info.device)
             clients = parts.participation.clients(r)
-            assignment = parts.placement.assign(clients)  # on demand: the plan it starts from
-            mine = assignment[self.info.rank]
-            self._warn_idle(r, assignment, len(clients))
-            self.log.start_round(r, sum(local_steps(self.sizes[k], self.cfg.optim.batch_size, f.local_epochs)
-                                        for k in mine))
+            self.log.start_round(r)  # the bar counts the steps of the clients this rank takes
             with timer.phase("local_train", sync=True):
-                self.buffer.zero_()
-                parts.trainer.begin_round(r, [k for k in mine if self.sizes[k]])
-                for k in parts.placement.take(r, clients, self.info.rank):
+                self.buffer.begin_round(r, parts.participation.selected(r))
+                for k in parts.trainer.begin_round(r, parts.placement.take(r, clients, self.info.rank)):
                     self._train_client(r, k, timer)
             self.buffer.set_times(timer.start_ns, timer.now_ns())  # this rank reaches the all_reduce
             with timer.phase("aggregate"):
@@ -123,6 +139,7 @@ class FederatedRounds:
             with timer.phase("client_score", evaluation=True):  # one gather_object, same rounds on all ranks
                 client_scores = self.evaluator.score_clients(r) if r in self.score_rounds else None
             record = self._record(agg, timer, trained_s, scores, client_scores)
+            self._warn_idle(record)
             history.append(record)
             self._log(record)
             for hook in self.hooks:
@@ -151,11 +168,11 @@ class FederatedRounds:
             self.buffer.skip(res.steps)
             return
         update = ClientUpdate(k, self.model, self.global_flat, self.sizes[k], float(self.sizes[k]), state,
-                              dict(res.state), round=r)
+                              dict(res.state), round=r, message=res.message)
         with timer.phase("update_chain", sync=True):  # e.g. compression's encode + decode, clipping
             for rule, term in zip(rules, terms, strict=True):
                 rule.end_client(update, term, self.buffer.region(rule.name))
-        if not self.buffer.add(self.model, update.weight, loss, res.images, res.steps):
+        if not self.buffer.add(self.model, update.weight, loss, res.images, res.steps, client=k, update=update):
             warnings.warn(f"round {r}: client {k}'s update holds numbers beyond the exact sum's range "
                           f"(|weight / largest weight x value| > 2^16, fedrun.flat); it is left out of this "
                           f"round's average", stacklevel=2)
@@ -168,6 +185,9 @@ class FederatedRounds:
         new = self.parts.server.step(self.global_flat, agg)
         if new is not None:
             self.global_flat, self.bad_rounds = new, 0
+        elif agg.abandoned:  # the sum could not be read (secure aggregation): nothing is lost
+            warnings.warn(f"round {agg.round}: the round is abandoned ({agg.abandoned}); the global model is "
+                          f"unchanged", stacklevel=2)
         elif not agg.clients:  # nobody took part (no selected client reported in time): no update
             warnings.warn(f"round {agg.round}: no client took part (none of the selected reported in "
                           f"time); the global model is unchanged", stacklevel=2)
@@ -183,11 +203,13 @@ class FederatedRounds:
         load_flat_(self.model, self.global_flat)
         self.ema.update(self.global_flat, agg.round)
 
-    def _warn_idle(self, r: int, assignment: list[list[int]], num_clients: int) -> None:
-        if self.info.is_main and not self.warned_idle and num_clients and not all(assignment):
-            warnings.warn(f"round {r}: {sum(not a for a in assignment)} rank(s) have no client: more "
-                          f"ranks ({self.info.world_size}) than clients per round ({num_clients}); "
-                          f"they add zeros", stacklevel=3)
+    def _warn_idle(self, record: dict[str, Any]) -> None:
+        """Once per run: ranks that took no client because the round had fewer than ranks."""
+        idle, n = record["clients_per_rank"].count(0), len(record["clients"])
+        if self.info.is_main and not self.warned_idle and n and idle and n < self.info.world_size:
+            warnings.warn(f"round {record['round']}: {idle} rank(s) had no client: more ranks "
+                          f"({self.info.world_size}) than clients per round ({n}); they add zeros",
+                          stacklevel=3)
             self.warned_idle = True
 
     def _record(self, agg: Aggregate, timer: RoundTimer, trained_s: float, scores: dict[str, Any] | None,
@@ -221,6 +243,8 @@ class FederatedRounds:
             "update_chain_s": round(timer["update_chain"], 4),  # this rank's clients, inside the round
             **self.traffic.record(agg.round, agg.clients),  # bytes a real client sends and receives
             **self.parts.participation.record(agg.round),  # e.g. the simulated clock and dropouts
+            **self.buffer.record(),  # e.g. secure aggregation's seconds and bytes
+            **({"abandoned": agg.abandoned} if agg.abandoned else {}),
             "world_size": self.info.world_size,
             **memory_record(self.info.device),
             **self.parts.server.metrics(),  # e.g. epsilon spent so far

@@ -14,7 +14,8 @@ where tau keeps the denominator away from zero anyway.
 
 Each rule is a small class with its hyperparameters as named fields and its state (the
 moments) as tensors that ``state_dict`` hands to the checkpoint; resuming restores them exactly.
-``build_server_optimizer`` maps ``fed.server_opt`` and the ``fed.server_*`` keys onto them.
+It registers itself in ``SERVER_RULES`` (``fed.server_opt``) with its settings, the
+``fed.server_*`` keys it reads (fedrun.registry); ``build_server_optimizer`` builds the chosen one.
 
 ``RuleServer`` is the round's server step (fedrun.parts.ServerStep): the update rules' server
 halves (SCAFFOLD's control variate, FedDyn's correction) and then the server rule. Privacy wraps
@@ -29,16 +30,70 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import FedConfig
-from ..parts import Aggregate, UpdateRule
+from ..config import FEDERATED, Config, ConfigError
+from ..parts import Aggregate, ServerHalf, UpdateRule
+from ..registry import Registry, Settings
+
+SERVER_RULES = Registry(
+    "fed.server_opt", "fedavg", "Server rule: \"fedavg\" | \"fedavgm\" (server momentum) | "
+    "\"fedadam\" | \"fedyogi\" | \"fedadagrad\" (Reddi et al. 2021); fedrun/federated/server.py.",
+    applies=FEDERATED)
+
+
+@dataclass
+class ServerLRSettings(Settings):
+    """The keys every server rule but FedAvg reads."""
+
+    server_lr: float = 1.0
+    """Server learning rate (all but fedavg)."""
+    server_momentum: float = 0.9
+    """fedavgm's momentum; beta1 of fedadam / fedyogi / fedadagrad."""
+
+    def validate(self) -> None:
+        if not self.server_lr > 0:
+            raise ConfigError(f"fed.server_lr: must be > 0, got {self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"fed.server_momentum: must be in [0, 1), got {self.server_momentum}")
+
+
+@dataclass
+class AdagradSettings(ServerLRSettings):
+    """FedAdagrad's keys: its adaptivity besides the learning rate and momentum."""
+
+    server_tau: float = 1e-3
+    """Adaptivity of fedadam / fedyogi / fedadagrad: x -= lr * m / (sqrt(v) + tau)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.server_tau > 0:
+            raise ConfigError("fed.server_tau: must be > 0 (it keeps 1 / (sqrt(v) + tau) finite), got "
+                              f"{self.server_tau}")
+
+
+@dataclass
+class AdaptiveSettings(AdagradSettings):
+    """FedAdam's and FedYogi's keys: a second-moment decay as well."""
+
+    server_beta2: float = 0.99
+    """Second-moment decay of fedadam / fedyogi."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.server_beta2 < 1:
+            raise ConfigError(f"fed.server_beta2: must be in [0, 1), got {self.server_beta2}")
 
 
 @dataclass
 class ServerOptimizer:
-    """Base: no state, subclasses implement ``step``."""
+    """Base: no state, subclasses implement ``step``; ``from_settings`` builds one from its
+    registered settings."""
 
     name: ClassVar[str] = ""
     state: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ServerOptimizer:
+        return cls()
 
     def step(self, global_flat: torch.Tensor, average: torch.Tensor) -> torch.Tensor:
         """The next global model, as a new flat tensor (``global_flat`` is not changed)."""
@@ -54,6 +109,7 @@ class ServerOptimizer:
         self.state = {k: v.to(device) for k, v in state.items()}
 
 
+@SERVER_RULES.register("fedavg")
 @dataclass
 class FedAvg(ServerOptimizer):
     """McMahan et al. 2017: the next global model is the weighted average of the clients'."""
@@ -64,6 +120,7 @@ class FedAvg(ServerOptimizer):
         return average.clone()
 
 
+@SERVER_RULES.register("fedavgm", ServerLRSettings)
 @dataclass
 class FedAvgM(ServerOptimizer):
     """Hsu et al. 2019, server momentum: m = momentum * m + delta; x = x - lr * m."""
@@ -73,6 +130,10 @@ class FedAvgM(ServerOptimizer):
     """server learning rate (``fed.server_lr``)"""
     momentum: float = 0.9
     """heavy-ball momentum of the pseudo-gradient (``fed.server_momentum``)"""
+
+    @classmethod
+    def from_settings(cls, settings: ServerLRSettings) -> FedAvgM:
+        return cls(lr=settings.server_lr, momentum=settings.server_momentum)
 
     def step(self, global_flat: torch.Tensor, average: torch.Tensor) -> torch.Tensor:
         delta = global_flat - average
@@ -95,6 +156,11 @@ class _Adaptive(ServerOptimizer):
     tau: float = 1e-3
     """adaptivity: added to sqrt(v), so small tau = more adaptive (``fed.server_tau``)"""
 
+    @classmethod
+    def from_settings(cls, settings: AdagradSettings) -> _Adaptive:
+        return cls(lr=settings.server_lr, beta1=settings.server_momentum,
+                   beta2=getattr(settings, "server_beta2", cls.beta2), tau=settings.server_tau)
+
     def _second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -106,9 +172,10 @@ class _Adaptive(ServerOptimizer):
         return global_flat - self.lr * m / (v.sqrt() + self.tau)
 
 
+@SERVER_RULES.register("fedadam", AdaptiveSettings)
 @dataclass
 class FedAdam(_Adaptive):
-    """v = beta2 v + (1 - beta2) delta^2."""
+    """Reddi et al. 2021, FedAdam: v = beta2 v + (1 - beta2) delta^2."""
 
     name: ClassVar[str] = "fedadam"
 
@@ -116,9 +183,11 @@ class FedAdam(_Adaptive):
         v.mul_(self.beta2).addcmul_(delta, delta, value=1 - self.beta2)
 
 
+@SERVER_RULES.register("fedyogi", AdaptiveSettings)
 @dataclass
 class FedYogi(_Adaptive):
-    """v = v - (1 - beta2) delta^2 sign(v - delta^2): v grows as fast as Adam's, shrinks slower."""
+    """Reddi et al. 2021, FedYogi: v = v - (1 - beta2) delta^2 sign(v - delta^2), which grows as fast
+    as Adam's v and shrinks slower."""
 
     name: ClassVar[str] = "fedyogi"
 
@@ -127,9 +196,10 @@ class FedYogi(_Adaptive):
         v.sub_(d2 * torch.sign(v - d2), alpha=1 - self.beta2)
 
 
+@SERVER_RULES.register("fedadagrad", AdagradSettings)
 @dataclass
 class FedAdagrad(_Adaptive):
-    """v = v + delta^2 (beta2 is not used)."""
+    """Reddi et al. 2021, FedAdagrad: v = v + delta^2."""
 
     name: ClassVar[str] = "fedadagrad"
 
@@ -137,19 +207,10 @@ class FedAdagrad(_Adaptive):
         v.addcmul_(delta, delta)
 
 
-SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)
-}
-
-
-def build_server_optimizer(fed: FedConfig) -> ServerOptimizer:
-    """The rule named by ``fed.server_opt`` with its ``fed.server_*`` hyperparameters."""
-    cls = SERVER_OPTIMIZERS[fed.server_opt]
-    if cls is FedAvg:
-        return FedAvg()
-    if cls is FedAvgM:
-        return FedAvgM(lr=fed.server_lr, momentum=fed.server_momentum)
-    return cls(lr=fed.server_lr, beta1=fed.server_momentum, beta2=fed.server_beta2, tau=fed.server_tau)
+def build_server_optimizer(cfg: Config) -> ServerOptimizer:
+    """The rule ``fed.server_opt`` names, with its settings."""
+    choice = SERVER_RULES.selected(cfg)
+    return choice.target.from_settings(SERVER_RULES.settings(cfg))
 
 
 class RuleServer:
@@ -157,7 +218,8 @@ class RuleServer:
     server halves turn the average into the one the server rule steps toward, in order."""
 
     def __init__(self, rule: ServerOptimizer, rules: Sequence[UpdateRule] = ()):
-        self.rule, self.rules = rule, list(rules)
+        self.rule = rule
+        self.rules = [r for r in rules if isinstance(r, ServerHalf)]  # the update chain's server halves
 
     def step(self, global_flat: torch.Tensor, agg: Aggregate) -> torch.Tensor | None:
         if not agg.usable:

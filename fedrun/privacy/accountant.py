@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import PrivacyConfig
 from ..errors import ConfigError
+from ..registry import registry_of
 
 if TYPE_CHECKING:
     from opacus.accountants.accountant import IAccountant
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 FEDERATION = "federation"  # the one ledger key at client level
 ACCOUNTANTS = ("rdp", "prv")
-DEFAULT_ACCOUNTANT = PrivacyConfig.accountant  # "prv", privacy.accountant's default
+DEFAULT_ACCOUNTANT = "prv"  # privacy.accountant's default
 PRV_MAX_POINTS = 10_000_000  # PRV's grid: ~80 MB an array, ~10 s; beyond, RDP's bound is used
 MAX_SIGMA = 1e6  # Opacus's get_noise_multiplier gives up above this noise multiplier
 
@@ -197,6 +197,31 @@ class PrivacyLedger:
                         for k, h in state["history"].items()}
 
 
+class SkellamLedger(PrivacyLedger):
+    """The same entries, (noise multiplier, rate, steps) per key, accounted as the Skellam
+    mechanism of distributed DP (skellam_accountant.py; Opacus has no accountant for it):
+    ``step_of(z, q)`` is the entry's release, its integer-grid sensitivities and variance at
+    noise multiplier z (distributed_dp.DistributedDP.with_noise(z).step(q))."""
+
+    def __init__(self, step_of: Any):
+        self.accountant = "skellam"
+        self.history = {}
+        self.step_of = step_of
+
+    def epsilon(self, key: int | str, delta: float) -> float:
+        from . import skellam_accountant as sk
+        entries = [(self.step_of(s, q), n) for s, q, n in self.history.get(self._key(key), []) if n > 0]
+        return sk.epsilon(entries, delta) if entries else 0.0
+
+    def smallest_noise(self, target_epsilon: float, delta: float) -> float:
+        """The smallest noise multiplier with which every key's entries (as planned at any noise)
+        stay within ``target_epsilon``: the worst (rate, steps) decides."""
+        from . import skellam_accountant as sk
+        plans = {(h[0][1], sum(n for _, _, n in h)) for h in self.history.values() if h}
+        return max((sk.noise_for_epsilon(target_epsilon, delta, steps, lambda z, q=q: self.step_of(z, q))
+                    for q, steps in plans), default=0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # The planned run
 
@@ -212,44 +237,33 @@ def client_level_rate(cfg: Config) -> float:
     return cfg.fed.clients_per_round / cfg.fed.num_clients
 
 
+def _mechanism(cfg: Config) -> Any:
+    """The class of the chosen privacy mechanism (fedrun.privacy.mechanisms): what it composes."""
+    registry = registry_of("privacy.level")
+    assert registry is not None
+    return registry.selected(cfg).target
+
+
 def planned_ledger(cfg: Config, shard_sizes: Sequence[int],
                    participation: Sequence[Sequence[int]] | None = None,
                    rounds: int | None = None, noise_multiplier: float | None = None) -> PrivacyLedger:
-    """The ledger the planned run will have after ``rounds`` (default fed.rounds) rounds.
+    """The ledger the planned run will have after ``rounds`` (default fed.rounds) rounds: what
+    the chosen mechanism composes (``Mechanism.planned``).
 
-    ``participation[r]``: the clients of round r + 1 (sample level; known in advance, since
-    clients are drawn from (seed, round)); None = every client with data in every round (an
-    upper bound when not all take part). Client level ignores it (Poisson sampling is what the
-    accountant composes).
+    ``participation[r]``: the clients of round r + 1 (known in advance, since clients are drawn
+    from (seed, round)); None = every client with data in every round (an upper bound when not
+    all take part). A mechanism that samples clients itself (DP-FedAvg's Poisson) ignores it.
     """
-    pv = cfg.privacy
     rounds = cfg.fed.rounds if rounds is None else rounds
-    sigma = pv.noise_multiplier if noise_multiplier is None else noise_multiplier
-    ledger = PrivacyLedger(pv.accountant)
-    if pv.level == "client":
-        ledger.record(FEDERATION, sigma, client_level_rate(cfg), rounds)
-        return ledger
-    if pv.level != "sample":
-        return ledger
-    counts = [0] * len(shard_sizes)
-    if participation is None:
-        counts = [rounds] * len(shard_sizes)
-    else:
-        for clients in list(participation)[:rounds]:
-            for k in clients:
-                counts[k] += 1
-    for k, n in enumerate(shard_sizes):
-        if n > 0 and counts[k] > 0:
-            q, steps = sample_level_step(int(n), cfg.optim.batch_size, cfg.fed.local_epochs)
-            ledger.record(k, sigma, q, steps * counts[k])
-    return ledger
+    sigma = cfg.privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
+    return _mechanism(cfg).planned(cfg, shard_sizes, participation, rounds, sigma)
 
 
 def planned_epsilon(cfg: Config, shard_sizes: Sequence[int],
                     participation: Sequence[Sequence[int]] | None = None,
                     rounds: int | None = None, noise_multiplier: float | None = None) -> float:
-    """The epsilon (at privacy.delta) the whole planned run spends: the worst client at sample
-    level, the federation's at client level; 0.0 with privacy.level = "none"."""
+    """The epsilon (at privacy.delta) the whole planned run spends: the worst key of the planned
+    ledger (the worst client at sample level, the federation at client level); 0.0 without privacy."""
     return planned_ledger(cfg, shard_sizes, participation, rounds,
                           noise_multiplier).max_epsilon(cfg.privacy.delta)
 
@@ -272,7 +286,7 @@ def largest_rounds(cfg: Config, shard_sizes: Sequence[int],
 
 def _unreachable(cfg: Config) -> ConfigError:
     pv = cfg.privacy
-    unit = "the worst client" if pv.level == "sample" else "the federation"
+    unit = _mechanism(cfg).unit
     tighter = "; privacy.accountant = \"prv\" is tighter" if pv.accountant == "rdp" else ""
     return ConfigError(
         f"privacy.target_epsilon: no noise multiplier up to {MAX_SIGMA:g} keeps the planned "
@@ -290,6 +304,8 @@ def smallest_noise(cfg: Config, shard_sizes: Sequence[int],
     pv = cfg.privacy
     # the noise does not change what is composed, only how loudly: any value lists the entries
     ledger = planned_ledger(cfg, shard_sizes, participation, noise_multiplier=1.0)
+    if isinstance(ledger, SkellamLedger):  # distributed DP: its own accountant and solver
+        return math.ceil(ledger.smallest_noise(pv.target_epsilon, pv.delta) * 100) / 100
     sigma = 0.0
     for q, steps in {(h[0][1], sum(n for _, _, n in h)) for h in ledger.history.values()}:
         # the search's extreme probes: RDP's alpha range, PRV's log(1 - q) at q = 1
@@ -328,8 +344,7 @@ def solve_noise(cfg: Config, shard_sizes: Sequence[int],
     """``privacy.noise_multiplier = 0`` (with a privacy level and privacy.target_epsilon > 0):
     the smallest noise multiplier that fits the target for the planned run (``smallest_noise``:
     the worst client decides at sample level); None when the config gives the noise itself."""
-    pv = cfg.privacy
-    if pv.level == "none" or pv.noise_multiplier != 0:
+    if not _mechanism(cfg).unit or cfg.privacy.noise_multiplier != 0:
         return None
     require_opacus()
     return smallest_noise(cfg, shard_sizes, participation)
@@ -341,7 +356,7 @@ def check_budget(cfg: Config, shard_sizes: Sequence[int],
     the fix (the largest fed.rounds and the smallest privacy.noise_multiplier that fit) when it
     exceeds the target. No target (0) or privacy.level = "none": just the planned epsilon."""
     pv = cfg.privacy
-    if pv.level == "none":
+    if not _mechanism(cfg).unit:  # no privacy mechanism: nothing is spent
         return 0.0
     require_opacus()
     eps = planned_epsilon(cfg, shard_sizes, participation)
@@ -349,7 +364,7 @@ def check_budget(cfg: Config, shard_sizes: Sequence[int],
         return eps
     rounds = largest_rounds(cfg, shard_sizes, participation)
     sigma = smallest_noise(cfg, shard_sizes, participation)
-    unit = "the worst client" if pv.level == "sample" else "the federation"
+    unit = _mechanism(cfg).unit
     fix = (f"set fed.rounds <= {rounds} or privacy.noise_multiplier >= {sigma:.2f}" if rounds > 0 else
            f"even 1 round exceeds it: set privacy.noise_multiplier >= {sigma:.2f}")
     raise ConfigError(

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import seeding
 from ..flat import float_tensors
-from ..parts import ClientUpdate, GradTerm, UpdateRule
+from ..parts import ClientUpdate, GradTerm, Stage, UpdateRule, WireFormat
 
 
 @torch.no_grad()
@@ -78,19 +78,23 @@ class PoissonParticipation:
     def clients(self, round_: int) -> list[int]:
         return poisson_clients(self.num_clients, self.q, self.seed, round_)
 
+    def selected(self, round_: int) -> list[int]:
+        return self.clients(round_)
+
     def record(self, round_: int) -> dict[str, Any]:
         return {}
 
 
-class ClipUpdate(UpdateRule):
+class ClipUpdate(UpdateRule, WireFormat):
     """Step 2 of DP-FedAvg as a link of the update chain: theta_k - theta clipped to L2 norm
     ``clip`` on the client's rank, and the client's weight set to 1 (uniform weights), which
     bounds one client's influence on the sum by ``clip`` whatever its data size. It is the
-    chain's last link (``fedrun.train`` lists it after the others): whatever an earlier link did
-    to the update (compression adds its error-feedback residual, which can raise the norm), what
-    is summed has norm <= clip. What clipping removes is not fed back."""
+    chain's last link (its stage, ``BOUND``; ``fedrun.parts.check_chain``): whatever an earlier
+    link did to the update (compression adds its error-feedback residual, which can raise the
+    norm), what is summed has norm <= clip. What clipping removes is not fed back."""
 
     name = "dp_clip"
+    stage = Stage.BOUND
 
     def __init__(self, clip: float):
         self.clip = clip

@@ -52,7 +52,8 @@ from ..config import Config
 from ..data import ImageSet
 from ..diffusion import Diffusion
 from ..errors import ConfigError
-from ..local_training import LocalResult, ShardTrainer, batch_loss, client_adam
+from ..flat import float_tensors
+from ..local_training import LocalResult, batch_loss, client_adam, keeps_optimizer
 from ..models import FourierFeatures
 from ..precision import autocast_dtype
 from .accountant import require_opacus, sample_level_step
@@ -204,15 +205,57 @@ def train_local_dp(model: nn.Module, diffusion: Diffusion, data: ImageSet, indic
                 faults.at_step(model, round_, client, step)
             if on_step is not None:
                 on_step()
-        kept = adam.state_dict() if cfg.fed.client_optimizer == "keep" else None
+        kept = adam.state_dict() if keeps_optimizer(cfg) else None
     finally:
         detach(gsm)
         quiet.__exit__(None, None, None)
     return DPLocalResult(loss_sum, total_steps, images, kept, q, pv.noise_multiplier)
 
 
-class DPSGDTrainer(ShardTrainer):
-    """The round loop's client trainer at ``privacy.level = "sample"``: ``train_local_dp`` on the
-    client's shard."""
-
-    train_fn = train_local_dp
+def clipped_gradients(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices: torch.Tensor,
+                      cfg: Config, round_: int, client: int, on_step: Callable[[], None] | None = None, *,
+                      optimizer_state: dict[str, Any] | None = None,
+                      adjust_grads: Callable[[], None] | None = None) -> LocalResult:
+    """"sample_once": the client's part of the round's one noised step. A Poisson batch of its
+    shard (rate q = min(1, B / n), the stream (seed, round, client)), each image's gradient of
+    the loss at the global model (Opacus's per-sample gradients; noise multiplicity averaged
+    inside), clipped to L2 norm ``privacy.clip``: returned as the result's ``message``, one row per
+    image in fedrun.flat's order (float buffers get zero rows), the model untouched. No noise here:
+    it is added once, to the round's sum (fedrun.privacy.mechanisms.SampleOnce)."""
+    require_opacus()
+    device = data.images.device
+    pv = cfg.privacy
+    amp = autocast_dtype(cfg.train.precision, device)
+    tensors = float_tensors(model)
+    n = len(indices)
+    empty = torch.zeros((0, sum(t.numel() for t in tensors)), device=device)
+    if n == 0:
+        return LocalResult(torch.zeros((), device=device), 0, 0, None, empty)
+    q, _ = sample_level_step(n, cfg.optim.batch_size, 1)
+    torch.manual_seed(seeding.derive_seed(seeding.CLIENT, cfg.run.seed, round_, client))  # dropout, eps, labels
+    sampling = seeding.generator("cpu", seeding.DP_SAMPLING, cfg.run.seed, round_, client)
+    take = torch.rand(n, generator=sampling) < q
+    idx = indices[take.nonzero()[:, 0].to(indices.device)].to(device, non_blocking=True)
+    if on_step is not None:
+        on_step()
+    if not len(idx):  # an empty Poisson batch sends nothing but its share of the noise
+        return LocalResult(torch.zeros((), device=device), 1, 0, None, empty)
+    sobol = seeding.sobol_engine(cfg.run.seed, round_, client)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    params = [p for p in model.parameters() if p.requires_grad]
+    gsm = attach(model)
+    try:
+        model.train()
+        with warnings.catch_warnings():  # PyTorch notes that the first conv's input needs no grad
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss = per_sample_gradients(gsm, params, diffusion, data, idx, sobol, cfg, amp, memory_format)
+        grads = {id(p): p.grad_sample for p in params}
+        rows = torch.cat([grads[id(t)].reshape(len(idx), -1).float() if id(t) in grads
+                          else torch.zeros((len(idx), t.numel()), device=device) for t in tensors], dim=1)
+    finally:
+        detach(gsm)
+        for p in params:
+            p.grad = None
+    norms = rows.norm(dim=1, keepdim=True)
+    rows.mul_(torch.clamp(pv.clip / norms.clamp_min(1e-12), max=1.0))
+    return LocalResult(loss, 1, len(idx), None, rows)

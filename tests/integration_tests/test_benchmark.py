@@ -23,9 +23,10 @@ def test_two_rank_benchmark_writes_consistent_json(tmp_path):
                  "fed.rounds": "99", "fed.compress": "int8"}  # --rounds wins over fed.rounds
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}",
-           "benchmarks/round_throughput.py", "--rounds", "2", "--raw-iters", "3", "--out", str(out),
+           str(ROOT / "benchmarks" / "round_throughput.py"),
+           "--rounds", "2", "--raw-iters", "3", "--out", str(out),
            *[f"--{k}={v}" for k, v in overrides.items()]]
-    run = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "FL efficiency" in run.stdout and "raw all_reduce" in run.stdout

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers import ROOT, clean_env
+from helpers import clean_env
 
 # runs `python -m fedrun ARGS` in this interpreter and reports, at exit, whether torch was loaded
 PROBE = ("import atexit, runpy, sys\n"
@@ -17,7 +17,7 @@ PROBE = ("import atexit, runpy, sys\n"
 
 
 def probe(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
                           env={**clean_env(), **(env or {})}, timeout=120)
 
 

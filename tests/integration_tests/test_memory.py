@@ -19,8 +19,8 @@ from helpers import ROOT
 @pytest.mark.slow
 def test_rss_at_round_50_is_within_5_percent_of_round_5(tmp_path):
     out = tmp_path / "memory_flat.json"
-    res = subprocess.run([sys.executable, "benchmarks/memory_flat.py", "--rounds", "50", "--early", "5",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_flat.py"), "--rounds", "50",
+                          "--early", "5", "--out", str(out)], capture_output=True, text=True, timeout=1800)
     r = json.loads(out.read_text())
     assert r["returncode"] == 0, r.get("stderr_tail")
     rss = {int(k): v for k, v in r["rss_mb"].items()}

@@ -60,7 +60,7 @@ def _free_port_pair() -> int:
 
 
 def _cluster(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), command], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run(["bash", str(SCRIPT), command], env=env, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -102,8 +102,8 @@ def runs(slurm, tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
                "FEDRUN_RDZV_PORT": str(free_port())}
         cmd = ["sbatch", "--wait", "--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2",
                "--cpus-per-task=1", f"--job-name=fedrun-{shape}", f"--output={out / shape}.out",
-               "launch/slurm.sbatch", *as_args(tiny_overrides(out, shape))]
-        jobs[shape] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+               str(ROOT / "launch" / "slurm.sbatch"), *as_args(tiny_overrides(out, shape))]
+        jobs[shape] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
     reference = run_cli(as_args(tiny_overrides(out, "reference")), nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]

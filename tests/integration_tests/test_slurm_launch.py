@@ -22,7 +22,7 @@ def test_sbatch_builds_both_launch_shapes(tmp_path):
            "PATH": f"{tmp_path}:/usr/bin:/bin", "FEDRUN_PYTHON": sys.executable}
 
     def dry(shape: str) -> str:
-        out = subprocess.run(["bash", "launch/slurm.sbatch", "--fed.rounds", "3"], cwd=ROOT, text=True,
+        out = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--fed.rounds", "3"], text=True,
                              env={**env, "FEDRUN_LAUNCH": shape}, capture_output=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout
@@ -34,7 +34,7 @@ def test_sbatch_builds_both_launch_shapes(tmp_path):
     b = dry("srun")
     assert "--ntasks=8 --ntasks-per-node=4 --cpus-per-task=6" in b and "torch.distributed.run" not in b
     assert b.rstrip().endswith("-m fedrun --fed.rounds 3")
-    bad = subprocess.run(["bash", "launch/slurm.sbatch"], cwd=ROOT, text=True, capture_output=True,
+    bad = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch")], text=True, capture_output=True,
                          env={**env, "FEDRUN_LAUNCH": "mpirun"}, timeout=60)
     assert bad.returncode == 2 and "FEDRUN_LAUNCH" in bad.stderr
 
@@ -45,9 +45,9 @@ def test_two_nodes_meet_through_the_c10d_rendezvous(tmp_path):
     port = free_port_in(30000, 60000)
     env = {**clean_env(), "OMP_NUM_THREADS": "1", "NNODES": "2", "NPROC": "1", "HEAD": "127.0.0.1",
            "HEAD_PORT": str(port), "JOB_ID": f"test{port}", "PYTHON": sys.executable}
-    cmd = ["bash", "launch/torchrun_multinode.sh",
+    cmd = ["bash", str(ROOT / "launch" / "torchrun_multinode.sh"),
            *as_args(tiny_overrides(tmp_path, "nodes", fed__num_clients=2, fed__clients_per_round=2))]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
              for _ in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]

@@ -25,8 +25,8 @@ SWEEPS = sorted((ROOT / "configs" / "paper").glob("*.toml")) + fidelity_study.sw
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
 def test_every_paper_sweep_validates(sweep):
-    res = subprocess.run([sys.executable, "launch/run_table.py", str(sweep), "--dry-run"],
-                         cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, str(ROOT / "launch" / "run_table.py"), str(sweep), "--dry-run"],
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines and all(l.startswith("python -m fedrun --config") for l in lines)
@@ -41,8 +41,8 @@ def test_tiny_alpha_sweep_then_report(tmp_path):
     over = {**TINY, "fed.rounds": "1", "eval.num_samples": "20", "eval.batch_size": "20",
             "run.out_dir": str(tmp_path / "runs")}
     extra = [a for k, v in over.items() for a in (f"--{k}", v)]
-    res = subprocess.run([sys.executable, "launch/run_table.py", str(sweep), "--jobs", "2", "--", *extra],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, str(ROOT / "launch" / "run_table.py"), str(sweep), "--jobs", "2", "--", *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted((tmp_path / "runs").iterdir())
     assert [p.name for p in runs] == ["t_digits_a0.1", "t_digits_a5"]
@@ -82,7 +82,7 @@ def test_seeds_base_file_base_and_equal_epochs_expand_in_order(tmp_path):
     with pytest.raises(run_table.ConfigError, match="--seeds"):
         run_table.plan(sweep, ["--run.seed", "3"])
     (tmp_path / "base.toml").write_text("[fed]\nroundz = 3\n")  # a typo in the base: before any run
-    res = subprocess.run([sys.executable, "launch/run_table.py", str(sweep), "--dry-run"], cwd=ROOT,
+    res = subprocess.run([sys.executable, str(ROOT / "launch" / "run_table.py"), str(sweep), "--dry-run"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "roundz" in res.stderr
 
@@ -93,9 +93,9 @@ def test_two_jobs_run_at_once_and_finished_runs_are_skipped(tmp_path):
     base = "".join(f'"{k}" = "{v}"\n' for k, v in over.items())
     sweep = _sweep(tmp_path, 'table = "t"\nconfigs = ["configs/digits.toml"]\nseeds = [0, 1]\n'
                    'base_file = "base.toml"\n[[runs]]\nname = "x"\n', base=base)
-    cmd = [sys.executable, "launch/run_table.py", str(sweep), "--jobs", "2"]
+    cmd = [sys.executable, str(ROOT / "launch" / "run_table.py"), str(sweep), "--jobs", "2"]
     env = {k: v for k, v in clean_env().items() if k != "OMP_NUM_THREADS"}  # run_table splits the cores
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     events = [l.split()[1] if "started" in l else "done" for l in res.stdout.splitlines()
               if "started" in l or " done, " in l]
@@ -107,10 +107,10 @@ def test_two_jobs_run_at_once_and_finished_runs_are_skipped(tmp_path):
     assert seeds == [0, 1] and threads == [max(1, run_table.cores() // 2)] * 2
     stamp = [(r / "summary.json").stat().st_mtime_ns for r in runs]
 
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "2 of 2 runs already finished, skipped" in again.stdout
     assert "started" not in again.stdout and [(r / "summary.json").stat().st_mtime_ns for r in runs] == stamp
-    dry = subprocess.run(cmd + ["--dry-run"], cwd=ROOT, capture_output=True, text=True, env=env)
+    dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, env=env)
     assert dry.stdout.count("# finished, skipped") == 2
     # a summary written by other settings is not "finished": that run is started again
     job = run_table.plan(sweep, [])[0]

@@ -25,7 +25,6 @@ from fedrun.config import load_config
 from fedrun.train import train
 
 from helpers import (
-    ROOT,
     as_args,
     clean_env,
     free_port,
@@ -122,7 +121,7 @@ def test_accelerate_launch_two_processes(one_process, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), "-m", "fedrun",
            *as_args(tiny_overrides(tmp_path, "accelerate", **LAYOUT))]
-    res = subprocess.run(cmd, cwd=ROOT, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+    res = subprocess.run(cmd, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert world_sizes(tmp_path / "accelerate") == [2, 2]

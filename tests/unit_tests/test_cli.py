@@ -1,14 +1,16 @@
 """The command line, in-process through fedrun.__main__.main (what `python -m fedrun` calls)."""
 
 from fedrun.__main__ import USAGE, main
+from fedrun.config_reference import methods_help
 
 
 def test_help_prints_usage_and_exits_0(capsys):
     for argv in (["--help"], ["-h"], ["help"]):
         assert main(argv) == 0
         out = capsys.readouterr().out
-        assert out.strip() == USAGE.strip()
+        assert out.startswith(USAGE) and out.strip() == (USAGE + "\n" + methods_help()).strip()
         assert "torchrun --nproc_per_node" in out and "--section.key" in out
+        assert "--fed.drift none | fedprox | scaffold | feddyn" in out and "--fed.prox_mu" in out
 
 
 def test_no_config_means_the_digits_default(capsys):
@@ -91,4 +93,4 @@ def test_a_bad_eval_or_audit_command_line_is_one_line_and_exit_code_2(capsys, tm
 def test_help_of_a_subcommand_is_the_usage(capsys):
     for argv in (["eval", "--help"], ["audit", "-h"], ["train", "--help"]):
         assert main(argv) == 0
-        assert capsys.readouterr().out.strip() == USAGE.strip()
+        assert capsys.readouterr().out.strip() == (USAGE + "\n" + methods_help()).strip()

@@ -15,7 +15,7 @@ import torch
 
 from fedrun import checkpoint
 from fedrun.config import load_config
-from fedrun.errors import CheckpointError, ConfigError
+from fedrun.errors import ConfigError, RunDirError
 from fedrun.flat import num_flat
 from fedrun.models import build
 from fedrun.privacy import accountant, client_dp
@@ -58,11 +58,10 @@ def test_a_solved_noise_trains_exactly_as_the_same_noise_given(tmp_path, level, 
     assert a["extra"]["privacy"] == b["extra"]["privacy"]
     assert all(s == sigma for h in a["extra"]["privacy"]["history"].values() for s, _, _ in h)
     assert summary["privacy"]["epsilon_max"] == other["privacy"]["epsilon_max"] <= 20
-    assert a["identity"] == {"privacy.noise_multiplier": f"a noise multiplier of {sigma:g} solved from "
-                                                         f"privacy.target_epsilon = 20"}
-    assert "identity" not in b  # a noise given in the config is part of the config hash already
+    # the solved noise is the run's config from then on: config.toml, checkpoints, summary.json
     saved = json.loads((solved.run_dir / "summary.json").read_text())["config"]["privacy"]
-    assert saved["noise_multiplier"] == 0.0  # the user's config, which a resume compares
+    assert saved["noise_multiplier"] == sigma and a["config"]["privacy"]["noise_multiplier"] == sigma
+    assert load_config(solved.run_dir / "config.toml").privacy.noise_multiplier == sigma
 
 
 def test_resume_solves_the_same_noise_and_refuses_another(tmp_path):
@@ -80,9 +79,8 @@ def test_resume_solves_the_same_noise_and_refuses_another(tmp_path):
     # more rounds solve a larger noise: the run would mix two noises under one target
     more = load_config(None, tiny_overrides(tmp_path, "resumed", privacy__noise_multiplier=0, fed__rounds=40,
                                             **CLIENT))
-    refusal = (r"^privacy\.noise_multiplier: .*round_0002\.pt continues a run started with a noise "
-               r"multiplier of [0-9.]+ solved .* this config gives a noise multiplier of [0-9.]+ solved")
-    with pytest.raises(CheckpointError, match=refusal):
+    refusal = r"^run\.name: .* holds a run with a different config \(privacy\.noise_multiplier [0-9.]+ there, [0-9.]+ here\)"
+    with pytest.raises(RunDirError, match=refusal):
         train(more)
 
 

@@ -342,3 +342,57 @@ def test_labels_read_the_config_fields_facts():
     assert not applies("privacy.clip", {}) and applies("privacy.clip", {"privacy.level": "sample"})
     assert is_off("fed.drift", "none") and not is_off("fed.drift", "feddyn") and not is_off("fed.alpha", 0.5)
     assert is_label("some.key_of_an_older_release") and applies("some.key_of_an_older_release", {})
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals: seeds' spread and sampling intervals; "not resolved"
+
+
+def _fid_ci(fid: float, half: float) -> dict:
+    return _fid(fid, fid_test_ci=[fid - half, fid + half], bootstrap={"resamples": 200, "confidence": 0.95})
+
+
+def test_seeds_interval_takes_the_larger_of_the_spread_and_the_sampling_noise():
+    from scipy import stats
+
+    from fedrun.evaluation.report.table import seeds_interval
+    z = stats.norm.ppf(0.975)
+    # spread larger: S^2 = 1 (values 1, 2, 3), sampling v = (0.1 / z)^2: t with 2 df on sqrt(1 / 3)
+    got = seeds_interval([1.0, 2.0, 3.0], [(v - 0.1, v + 0.1) for v in (1.0, 2.0, 3.0)])
+    half = stats.t.ppf(0.975, 2) * (1 / 3) ** 0.5
+    assert (got.mean, got.lo, got.hi, got.df) == pytest.approx((2.0, 2 - half, 2 + half, 2))
+    # sampling larger: three equal scores whose own intervals are wide: normal quantile, v / k
+    got = seeds_interval([2.0, 2.0, 2.0], [(1.0, 3.0)] * 3)
+    assert got.df is None and got.hi - got.mean == pytest.approx(z * ((1 / z) ** 2 / 3) ** 0.5)
+    assert seeds_interval([2.0], [(1.5, 2.7)]).lo == 1.5  # one run: its own interval
+
+
+def test_ratio_interval_on_the_log_scale():
+    from fedrun.evaluation.report.table import Interval, ratio_interval, resolution
+    a = Interval(2.0, 0, 0, sd=0.2, df=None, confidence=0.95)
+    b = Interval(1.0, 0, 0, sd=0.1, df=None, confidence=0.95)
+    r = ratio_interval(a, b)
+    half = 1.959964 * (0.1 ** 2 + 0.1 ** 2) ** 0.5
+    assert (r.mean, r.lo, r.hi) == pytest.approx((2.0, 2 * 2.718281828 ** -half, 2 * 2.718281828 ** half))
+    assert resolution(r) == "resolved"
+    assert resolution(ratio_interval(Interval(1.1, 0, 0, 0.3, 2.0, 0.95), b)) == "not resolved"
+
+
+def test_report_prints_intervals_and_says_not_resolved(tmp_path):
+    fed = [_run(tmp_path, f"fed_s{s}", _fid_ci(f, 0.3), run__seed=s)
+           for s, f in ((0, 1.8), (1, 2.0), (2, 2.2))]
+    cen = [_run(tmp_path, f"cen_s{s}", _fid_ci(f, 0.3), run__seed=s, run__mode="centralized")
+           for s, f in ((0, 1.6), (1, 1.7), (2, 1.8))]
+    far = [_run(tmp_path, f"far_s{s}", _fid_ci(f, 0.1), run__seed=s, fed__alpha=0.1)
+           for s, f in ((0, 6.0), (1, 6.1), (2, 6.2))]
+    table, paths = report.make_report(fed + cen + far, curves=False)
+    md = paths["md"].read_text()
+    ratio = table.ratio_interval("fed.alpha=0.5", "digits")  # FedAvg at the default alpha: 1.18x
+    assert ratio is not None and ratio.lo < 1 < ratio.hi
+    assert f"| 1.18 [{ratio.lo:.2f}, {ratio.hi:.2f}] not resolved |" in md
+    assert f"fed.alpha=0.5 vs run.mode=centralized (digits): FID (test) ratio 1.18 [{ratio.lo:.2f}, " in md
+    assert md.count(": not resolved at 95%.") == 1 and md.count(": resolved at 95%.") == 1  # alpha 0.1: 3.6x
+    ci = table.interval("fed.alpha=0.5", "digits", "fid_test")
+    # spread (S = 0.2) above the sampling noise (0.3 / 1.96): t with 2 degrees of freedom
+    assert ci.df == 2 and (ci.hi - ci.mean) == pytest.approx(4.302653 * 0.2 / 3 ** 0.5)
+    assert f"2.00 ± 0.20 [{ci.lo:.2f}, {ci.hi:.2f}] (n=3)" in md

@@ -1,8 +1,9 @@
 """A resumed run ends with the same model as an uninterrupted one (bit for bit), whatever state
 it carries across the restart: the RNG, a server optimizer's moments, the centralized Adam, the
 EMA, and what clients keep between rounds (Adam moments, SCAFFOLD control variates, FedDyn's
-gradient state and its server correction, compression's error-feedback residuals), and a LoRA
-run's adapters on top of its frozen base."""
+gradient state and its server correction, compression's error-feedback residuals), a LoRA
+run's adapters on top of its frozen base, and secure aggregation with distributed noise (keys
+drawn afresh every round, noise shares from their seeded streams)."""
 
 import json
 
@@ -44,6 +45,10 @@ def final_checkpoint(cfg):
                   "fed__num_clients": "24", "optim__batch_size": "16"},
                  id="lora-adapters-dp-sgd-multiplicity-ema"),
     pytest.param({"run__mode": "fedavg", "fed__compress": "int8"}, id="int8-error-feedback-residuals"),
+    # keys from os.urandom every round (the masks cancel); the noise shares from seeded streams
+    pytest.param({"run__mode": "fedavg", "secure_agg__protocol": "secagg+", "secure_agg__bits": "16",
+                  "privacy__level": "client", "privacy__clip": "0.01", "fed__num_clients": "3"},
+                 id="secagg-distributed-dp-fedavg"),
     # cheap rounds: 200 synthetic images, the 3 clients all drawn (q = 1: a fast accountant)
     pytest.param({"run__mode": "fedavg", "model__init_from": "PUBLIC", "privacy__level": "client",
                   "privacy__clip": "0.01", "fed__num_clients": "3", "data__name": "synthetic",

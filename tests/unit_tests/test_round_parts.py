@@ -15,7 +15,7 @@ from fedrun.federated.drift import FedDynRule, drift_rules
 from fedrun.federated.placement import BySize, HomeRanks, assign_clients
 from fedrun.federated.server import FedAvg, RuleServer
 from fedrun.flat import RoundBuffer, flatten, load_flat_
-from fedrun.parts import Aggregate, ClientUpdate, UpdateRule, compose_terms
+from fedrun.parts import Aggregate, ClientUpdate, ServerHalf, UpdateRule, compose_terms
 from fedrun.privacy import client_dp
 from fedrun.privacy.accountant import PrivacyLedger, sample_level_step
 from fedrun.privacy.mechanisms import ClientLevelServer, SampleLevelServer
@@ -127,7 +127,7 @@ def test_feddyn_trains_end_to_end_and_differs_from_fedavg(tmp_path):
 # The chain, the server step and its privacy wrappers
 
 
-class Recorder(UpdateRule):
+class Recorder(UpdateRule, ServerHalf):
     """A rule that records the order it is called in and scales the weight."""
 
     def __init__(self, name: str, log: list[str], factor: float = 1.0):

@@ -14,7 +14,7 @@ import torch.nn as nn
 from fedrun.config import DataConfig
 from fedrun.data import load_split, to_uint8
 from fedrun.errors import MetricsError
-from fedrun.evaluation import classifier, extractors, scorer, scores
+from fedrun.evaluation import classifier, extractors, intervals, scorer, scores
 
 # ---------------------------------------------------------------------------------------------
 # Formulas
@@ -191,3 +191,27 @@ def test_classifier_training_is_seeded_and_leaves_the_global_rng_alone():
     c = classifier.train_classifier(tiny, seed=6, max_epochs=3, target_steps=1)
     wa, wb, wc = (m.head.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+@pytest.mark.slow  # ~5 s: three bootstraps against the digits' splits
+def test_every_score_gets_its_interval_reproducibly(digits_scorer):
+    s = digits_scorer
+    boot = scorer.Scorer("classifier", "digits", s.train, s.test, cache_dir=s.cache, bootstrap=40, seed=3)
+    labels = s.train.labels[:150]
+    feats, logits = boot.features(s.train.images[:150])
+    got = boot.score_features(feats, logits, labels)
+    keys = ("fid_train", "fid_test", "fid_test_inf", "kid_test", "is_mean", "precision", "recall",
+            "density", "coverage", "class_acc")
+    for key in keys:  # the centred interval holds its score (the resamples' mean is between their quantiles)
+        lo, hi = got[f"{key}_ci"]
+        assert lo <= got[key] <= hi, key
+    assert got["bootstrap"]["resamples"] == 40 and got["bootstrap_s"] > 0
+    assert len(got["per_class"]["fid_test_ci"]) == 10 and all(ci[0] <= f <= ci[1] for ci, f in zip(
+        got["per_class"]["fid_test_ci"], got["per_class"]["fid_test"], strict=True))
+    assert boot.score_features(feats, logits, labels)["fid_test_ci"] == got["fid_test_ci"]  # seeded
+    boot.bootstrap = intervals.Bootstrap(40, 0.95, seed=4)
+    assert boot.score_features(feats, logits, labels)["fid_test_ci"] != got["fid_test_ci"]
+    # the points are those of the scorer without intervals (KID's subsets follow the seed: not KID)
+    plain = s.scorer.score_features(feats, logits, labels)
+    assert all(plain[k] == got[k] for k in ("fid_test", "fid_train", "precision", "is_mean", "class_acc"))
+    assert "fid_test_ci" not in plain

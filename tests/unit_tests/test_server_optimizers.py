@@ -15,7 +15,7 @@ import torch
 
 from fedrun.config import load_config
 from fedrun.federated.server import (
-    SERVER_OPTIMIZERS,
+    SERVER_RULES,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -90,7 +90,7 @@ def test_fedadagrad_by_hand():
     assert opt.state_dict()["v"].item() == 1.5625
 
 
-@pytest.mark.parametrize("name", sorted(SERVER_OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(SERVER_RULES))
 def test_a_resumed_rule_continues_bit_for_bit(name):
     cfg = load_config(None, {"fed.server_opt": name, "fed.server_lr": "0.3",
                              "fed.server_momentum": "0.7"}).fed

@@ -38,6 +38,20 @@ class Run:
         v = self.scores.get(key, self.extra.get(key))
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
+    def interval(self, key: str) -> tuple[float, float] | None:
+        """The score's confidence interval (scores' ``<key>_ci``), None when the run has none."""
+        ci = self.scores.get(f"{key}_ci")
+        if isinstance(ci, list) and len(ci) == 2 and all(number(v) is not None for v in ci):
+            return float(ci[0]), float(ci[1])
+        return None
+
+    @property
+    def confidence(self) -> float:
+        """The confidence of the run's intervals (0.95 when it does not say)."""
+        boot = self.scores.get("bootstrap")
+        c = boot.get("confidence") if isinstance(boot, dict) else None
+        return float(c) if number(c) is not None else 0.95
+
     @property
     def title(self) -> str:
         """The row label, plus the seed when the row averages several."""

@@ -25,6 +25,7 @@ with the row on most other label keys (e.g. ema.sigma_rel) is the reference.
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,95 @@ class Table:
         mine, central = self.score(label, dataset, "fid_test"), self.score(ref, dataset, "fid_test")
         return mine / central if mine is not None and central else None
 
+    def interval(self, label: str, dataset: str, key: str) -> Interval | None:
+        """The cell's mean with an interval holding both noises: the seeds' spread and each run's
+        sampling interval (``seeds_interval``); None when a run of the cell has no interval."""
+        runs = [r for r in self.cells.get((label, dataset), []) if r.value(key) is not None]
+        if not runs or any(r.interval(key) is None for r in runs):
+            return None
+        return seeds_interval([r.value(key) for r in runs], [r.interval(key) for r in runs],  # type: ignore[misc]
+                              runs[0].confidence)
+
+    def ratio_interval(self, label: str, dataset: str) -> Interval | None:
+        """FID (test) over the centralized row's, with its interval (``ratio_interval``)."""
+        ref = self.reference.get((label, dataset))
+        if ref is None:
+            return None
+        mine, central = self.interval(label, dataset, "fid_test"), self.interval(ref, dataset, "fid_test")
+        return ratio_interval(mine, central) if mine is not None and central is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals over seeds: the seeds' spread and each run's sampling interval
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over runs with its interval at ``confidence``; ``sd`` the standard deviation of
+    the mean and ``df`` its degrees of freedom (None: a normal quantile)."""
+
+    mean: float
+    lo: float
+    hi: float
+    sd: float
+    df: float | None
+    confidence: float
+
+    def excludes(self, value: float) -> bool:
+        return not self.lo <= value <= self.hi
+
+
+def _quantile(confidence: float, df: float | None) -> float:
+    from scipy import stats
+    p = 1 - (1 - confidence) / 2
+    return float(stats.norm.ppf(p) if df is None else stats.t.ppf(p, df))
+
+
+def seeds_interval(values: list[float], cis: list[tuple[float, float]], confidence: float = 0.95) -> Interval:
+    """The mean over k runs (seeds) with an interval for what the setting gives on average.
+
+    Each run's score is its setting's value plus the seed's deviation plus the sampling error of
+    its evaluation, so the seeds' sample variance S^2 already holds both noises; with 2 or 3
+    seeds it is a rough estimate, and it can come out smaller than the runs' own sampling
+    variances say (v_i: from each run's interval, its half-width over the normal quantile).
+    Var(mean) = max(S^2, mean v_i) / k, with a t quantile of k - 1 degrees of freedom where
+    the seeds' spread is the larger, else a normal one. One run: its own interval."""
+    k = len(values)
+    z = _quantile(confidence, None)
+    v = [((hi - lo) / (2 * z)) ** 2 for lo, hi in cis]
+    mean = statistics.fmean(values)
+    if k == 1:
+        return Interval(mean, cis[0][0], cis[0][1], v[0] ** 0.5, None, confidence)
+    spread, sampling = statistics.variance(values), statistics.fmean(v)
+    df = float(k - 1) if spread >= sampling else None
+    sd = (max(spread, sampling) / k) ** 0.5
+    half = _quantile(confidence, df) * sd
+    return Interval(mean, mean - half, mean + half, sd, df, confidence)
+
+
+def ratio_interval(a: Interval, b: Interval) -> Interval | None:
+    """a / b with an interval from the log scale: Var(log a/b) = (sd_a / a)^2 + (sd_b / b)^2,
+    Welch-Satterthwaite degrees of freedom where either side has some (a side without is
+    counted with infinitely many); None unless both means are > 0."""
+    if a.mean <= 0 or b.mean <= 0:
+        return None
+    ua, ub = (a.sd / a.mean) ** 2, (b.sd / b.mean) ** 2
+    var = ua + ub
+    if a.df is None and b.df is None:
+        df = None
+    else:
+        den = sum(u * u / d for u, d in ((ua, a.df), (ub, b.df)) if d)
+        df = var * var / den if den > 0 else None
+    log_r = math.log(a.mean / b.mean)
+    half = _quantile(a.confidence, df) * var ** 0.5
+    return Interval(a.mean / b.mean, math.exp(log_r - half), math.exp(log_r + half), var ** 0.5, df,
+                    a.confidence)
+
+
+def resolution(ratio: Interval) -> str:
+    """"resolved" when the ratio's interval leaves 1 out, else "not resolved"."""
+    return "resolved" if ratio.excludes(1.0) else "not resolved"
+
 
 def _references(table: Table) -> dict[tuple[str, str], str]:
     """(label, dataset) -> label of the centralized row of the same data set and budget."""
@@ -227,13 +317,22 @@ def _cell(table: Table, label: str, dataset: str, key: str) -> str:
     mean, std, n = table.stats(label, dataset, key)
     if mean is None:
         return "–"
-    if len(table.runs_of(label, dataset)) > 1 and key != RATIO[0]:  # several seeds
+    if key == RATIO[0]:
+        own = table.reference.get((label, dataset)) == label  # the centralized row itself: 1
+        ratio = table.ratio_interval(label, dataset) if not own else None
+        if ratio is None:
+            return _one(key, mean)
+        verdict = "" if ratio.excludes(1.0) else " not resolved"
+        return f"{mean:.2f} [{ratio.lo:.2f}, {ratio.hi:.2f}]{verdict}"
+    ci = table.interval(label, dataset, key)
+    bracket = f" [{_one(key, ci.lo)}, {_one(key, ci.hi)}]" if ci is not None else ""
+    if len(table.runs_of(label, dataset)) > 1:  # several seeds
         spread = f" ± {_one(key, std)}" if std is not None else ""
-        return f"{_one(key, mean)}{spread} (n={n})"
-    if key == "is_mean":
+        return f"{_one(key, mean)}{spread}{bracket} (n={n})"
+    if key == "is_mean" and not bracket:
         is_std = table.score(label, dataset, "is_std")
         return f"{mean:.2f} ± {is_std:.2f}" if is_std is not None else f"{mean:.2f}"
-    return _one(key, mean)
+    return _one(key, mean) + bracket
 
 
 def columns(table: Table) -> list[tuple[str, str]]:
@@ -269,6 +368,7 @@ def write_markdown(table: Table, path: Path) -> None:
         refs = sorted({ref for ref in table.reference.values()})
         lines.append(f"FID / centralized: FID (test) over that of the centralized row of the same data set "
                      f"and epochs ({'; '.join(refs)}).")
+    lines += interval_notes(table)
     if extractors:
         lines.append(f"Features: {', '.join(extractors)}." + (
             " Scores from the proxy classifier compare runs of this repo only, not published numbers."
@@ -279,6 +379,27 @@ def write_markdown(table: Table, path: Path) -> None:
     lines += [f"- {label} / {dataset_title(d)}: " + ", ".join(f"`{r.path}`" for r in table.cells[(label, d)])
               for label in table.labels for d in table.datasets if (label, d) in table.cells]
     path.write_text("\n".join(lines) + "\n")
+
+
+def interval_notes(table: Table) -> list[str]:
+    """How the intervals were made, then one line per row compared with its centralized row:
+    the FID (test) ratio with its interval, "resolved" or "not resolved" (none without intervals)."""
+    runs = [r for rs in table.cells.values() for r in rs]
+    if not any(r.interval("fid_test") for r in runs):
+        return []
+    conf = f"{runs[0].confidence:.0%}"
+    lines = [f"[lo, hi]: {conf} intervals. One run: its bootstrap interval (generated and reference "
+             f"features resampled). Several seeds: the mean's interval, from the seeds' spread and the "
+             f"runs' own sampling intervals (variance of the mean max(S^2, mean v_i) / k; a t quantile "
+             f"of k - 1 degrees of freedom where the seeds' spread is the larger). FID / centralized: "
+             f"the ratio's interval on the log scale; \"not resolved\" where it holds 1."]
+    for (label, dataset), ref in table.reference.items():
+        ratio = table.ratio_interval(label, dataset) if ref != label else None
+        if ratio is None:
+            continue
+        lines.append(f"{label} vs {ref} ({dataset_title(dataset)}): FID (test) ratio {ratio.mean:.2f} "
+                     f"[{ratio.lo:.2f}, {ratio.hi:.2f}]: {resolution(ratio)} at {conf}.")
+    return lines
 
 
 def write_csv(table: Table, path: Path) -> None:

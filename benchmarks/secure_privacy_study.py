@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""The noise paid once: local DP-SGD against noise once under secure aggregation against
+centralized DP-SGD on the union, on the digits (issue 25's study). One command:
+
+    python benchmarks/secure_privacy_study.py                  # every row, its seeds, two at a time
+    python benchmarks/secure_privacy_study.py --rows once8,local8 --dry-run
+
+Every private row fine-tunes the public model (configs/digits_public.toml, pretrained on printed
+digits, one per seed) in its biases and embeddings (``model.trainable = "norms_biases"``: the best
+recipe of the privacy study) for the default's budget, 100 epochs, at sample level (the image is
+the unit; epsilon of the worst client at delta 1e-5), the noise solved from the target:
+
+* ``local``: today's DP-SGD in every client (privacy.level = "sample"): each client's steps of ~32
+  images carry their own noise;
+* ``once``: privacy.level = "sample_once" under SecAgg+ with 16-bit distributed Skellam noise: a
+  round is one step over the ten clients' Poisson batches (~320 images), the noise added once,
+  in shares, to the secure sum; FedAdam on the server; 450 rounds = 100 epochs;
+* ``central``: one client holding all 1,437 images, DP-SGD at batch 320 and the same 450 steps:
+  the upper bound of any sample-level federated mechanism at this epsilon.
+
+Plus: the public model alone and fine-tuned without DP; the frontier at epsilon 16 and 32 (two
+seeds); secure_agg.bits 12 / 20 against 16 and against no grid (0: the server's Gaussian once on
+the exact sum); client level on the cross-device config (300 clients, q = 0.1) with the server's
+noise against distributed noise at 16 bits. Results: ``benchmarks/results/secure_privacy_study.
+{md,json,png}`` (class accuracy, FID (test), MIA AUC, bytes, wall time; the epsilon at which each
+mechanism first beats the public model's class accuracy by 0.05 on every seed). Runs, evaluations
+and audits already finished are skipped when started again (privacy_study.py's runner).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
+import privacy_study as ps  # noqa: E402
+from portable import portable  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIVATE, PUBLIC, CROSS = ps.PRIVATE, ps.PUBLIC, ps.CROSS
+NB = {"model.trainable": "norms_biases"}
+ONCE = {"privacy.level": "sample_once", "secure_agg.protocol": "secagg+", "secure_agg.bits": "16",
+        "fed.server_opt": "fedadam", "fed.server_lr": "2e-3", "fed.rounds": "450", "checkpoint.every": "50"}
+CENTRAL = {"privacy.level": "sample", "fed.num_clients": "1", "fed.clients_per_round": "1",
+           "optim.batch_size": "320", "fed.client_optimizer": "keep", "fed.placement": "cost"}
+LOCAL = {"privacy.level": "sample"}
+MECHANISMS = {"local": LOCAL, "once": ONCE, "central": CENTRAL}
+FULL_SEEDS, FRONTIER_SEEDS = (0, 1, 2), (0, 1)
+
+ROWS: list[tuple[str, str]] = [
+    ("public", "public model only (printed digits, no DP)"),
+    ("nodp", "fine-tuned, biases + embeddings, no DP"),
+    *[(f"{m}{e}", f"eps {e}, {what}") for e in (1, 8, 16, 32) for m, what in (
+        ("local", "local DP-SGD in every client (today)"),
+        ("once", "noise once under SecAgg+, 16-bit Skellam"),
+        ("central", "centralized DP-SGD on the union (upper bound)"))],
+    ("once8_bits12", "eps 8, noise once, 12-bit Skellam"),
+    ("once8_bits20", "eps 8, noise once, 20-bit Skellam"),
+    ("once8_bits0", "eps 8, noise once, the server's Gaussian on the exact secure sum"),
+    ("client8", "client level eps 8, cross-device, the server's noise"),
+    ("client8_bits16", "client level eps 8, cross-device, 16-bit distributed Skellam under SecAgg+"),
+]
+
+
+def plan(out: Path, extra: dict[str, str]) -> list[ps.Job]:
+    jobs: list[ps.Job] = []
+    for s in FULL_SEEDS:
+        public = ps.Job("public", s, PUBLIC, {}, score_as={"data.name": "digits"})
+        init = {"model.init_from": str(out / public.name), **NB}
+        jobs += [public, ps.Job("nodp", s, PRIVATE, dict(init), after=public.name)]
+        for eps in (1, 8, 16, 32):
+            if eps > 8 and s not in FRONTIER_SEEDS:
+                continue
+            dp = {"privacy.target_epsilon": str(eps), "privacy.noise_multiplier": "0"}
+            for name, mech in MECHANISMS.items():
+                jobs.append(ps.Job(f"{name}{eps}", s, PRIVATE, {**init, **dp, **mech}, after=public.name))
+        if s in FRONTIER_SEEDS:
+            dp8 = {"privacy.target_epsilon": "8", "privacy.noise_multiplier": "0"}
+            for bits in (12, 20, 0):
+                jobs.append(ps.Job(f"once8_bits{bits}", s, PRIVATE,
+                                   {**init, **dp8, **ONCE, "secure_agg.bits": str(bits)}, after=public.name))
+            cross = {"model.init_from": str(out / public.name), "model.trainable": "norms_biases"}
+            jobs.append(ps.Job("client8", s, CROSS, dict(cross), after=public.name))
+            jobs.append(ps.Job("client8_bits16", s, CROSS, {**cross, "secure_agg.protocol": "secagg+",
+                                                             "secure_agg.bits": "16"}, after=public.name))
+    for j in jobs:
+        j.overrides = {**ps.COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
+                       "run.name": j.name, **extra}
+    return jobs
+
+
+def first_beating(by_row: dict[str, list[dict[str, Any]]], mech: str, margin: float = 0.05) -> int | None:
+    """The smallest epsilon at which ``mech`` beats the public model's class accuracy by
+    ``margin`` on every seed it was run with (seeds paired: the same public model)."""
+    public = {r["seed"]: r["class_acc"] for r in by_row.get("public", []) if r["class_acc"] is not None}
+    for eps in (1, 8, 16, 32):
+        rs = [r for r in by_row.get(f"{mech}{eps}", []) if r["class_acc"] is not None and r["seed"] in public]
+        if rs and all(r["class_acc"] >= public[r["seed"]] + margin for r in rs):
+            return eps
+    return None
+
+
+def write_results(jobs: list[ps.Job], out: Path, results: Path, command: str) -> dict[str, Path]:
+    results.mkdir(parents=True, exist_ok=True)
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for j in jobs:
+        r = ps.result(j, out)
+        if r is not None:
+            by_row.setdefault(j.row, []).append({"seed": j.seed, **r})
+    sessions = json.loads((out / "sessions.json").read_text()) if (out / "sessions.json").exists() else []
+    wall = sum(s["wall_s"] for s in sessions)
+    lines = ["# Noise once under secure aggregation: the digits", "",
+             f"Written by `{command}`. Every private run fine-tunes its seed's public model in biases and "
+             f"embeddings for 100 epochs, one rank, one thread; sample level, epsilon of the worst client at "
+             f"delta 1e-5 (PRV for local and central DP-SGD, the Skellam RDP accountant for noise once); FID "
+             f"(test) and class accuracy from fedrun's classifier against the handwritten test split; "
+             f"membership inference from `fedrun audit`. Mean ± std over the seeds (n). Wall time of the "
+             f"study: {wall:.0f} s over {len(sessions)} session(s).", "",
+             "| setting | n | epsilon | noise mult. | class acc | FID (test) | MIA AUC | MB up / round | "
+             "run wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row, what in ROWS:
+        rs = by_row.get(row, [])
+        if not rs:
+            continue
+        eps = ps._cell([r["epsilon"] for r in rs]) if rs[0]["epsilon"] is not None else "inf"
+        lines.append(f"| {what} | {len(rs)} | {eps} | {ps._cell([r['noise_multiplier'] for r in rs])} | "
+                     f"{ps._cell([r['class_acc'] for r in rs], '.3f')} | {ps._cell([r['fid_test'] for r in rs])} | "
+                     f"{ps._cell([r['auc'] for r in rs], '.3f')} | "
+                     f"{ps._cell([ps._mb(r['bytes_per_round']) for r in rs], '.3f')} | "
+                     f"{ps._cell([r['wall_s'] for r in rs], '.0f')} |")
+    lines += ["", "Per seed, class accuracy (the public model of the same seed in brackets):", ""]
+    public = {r["seed"]: r["class_acc"] for r in by_row.get("public", [])}
+    for row, what in ROWS[1:]:
+        rs = sorted(by_row.get(row, []), key=lambda r: r["seed"])
+        if rs:
+            cells = ", ".join(f"seed {r['seed']}: {r['class_acc']:.3f} ({public.get(r['seed'], float('nan')):.3f})"
+                              for r in rs)
+            lines.append(f"- {what}: {cells}")
+    lines += ["", "First epsilon at which a mechanism beats the public model's class accuracy by 0.05 on "
+              "every seed (none: not at 32 or below):", ""]
+    for mech in MECHANISMS:
+        lines.append(f"- {mech}: {first_beating(by_row, mech) or 'none'}")
+    missing = [j.name for j in jobs if ps.result(j, out) is None]
+    if missing:
+        lines += ["", f"Not finished: {', '.join(missing)}."]
+    md, js, png = (results / f"secure_privacy_study.{ext}" for ext in ("md", "json", "png"))
+    md.write_text(portable("\n".join(lines) + "\n"))
+    js.write_text(portable(json.dumps({"command": command, "wall_s": wall, "sessions": sessions,
+                                       "rows": by_row}, indent=2)))
+    write_png(by_row, png)
+    return {"md": md, "json": js, "png": png}
+
+
+def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """The privacy-utility frontier: class accuracy and FID (test) against epsilon per mechanism."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 4), constrained_layout=True)
+    axes = fig.subplots(1, 2)
+    xs = {1: 0, 8: 1, 16: 2, 32: 3}
+    for ax, (key, title) in zip(axes, (("class_acc", "class accuracy (higher is better)"),
+                                       ("fid_test", "FID (test), lower is better")), strict=True):
+        for mech, label in (("local", "local DP-SGD"), ("once", "noise once (SecAgg+, 16 bits)"),
+                            ("central", "centralized DP-SGD (upper bound)")):
+            pts = []
+            for eps, x in xs.items():
+                mean, std, _ = ps._stat([r[key] for r in by_row.get(f"{mech}{eps}", [])])
+                if mean is not None:
+                    pts.append((x, mean, std or 0.0))
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            capsize=3, label=label)
+        for row, style, label in (("public", "--", "public model"), ("nodp", ":", "fine-tuned, no DP")):
+            mean, _, _ = ps._stat([r[key] for r in by_row.get(row, [])])
+            if mean is not None:
+                ax.axhline(mean, color="grey", linestyle=style, label=label)
+        ax.set_xticks(range(4), ["eps 1", "eps 8", "eps 16", "eps 32"])
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    cut = given.index("--") if "--" in given else len(given)
+    argv_, extra_args = given[:cut], given[cut + 1:]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "secure_privacy_study")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--rows", default="", help="comma-separated rows (default all; public models are added)")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--audit-options", default="")
+    args = p.parse_args(argv_)
+    extra = {k.lstrip("-"): v for k, v in zip(extra_args[::2], extra_args[1::2], strict=True)}
+    out = args.out.resolve()
+    jobs = plan(out, extra)
+    if args.rows:
+        rows = set(args.rows.split(","))
+        unknown = rows - {row for row, _ in ROWS}
+        if unknown:
+            p.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(row for row, _ in ROWS)}")
+        needed = {j.after for j in jobs if j.row in rows and j.after}
+        jobs = [j for j in jobs if j.row in rows or j.name in needed]
+    todo = [j for j in jobs if ps.result(j, out) is None]
+    print(f"secure_privacy_study: {len(jobs)} runs, {len(todo)} to do, in {out}", flush=True)
+    if args.dry_run:
+        for j in jobs:
+            print(f"  {j.name}: {j.config.name} {j.overrides}" + (f" after {j.after}" if j.after else ""))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    code = 0
+    if todo and not args.report_only:
+        done = {j.name: threading.Event() for j in jobs}
+        for j in jobs:
+            if j not in todo:
+                done[j.name].set()
+        t0 = time.perf_counter()
+        try:
+            priority = [row for row, _ in ROWS]
+            order = sorted(todo, key=lambda j: (j.after is not None, priority.index(j.row), j.seed))
+            with ThreadPoolExecutor(args.jobs) as pool:
+                for fut in [pool.submit(ps.run_job, j, out, done, args.audit_options.split()) for j in order]:
+                    try:
+                        fut.result()
+                    except RuntimeError as exc:
+                        print(f"secure_privacy_study: {exc}", flush=True)
+                        code = 1
+        finally:
+            sessions_path = out / "sessions.json"
+            sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
+            sessions.append({"wall_s": round(time.perf_counter() - t0, 1), "runs": len(todo), "jobs": args.jobs})
+            sessions_path.write_text(json.dumps(sessions, indent=2))
+    command = " ".join(["python", "benchmarks/secure_privacy_study.py", *given])
+    paths = write_results(jobs, out, args.results, command)
+    print(paths["md"].read_text())
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
