@@ -80,6 +80,7 @@ def main() -> int:
     p.add_argument("--client-grids", type=int, default=2, help="client grids drawn (scaled to all)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    train_s = training_seconds(ROOT / "configs" / "digits.toml", args.rounds_a, args.rounds_b)  # first
     run = open_run(args.run_dir, device="cpu", overrides={"eval.enabled": "true", "run.threads": "1"})
     cfg, model, diffusion = run.cfg, run.model, run.diffusion
     assert run.test is not None
@@ -167,7 +168,6 @@ def main() -> int:
     out["phases_s"] = {k: round(v, 3) for k, v in ph.items()}
     out["options_s"] = {k: round(v, 3) for k, v in options.items()}
 
-    train_s = training_seconds(ROOT / "configs" / "digits.toml", args.rounds_a, args.rounds_b)
     job_train = train_s["start_s"] + R * train_s["round_s"]
     out["training"] = {**{k: round(v, 3) for k, v in train_s.items()},
                        "job_without_final_eval_s": round(job_train, 1)}

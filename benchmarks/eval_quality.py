@@ -10,7 +10,8 @@ the digits' train split) and as many samples as the test split:
   * ``real_test``: the real held-out test images themselves (the best a model could do
                    against the train split; its FID vs test is 0 by construction),
   * ``untrained``: the same U-Net at its initialisation (the worst case).
-Single process; sampling uses the run's eval settings (steps, eta, chunk size).
+Single process; sampling uses the run's eval settings (steps, eta, chunk size); FD (test) is
+printed with its 95 % interval (eval.bootstrap).
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ def main() -> int:
     results["untrained"] = evaluator.evaluate(untrained, diffusion, 0) or {}
     results["trained"] = evaluator.evaluate(run.model, run.diffusion, run.round) or {}
     results["trained"].update(checkpoint=str(run.checkpoint), weights=run.weights)
-    out = {"run_dir": str(args.run_dir), "date": time.strftime("%Y-%m-%d"),
+    out = {"run_dir": args.run_dir.name, "date": time.strftime("%Y-%m-%d"),
            "threads": torch.get_num_threads(), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     for name, r in results.items():
-        print(f"{name:>10}: FD train {r['fid_train']:8.2f}  FD test {r['fid_test']:8.2f}  "
+        ci = r.get("fid_test_ci")
+        shown = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        print(f"{name:>10}: FD train {r['fid_train']:8.2f}  FD test {r['fid_test']:8.2f}{shown}  "
               f"IS {r['is_mean']:.2f} ± {r['is_std']:.2f}  class acc {r.get('class_acc')}")
     print(f"written to {args.out}")
     return 0

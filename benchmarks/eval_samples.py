@@ -90,10 +90,12 @@ def half_widths(pools: list[Any], test: np.ndarray, test_labels: np.ndarray, n: 
 
 
 def fit(cells: list[dict[str, Any]], key: str) -> tuple[float, float]:
-    """Least squares of half-width^2 = a / N + b / M (both >= 0)."""
+    """Least squares of half-width^2 = a / N + b / M (both >= 0), in relative terms (each cell's
+    error over its own half-width^2: the large-N cells, which decide the answer, count as much
+    as the small ones)."""
     rows = [(1 / c["n"], 1 / c["m"], c[key] ** 2) for c in cells if c.get(key) is not None]
     x, y = np.array([r[:2] for r in rows]), np.array([r[2] for r in rows])
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    coef, *_ = np.linalg.lstsq(x / y[:, None], np.ones(len(y)), rcond=None)
     return float(max(coef[0], 0.0)), float(max(coef[1], 0.0))
 
 
@@ -114,9 +116,15 @@ def main() -> int:
     p.add_argument("--resamples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval_samples.json")
+    p.add_argument("--cells-from", type=Path, default=None,
+                   help="an earlier result: its measured cells, fitted again (nothing sampled or resampled)")
     args = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    if args.cells_from is not None:
+        earlier = json.loads(args.cells_from.read_text())
+        write_result(args, earlier["cells"], earlier["pool_sizes"], earlier["test_split"], earlier["wall_s"])
+        return 0
     pools = [load_generated(d, args.features) for d in (args.run_a, args.run_b)]
     cfg = load_run_config(args.run_a)
     scorer = Scorer(pools[0].meta["extractor"], pools[0].meta["dataset"], load_split(cfg.data, "train"),
@@ -134,28 +142,33 @@ def main() -> int:
                 cell[key] = float(np.mean(vals)) if not isinstance(vals[0], bool) else sum(vals) / len(vals)
             cells.append(cell)
             print(json.dumps(cell), flush=True)
+    write_result(args, cells, [len(g.feats) for g in pools], len(test), round(time.perf_counter() - t0, 1))
+    return 0
+
+
+def write_result(args: argparse.Namespace, cells: list[dict[str, Any]], pool_sizes: list[int],
+                 test_split: int, wall_s: float) -> None:
+    """The fit and the N needed, with the cells, to ``args.out``."""
     log12 = math.log(1.2)
     result: dict[str, Any] = {
         "runs": [args.run_a.name, args.run_b.name], "features": args.features, "draws": args.draws,
-        "resamples": args.resamples, "pool_sizes": [len(g.feats) for g in pools], "test_split": len(test),
+        "resamples": args.resamples, "pool_sizes": pool_sizes, "test_split": test_split,
         "cells": cells, "targets": {
             "log(1.2), resolved half the time": log12,
             "log(1.2) x 1.96 / 2.80, resolved 80 % of the time": log12 * Z975 / (Z975 + Z80)},
-        "wall_s": None}
+        "wall_s": wall_s}
     for key in ("fid_half_width", "fid_inf_half_width"):
         a, b = fit(cells, key)
         need = {}
         for tname, target in result["targets"].items():
-            for mname, m in (("test split", float(len(test))), ("unlimited reference", math.inf),
-                             ("4x the test split", 4.0 * len(test))):
+            for mname, m in (("test split", float(test_split)), ("unlimited reference", math.inf),
+                             ("4x the test split", 4.0 * test_split)):
                 nn = needed(a, b, m, target)
                 need[f"{tname}; M = {mname}"] = None if nn is None else round(nn)
         result[key.replace("_half_width", "")] = {"fit": {"a": a, "b": b}, "needed_n": need}
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("fid", "fid_inf")}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,6 @@ def portable(text: str, also: tuple[Path, ...] = ()) -> str:
     """``text`` with every absolute path of this checkout (and of ``also``) made relative to it,
     and every path in the temporary folder shortened to ``<tmp>/...``."""
     for root in (ROOT, *also):
-        text = text.replace(f"{root}/", "").replace(f'"{root}"', '"."')
+        text = text.replace(f"{root}/", "").replace(str(root), ".")
     tmp = re.escape(tempfile.gettempdir().rstrip("/"))
     return re.sub(tmp + r"/[\w.-]+", "<tmp>", text)

@@ -67,6 +67,7 @@ from fedrun.diffusion import Diffusion  # noqa: E402
 from fedrun.ema import PowerEMA  # noqa: E402
 from fedrun.evaluation.evaluator import Evaluator  # noqa: E402
 from fedrun.federated import client as plain_client  # noqa: E402
+from fedrun.federated.participation import build_participation  # noqa: E402
 from fedrun.federated.rounds import FederatedRounds, RoundHook  # noqa: E402
 from fedrun.flat import buffer_size, num_flat  # noqa: E402
 from fedrun.logs import RunLogger  # noqa: E402
@@ -190,13 +191,13 @@ class InterleavedPlain:
     after the round is logged, outside its timings. Round 1 (warm-up) gets no plain chunk.
     """
 
-    def __init__(self, plain: PlainLoop, images_of: dict[int, int]):
-        self.plain, self.images_of = plain, images_of
+    def __init__(self, plain: PlainLoop, rounds: set[int], rank: int):
+        self.plain, self.rounds, self.rank = plain, rounds, rank
 
     def __call__(self, record: dict[str, Any]) -> None:
-        if record["round"] in self.images_of:
+        if record["round"] in self.rounds:  # the images this rank trained in the round (its record)
             dist.barrier()  # all ranks train their plain chunk at the same time
-            self.plain.run(self.images_of[record["round"]])
+            self.plain.run(record["images_per_rank"][self.rank])
             dist.barrier()
 
 
@@ -293,18 +294,15 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
     make_trainable(model, cfg.model, cfg.run.seed)  # model.trainable: only what trains is all-reduced
     log = RunLogger(cfg.run_dir, info.is_main, f.rounds)
     # the parts fedrun.train builds, from the same builder: the benchmark runs the real round
-    parts = build_round_parts(cfg, info, model, diffusion, train_set, shards,
-                              build_mechanism(cfg, list(sizes.values())), log.step)
+    mechanism = build_mechanism(cfg, list(sizes.values()), num_classes=train_set.num_classes)
+    parts = build_round_parts(cfg, info, model, diffusion, train_set, shards, mechanism,
+                              build_participation(cfg, sizes, mechanism.wrap_participation), log.step)
     numel = buffer_size(num_flat(model), world)  # (plus the rules' regions, if any)
     nbytes = numel * 8  # the round's buffer is int64 (fedrun/flat.py: the exact sum)
 
     raw_before = raw_allreduce_ms(numel, device, args.raw_iters)
 
     steady = list(range(2, f.rounds + 1)) or [1]
-    # images each rank trains in a round: the run's own participation and placement (on demand:
-    # its plan)
-    images_of = {r: sum(sizes[k] for k in parts.placement.assign(parts.participation.clients(r))[info.rank])
-                 * f.local_epochs for r in steady}
     clock = ComputeClock(device)
     plain = None
     hooks: list[RoundHook] = [clock]
@@ -312,7 +310,7 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
         base, _ = build(cfg, train_set.num_classes, device)  # a second model from the same init
         make_trainable(base, cfg.model, cfg.run.seed)
         plain = PlainLoop(cfg, base, diffusion, train_set, device)
-        hooks.append(InterleavedPlain(plain, images_of))
+        hooks.append(InterleavedPlain(plain, set(steady), info.rank))
     checkpointer = NoCheckpoints(cfg, info) if args.no_checkpoint else Checkpointer(cfg, info)
     history = FederatedRounds(cfg, info, model, diffusion, sizes, parts, log, evaluator,
                               checkpointer, PowerEMA(cfg.ema, model), hooks).run(0)
@@ -329,7 +327,8 @@ def run(args: argparse.Namespace, cfg: Config, info: dist.DistInfo) -> int:
         "chunks": plain.chunks}
     states = parts.states  # kept per-client state at the end: in host memory, and in files
     mine = {"rank": info.rank, "history": history, "plain": plain_figures,
-            "images_steady": sum(images_of.values()), "peak_rss_mb_end": round(host_peak_rss_mb(), 1),
+            "images_steady": sum(r["images_per_rank"][info.rank] for r in history if r["round"] in steady),
+            "peak_rss_mb_end": round(host_peak_rss_mb(), 1),
             "client_state": {"clients": len(states.clients()), "host_mb": round(states.held / 2**20, 1),
                              "in_files": len(states.spilled)}}
     states.close()

@@ -68,6 +68,12 @@ ROWS: list[tuple[str, str]] = [
 ]
 
 
+# the headline comparison first, then client level and the grid's bits, then the other epsilons
+PRIORITY = ["public", "nodp", "local8", "once8", "central8", "client8", "client8_bits16", "once8_bits0",
+            "once8_bits12", "once8_bits20", "local1", "once1", "central1", "local16", "once16", "central16",
+            "local32", "once32", "central32"]
+
+
 def plan(out: Path, extra: dict[str, str]) -> list[ps.Job]:
     jobs: list[ps.Job] = []
     for s in FULL_SEEDS:
@@ -130,7 +136,8 @@ def write_results(jobs: list[ps.Job], out: Path, results: Path, command: str) ->
             continue
         eps = ps._cell([r["epsilon"] for r in rs]) if rs[0]["epsilon"] is not None else "inf"
         lines.append(f"| {what} | {len(rs)} | {eps} | {ps._cell([r['noise_multiplier'] for r in rs])} | "
-                     f"{ps._cell([r['class_acc'] for r in rs], '.3f')} | {ps._cell([r['fid_test'] for r in rs])} | "
+                     f"{ps._cell([r['class_acc'] for r in rs], '.3f')} | "
+                     f"{ps._cell([r['fid_test'] for r in rs])} | "
                      f"{ps._cell([r['auc'] for r in rs], '.3f')} | "
                      f"{ps._cell([ps._mb(r['bytes_per_round']) for r in rs], '.3f')} | "
                      f"{ps._cell([r['wall_s'] for r in rs], '.0f')} |")
@@ -139,8 +146,8 @@ def write_results(jobs: list[ps.Job], out: Path, results: Path, command: str) ->
     for row, what in ROWS[1:]:
         rs = sorted(by_row.get(row, []), key=lambda r: r["seed"])
         if rs:
-            cells = ", ".join(f"seed {r['seed']}: {r['class_acc']:.3f} ({public.get(r['seed'], float('nan')):.3f})"
-                              for r in rs)
+            cells = ", ".join(f"seed {r['seed']}: {r['class_acc']:.3f} "
+                              f"({public.get(r['seed'], float('nan')):.3f})" for r in rs)
             lines.append(f"- {what}: {cells}")
     lines += ["", "First epsilon at which a mechanism beats the public model's class accuracy by 0.05 on "
               "every seed (none: not at 32 or below):", ""]
@@ -226,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 done[j.name].set()
         t0 = time.perf_counter()
         try:
-            priority = [row for row, _ in ROWS]
-            order = sorted(todo, key=lambda j: (j.after is not None, priority.index(j.row), j.seed))
+            order = sorted(todo, key=lambda j: (j.after is not None, PRIORITY.index(j.row), j.seed))
             with ThreadPoolExecutor(args.jobs) as pool:
                 for fut in [pool.submit(ps.run_job, j, out, done, args.audit_options.split()) for j in order]:
                     try:
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sessions_path = out / "sessions.json"
             sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
-            sessions.append({"wall_s": round(time.perf_counter() - t0, 1), "runs": len(todo), "jobs": args.jobs})
+            sessions.append({"wall_s": round(time.perf_counter() - t0, 1), "runs": len(todo),
+                             "jobs": args.jobs})
             sessions_path.write_text(json.dumps(sessions, indent=2))
     command = " ".join(["python", "benchmarks/secure_privacy_study.py", *given])
     paths = write_results(jobs, out, args.results, command)

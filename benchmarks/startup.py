@@ -24,7 +24,7 @@ What could be deferred, measured in the same run:
 * ``without_compiler``: the torchrun job again with a stand-in for ``torch._dynamo`` (a module
   whose ``disable`` returns the function it is given), so that nothing imports the compiler:
   its ``outside_round_s`` and ratio are what the job would cost if fedrun never triggered that
-  import (fedrun does not use torch.compile on CPU; see docs/systems_multinode.md for the two
+  import (fedrun does not use torch.compile on CPU; see docs/systems.md "Several hosts" for the two
   places that trigger it). A measurement only: fedrun itself never installs the stand-in.
 * ``import_beyond_torch_s``: ``python -X importtime -c "import fedrun.train"``, the modules that
   ``import torch`` alone does not import, summed by top-level package (``fedrun``, ``numpy``,
@@ -50,6 +50,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
+from portable import portable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"cpu_cores": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_start": load},
-        "checkout": args.pythonpath or str(ROOT), "nproc": args.nproc, "repeats": args.repeats,
+        "checkout": portable(args.pythonpath or str(ROOT)), "nproc": args.nproc, "repeats": args.repeats,
         "best": best, "median": med, "all": {k: [round(x, 3) for x in v] for k, v in fig.items()},
         "outside_round_over_import_torch": round(best["outside_round_s"] / best["import_torch_s"], 3),
         "import_fedrun_over_import_torch": round(best["import_fedrun_train_s"] / best["import_torch_s"], 3),

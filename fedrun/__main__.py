@@ -1,7 +1,8 @@
 """Command line: ``torchrun --nproc_per_node=W -m fedrun [--config FILE] [--section.key VALUE ...]``.
 
 Subcommands: ``fedrun [train]`` (the default), ``fedrun eval RUN_DIR``, ``fedrun report RUN_DIR...``,
-``fedrun audit RUN_DIR`` (membership inference and memorisation of a trained run).
+``fedrun audit RUN_DIR`` (membership inference and memorisation of a trained run),
+``fedrun export RUN_DIR OUT --format diffusers`` (a diffusers pipeline folder).
 With no --config, the embedded digits default (configs/digits.toml) runs: no download needed.
 Every subcommand parses its options with argparse (``fedrun.argparsing.ArgParser``); the
 ``--section.key VALUE`` overrides that argparse does not know go to ``config.parse_overrides``.
@@ -26,6 +27,7 @@ usage: torchrun --nproc_per_node=W -m fedrun [--config FILE] [--section.key VALU
        fedrun report RUN_DIR [RUN_DIR ...] [--out DIR]
        fedrun compare RUN_A RUN_B [RUN ...] [--resamples N] [--confidence C] [--out FILE]
        fedrun audit RUN_DIR [--out FILE] [--samples N] [--levels U,U,...] [--draws N] [--k K]
+       fedrun export RUN_DIR OUT [--format diffusers] [--checkpoint FILE] [--force]
 
 Trains a class-conditional diffusion model (DDPM U-Net) with FedAvg across clients, one or
 more clients per rank, or the centralized baseline (--run.mode centralized).
@@ -112,6 +114,9 @@ def _main(argv: list[str] | None = None) -> int:
         if command == "compare":
             from .evaluation.compare import compare_main
             return compare_main(argv)
+        if command == "export":
+            from .export import export_main
+            return export_main(argv)
         print(f"fedrun: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     except FedrunError as exc:

@@ -17,6 +17,14 @@ base weights), by ``make_trainable``; each choice registers itself in ``TRAINABL
   most need to move) and its output layers (the convolutions that produce the image's 1 or 3
   channels: a rank-r adapter of a layer with 1 output is no low-rank update, and the whole layer
   is a few hundred numbers). Biases and norms of adapted layers stay frozen, as in Hu et al.
+* ``"peft_lora"``: the same LoRA through the ``peft`` library (``peft.inject_adapter_in_model``;
+  ``pip install 'fedrun[diffusers]'``), for fedrun's U-Net and the diffusers one alike, with the
+  adapted layers as a setting (``model.lora_target_modules``, peft's ``target_modules``; empty =
+  the layers ``"lora"`` adapts). Its adapters start from the same draws of the same stream, in the
+  same layer order, and peft's layers compute ``base(x) + up(down(x)) * (alpha / r)``, which is
+  ``"lora"``'s sum in IEEE arithmetic, so on fedrun's U-Net ``"peft_lora"`` trains the same bits
+  as ``"lora"`` (tested); only the state_dict names differ (peft's ``base_layer.weight``,
+  ``lora_A.default.weight``, ``lora_B.default.weight``).
 * ``"norms_biases"``: only biases, normalisation layers and embeddings train (BitFit, Ben Zaken
   et al. 2022, plus embeddings). fedrun's U-Net has no normalisation layer unless attention is
   on (its GroupNorm): biases and embeddings then.
@@ -32,16 +40,21 @@ base's shape) in a copy: the sampler (``Diffusion.sample``) uses it, so sampling
 base model costs (two extra convolutions per adapted layer and step saved). It is the same
 function up to float rounding: a convolution is linear in its weight.
 
-Why not peft: it needs transformers, accelerate and the Hub client, and its layers wrap the base
-module (other state_dict names) while this is two small classes. A core module: it imports no
-sub-package, and not ``fedrun.models`` either (which imports ``fedrun.diffusion``, which imports
-this): the model names its embeddings and output layers through ``Adaptable``.
+Why ``"lora"`` keeps fedrun's own two classes: peft needs transformers, accelerate and the Hub
+client, which the default install does not carry, and its layers wrap the base module (other
+state_dict names, so older LoRA checkpoints would not load); ``"peft_lora"`` is for the diffusers
+extra. peft is imported only when ``"peft_lora"`` is chosen or a peft-adapted model is merged. A
+core module: it imports no sub-package, and not ``fedrun.models`` either (which imports
+``fedrun.diffusion``, which imports this): the model names its embeddings and output layers
+through ``Adaptable``.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,8 +71,10 @@ NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
 TRAINABLES = Registry(
     "model.trainable", "all", "Which weights train (fedrun/adapters.py): \"all\" | \"lora\" (low-rank "
     "adapters on the convolutions and linear layers; the embeddings and output layers train in full, the "
-    "rest is frozen) | \"norms_biases\" (biases, norms and embeddings). Only what trains travels, is "
-    "clipped and gets noise. A model setting, not a federated one: the centralized run honours it too.",
+    "rest is frozen) | \"peft_lora\" (the same through the peft library, its layers chosen by "
+    "model.lora_target_modules) | \"norms_biases\" (biases, norms and embeddings). Only what trains "
+    "travels, is clipped and gets noise. A model setting, not a federated one: the centralized run honours "
+    "it too.",
     hashed=HASHED_WHEN_SET)
 
 
@@ -74,7 +89,8 @@ class LoRASettings(Settings):
 
     def validate(self) -> None:
         if self.lora_rank < 1:
-            raise ConfigError(f"model.lora_rank: must be >= 1 (the rank of every adapter), got {self.lora_rank}")
+            raise ConfigError(f"model.lora_rank: must be >= 1 (the rank of every adapter), got "
+                              f"{self.lora_rank}")
         if not self.lora_alpha > 0:
             raise ConfigError(f"model.lora_alpha: must be > 0 (the adapters' update is scaled by alpha / "
                               f"rank), got {self.lora_alpha}")
@@ -208,6 +224,90 @@ class LoRA:
         return model.embeddings() + model.output_layers() if isinstance(model, Adaptable) else []
 
 
+@dataclass
+class PeftLoRASettings(LoRASettings):
+    lora_target_modules: list[str] = setting(factory=list, hashed=HASHED_WHEN_SET)
+    """peft_lora: the layers that get adapters, as peft's target_modules: a name matches every
+    layer whose full name is it or ends in "." + it (diffusers: ["to_q", "to_k", "to_v",
+    "to_out.0", "conv1", "conv2"]); [] = every Conv2d and Linear but the output layers, as "lora"."""
+
+
+def peft_targets(model: nn.Module, settings: PeftLoRASettings) -> list[str]:
+    """Full names of the layers ``peft_lora`` adapts (``model.lora_target_modules``, or the layers
+    ``lora`` adapts). ConfigError naming the key for a name that matches no layer, a layer that is
+    no Conv2d or Linear, an output layer (it trains in full), or a rank the layer cannot hold."""
+    wanted = settings.lora_target_modules
+    if not wanted:
+        return lora_targets(model, settings.lora_rank)
+    keep = {id(m) for m in model.output_layers()} if isinstance(model, Adaptable) else set()
+    names, used = [], set()
+    for name, m in model.named_modules():
+        hits = [t for t in wanted if name == t or name.endswith("." + t)]
+        if not hits:
+            continue
+        used.update(hits)
+        if type(m) not in (nn.Conv2d, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups != 1):
+            raise ConfigError(f"model.lora_target_modules: {hits[0]!r} matches {name}, a {type(m).__name__}; "
+                              f"name ungrouped Conv2d or Linear layers")
+        if id(m) in keep:
+            raise ConfigError(f"model.lora_target_modules: {hits[0]!r} matches {name}, an output layer, "
+                              f"which trains in full; leave it out")
+        if settings.lora_rank > max_rank(m):
+            raise ConfigError(f"model.lora_rank: {settings.lora_rank} is larger than the layer {name} can "
+                              f"use ({m}: rank at most {max_rank(m)}); set model.lora_rank <= {max_rank(m)}")
+        names.append(name)
+    missing = [t for t in wanted if t not in used]
+    if missing:
+        some = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)][:4]
+        raise ConfigError(f"model.lora_target_modules: {missing[0]!r} names no layer of this model (its "
+                          f"layers are named like {', '.join(some)}); name layers the model has, or [] for "
+                          f"all")
+    return names
+
+
+def _peft_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every peft LoRA layer of ``model`` (none unless peft is imported)."""
+    if "peft" not in sys.modules:
+        return []
+    from peft.tuners.lora import LoraLayer
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@TRAINABLES.register("peft_lora", PeftLoRASettings)
+class PeftLoRA:
+    """LoRA through peft (target modules as a setting); the embeddings and output layers in full."""
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("model.trainable: \"peft_lora\" needs the peft package, which is not "
+                              "installed; pip install 'fedrun[diffusers]', or use model.trainable = \"lora\" "
+                              "(fedrun's own layers, the same function)")
+
+    @classmethod
+    def apply(cls, model: nn.Module, settings: PeftLoRASettings, seed: int) -> list[nn.Module]:
+        from peft import LoraConfig, inject_adapter_in_model
+        model.requires_grad_(False)
+        names = peft_targets(model, settings)
+        config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=names,
+                            lora_dropout=0.0, bias="none")
+        with torch.random.fork_rng(devices=[]):  # peft's own init draws from the global RNG: undone below
+            inject_adapter_in_model(config, model)
+        generator = seeding.stream_generator("cpu", "adapter_init", seed=seed)
+        for name in names:  # the order and draws of "lora": the same adapters
+            layer = model.get_submodule(name)
+            down, up = layer.lora_A["default"], layer.lora_B["default"]
+            _init_adapter(down.weight, up.weight, generator)
+            like = layer.base_layer.weight
+            if like.dim() == 4:  # the base's layout (train.channels_last), as LoRAConv2d keeps it
+                o, i, kh, kw = like.shape
+                fmt = torch.channels_last if like.stride() == (i * kh * kw, 1, kw * i, i) \
+                    else torch.contiguous_format
+                down.to(memory_format=fmt)
+                up.to(memory_format=fmt)
+        return model.embeddings() + model.output_layers() if isinstance(model, Adaptable) else []
+
+
 @TRAINABLES.register("norms_biases")
 class NormsBiases:
     """Biases, normalisation layers and embeddings train (BitFit plus embeddings); the rest is frozen."""
@@ -243,12 +343,22 @@ def count_trainable(model: nn.Module) -> int:
 
 @torch.no_grad()
 def merged(model: nn.Module) -> nn.Module:
-    """``model`` itself if it has no adapter; else a copy in which every adapted layer is a plain
-    Conv2d / Linear with weight W + (alpha / r) * up @ down (the base's shape and memory format)
-    and the base's bias: the same function, at the base model's cost."""
-    if not any(isinstance(m, LORA_LAYERS) for m in model.modules()):
+    """``model`` itself if it has no adapter; else a copy in which every adapted layer (fedrun's or
+    peft's) is a plain Conv2d / Linear with weight W + (alpha / r) * up @ down (the base's shape
+    and memory format) and the base's bias: the same function, at the base model's cost."""
+    if not any(isinstance(m, LORA_LAYERS) for m in model.modules()) and not _peft_layers(model):
         return model
     out = copy.deepcopy(model)
+    for name, m in _peft_layers(out):
+        base = m.get_base_layer()
+        down, up = m.lora_A["default"].weight, m.lora_B["default"].weight
+        rank = down.shape[0]
+        delta = m.scaling["default"] * (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1))
+        weight = base.weight.detach().clone()  # keeps the base's memory format (channels_last)
+        weight.add_(delta.reshape(weight.shape).to(weight.dtype))
+        base.weight = nn.Parameter(weight, requires_grad=False)
+        base.train(m.training)
+        _replace(out, name, base)
     for name, m in list(out.named_modules()):
         if isinstance(m, LoRAConv2d):
             plain: nn.Module = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,

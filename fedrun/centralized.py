@@ -41,12 +41,14 @@ class CentralizedRounds:
     def __init__(self, cfg: Config, info: dist.DistInfo, model: nn.Module, diffusion: Diffusion,
                  train_set: ImageSet, log: RunLogger, evaluator: Evaluator, checkpointer: Checkpointer,
                  ema: PowerEMA):
-        self.cfg, self.info, self.model, self.diffusion, self.train_set = cfg, info, model, diffusion, train_set
+        self.cfg, self.info, self.model, self.diffusion = cfg, info, model, diffusion
+        self.train_set = train_set
         self.log, self.evaluator, self.checkpointer, self.ema = log, evaluator, checkpointer, ema
         o = cfg.optim
         # One Adam for the whole run (the authors' centralized notebook), restored on resume.
-        self.opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],  # model.trainable
-                                    lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, foreach=True)
+        trained = [p for p in model.parameters() if p.requires_grad]  # model.trainable
+        self.opt = torch.optim.Adam(trained, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+                                    foreach=True)
 
     def resume(self) -> int:
         """Restore the newest usable checkpoint (model, EMA, Adam, random state); its round, or 0."""
@@ -63,8 +65,8 @@ class CentralizedRounds:
 
     def run(self, start_round: int) -> list[dict[str, Any]]:
         """Rounds start_round + 1 .. fed.rounds; returns their records."""
-        cfg, info, model, diffusion, train_set = self.cfg, self.info, self.model, self.diffusion, self.train_set
-        log, evaluator, checkpointer, ema, opt = self.log, self.evaluator, self.checkpointer, self.ema, self.opt
+        cfg, info, model, diffusion = self.cfg, self.info, self.model, self.diffusion
+        train_set, log, evaluator, ema, opt = self.train_set, self.log, self.evaluator, self.ema, self.opt
         device, o, seed = info.device, cfg.optim, cfg.run.seed
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if info.distributed else model
@@ -84,7 +86,8 @@ class CentralizedRounds:
             net.train()
             for e in range((r - 1) * E, r * E):
                 torch.manual_seed(seeding.derive_seed(seeding.CLIENT, seed, e, info.rank))
-                perm = torch.randperm(n, generator=seeding.generator("cpu", seeding.SHUFFLE, seed, e)).to(device)
+                order = seeding.generator("cpu", seeding.SHUFFLE, seed, e)
+                perm = torch.randperm(n, generator=order).to(device)
                 sobol = seeding.sobol_engine(seed, e, info.rank)
                 for b in range(batches):
                     batch = perm[b * o.batch_size:(b + 1) * o.batch_size]
@@ -100,7 +103,7 @@ class CentralizedRounds:
             wall = time.perf_counter() - t0
             if ema.enabled:
                 ema.update(flatten(model), r)
-            checkpointer.save(r, model, optimizer=opt, ema=ema, last_round=r == cfg.fed.rounds)
+            self.checkpointer.save(r, model, optimizer=opt, ema=ema, last_round=r == cfg.fed.rounds)
             record = {"round": r, "epochs": r * E, "loss": float(loss_sum) / (E * batches),
                       "images": n * E, "wall_s": round(wall, 4), "img_per_s": round(n * E / wall, 2),
                       "world_size": info.world_size}

@@ -504,13 +504,19 @@ class SampleConfig(Section):
     """The sample grids (never hashed, never a label)."""
 
     per_class: int = 10
-    """Images per class in samples/final.png and the client grids (0 = none)."""
+    """Images per class in samples/final.png (0 = no final grid)."""
+    client_per_class: int = -1
+    """Images per class in each client's grid (its local model after its training: the paper's
+    personalization figures); -1 = sample.per_class, 0 = no client grids. They cost a sampling
+    run per client: the digits default draws 2 per class."""
     steps: int = 0
     """Sampler steps for the grids; 0 = diffusion.sample_steps."""
 
     def validate(self) -> None:
         super().validate()
         _require(self.per_class >= 0, "sample.per_class", "must be >= 0 (0 = no final grid)")
+        _require(self.client_per_class >= -1, "sample.client_per_class",
+                 "must be >= 0 (0 = no client grids), or -1 for sample.per_class")
         _require(self.steps >= 0, "sample.steps", "must be >= 0 (0 = diffusion.sample_steps)")
 
 
@@ -660,7 +666,8 @@ def _hashed(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def hashed_values(cfg: Config) -> dict[str, Any]:
     """"section.key" -> value of every key that ``Config.hash`` hashes (to name what differs)."""
-    return {f"{section}.{key}": value for section, body in _hashed(cfg).items() for key, value in body.items()}
+    return {f"{section}.{key}": value for section, body in _hashed(cfg).items()
+            for key, value in body.items()}
 
 
 _HINTS = typing.get_type_hints(Config)

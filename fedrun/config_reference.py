@@ -18,7 +18,6 @@ from typing import Any
 from . import config as C
 from .registry import Key, field_docs, registries
 
-
 _SECTIONS = list(typing.get_type_hints(C.Config))
 
 

@@ -7,7 +7,7 @@ fedrun and keeps its traceback (exit code 1).
 
 The codes let a scheduler or a wrapper script tell the kinds apart without parsing text; every
 one of them means "retrying the same command fails the same way", so keep
-``torchrun --max-restarts`` small (see README "Restarts and resume").
+``torchrun --max-restarts`` small (see docs/guide.md "Restarts and resume").
 
 =========  ==========================  =====================================================
 exit code  class                       raised when

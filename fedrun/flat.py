@@ -6,12 +6,12 @@ frozen base is left out, so everything built on this layout (the round's all_red
 SCAFFOLD's and FedDyn's state, DP-FedAvg's clipping, compression, the clients' kept state) covers
 the adapters and the few layers that train in full. The frozen base is the same on every rank
 (built from the same seed and init) and never moves, so it need not travel. With every
-parameter trainable (``"all"``, the default) the layout is every parameter, as before.
+parameter trainable (``"all"``, the default) the layout is every parameter.
 
 One round's whole communication is one all_reduce(SUM) of one int64 buffer laid out as
 
     [ sum_k w'_k theta_k  (P) | sum_k w'_k | n | loss * n | images | trained | regions of the rules |
-      (round start, ready, steps, clients, skipped) of rank 0 | ... of rank W-1 | reported (N) ]
+      (round start, ready, steps, clients, skipped, images) of rank 0 | ... of rank W-1 | reported (N) ]
 
 The part up to the rules' regions is what the clients contribute (``summed``): each client's
 contribution to it may be masked (secure aggregation: ``masker``, masks that cancel modulo 2^64,
@@ -62,8 +62,8 @@ from .parts import Aggregate, ClientUpdate
 W_SLOT, N_SLOT, LOSS_SLOT, IMAGES_SLOT, TRAINED_SLOT = range(5)
 TAIL = 5
 WEIGHT_BITS = 20
-START_NS, READY_NS, STEPS, CLIENTS, SKIPPED = range(5)
-PER_RANK = 5
+START_NS, READY_NS, STEPS, CLIENTS, SKIPPED, IMAGES = range(6)
+PER_RANK = 6
 VALUE_BITS = 16  # |w' theta| <= 2^16 for every summed number (module docstring)
 CHUNK = 1 << 20  # numbers converted back to fp32 at a time (an 8 MB float64 temporary)
 
@@ -280,19 +280,21 @@ class RoundBuffer:
             self.data[:self.summed] += out  # int64 addition wraps: masks cancel modulo 2^64
         if self.data.numel() > self._reported and client >= 0:
             self.data[self._reported + client] = 1
-        self.count(steps)
+        self.count(steps, images)
         return True
 
-    def skip(self, steps: int = 0) -> None:
+    def skip(self, steps: int = 0, images: int = 0) -> None:
         """One client left out of the round (non-finite or out-of-range numbers)."""
         self.data[self._slot(self.rank, SKIPPED)] += 1
-        self.count(steps)
+        self.count(steps, images)
         self._clear_scratch()
 
-    def count(self, steps: int) -> None:
-        """One client trained on this rank, with ``steps`` local steps (the placement's record)."""
+    def count(self, steps: int, images: int = 0) -> None:
+        """One client trained on this rank, with ``steps`` local steps over ``images`` images (the
+        placement's record)."""
         self.data[self._slot(self.rank, STEPS)] += int(steps)
         self.data[self._slot(self.rank, CLIENTS)] += 1
+        self.data[self._slot(self.rank, IMAGES)] += int(images)
 
     def region(self, name: str) -> torch.Tensor:
         """The update rule ``name``'s numbers for the client being added (fp32; an empty tensor
@@ -353,11 +355,11 @@ class RoundBuffer:
 
     def stats(self) -> tuple[dict[str, float], list[dict[str, float]]]:
         """After the all_reduce: (the tail statistics by name, each rank's slots: "start_ns",
-        "ready_ns", "steps", "clients", "skipped"). An abandoned round's sums are unreadable: its
+        "ready_ns", "steps", "clients", "skipped", "images"). An abandoned round's sums are unreadable: its
         statistics count the reports only."""
         M = self.model_size
         slots = self.data[self._ranks:self._ranks + PER_RANK * self.world_size].view(-1, PER_RANK).tolist()
-        names = ("start_ns", "ready_ns", "steps", "clients", "skipped")  # START_NS .. SKIPPED
+        names = ("start_ns", "ready_ns", "steps", "clients", "skipped", "images")  # START_NS .. IMAGES
         ranks = [dict(zip(names, row, strict=True)) for row in slots]
         skipped = sum(r["skipped"] for r in ranks)
         if self.abandoned:

@@ -1,4 +1,5 @@
-"""Start from a pretrained model: ``model.init_from`` = a fedrun checkpoint file or a run directory.
+"""Start from a pretrained model: ``model.init_from`` = a fedrun checkpoint file, a run directory, or
+a diffusers model folder.
 
 ``read_init(cfg, num_classes)`` runs before any process group: it finds the checkpoint (a run
 directory's newest valid one, by ``fedrun.saved_run.read_checkpoint``'s rules: a checkpoint cut
@@ -8,6 +9,12 @@ missing keys, in one line), loads them by ``saved_run.load_weights``'s rules (it
 has one of the model's size, as ``fedrun eval`` scores it) and computes the SHA-256 of what was
 loaded. ``apply_init(model, init)`` copies those weights into the freshly built training model,
 right after ``fedrun.models.build``, in both run modes.
+
+A diffusers model folder (``save_pretrained``'s config.json and safetensors weights, or a pipeline
+folder with them in ``unet/``, such as ``fedrun export`` writes) is loaded by
+``UNet2DModel.from_pretrained`` into ``model.arch = "diffusers"`` (fedrun.diffusers_model.
+pretrained_state: the same checks, plus the config keys that change the function without changing
+a shape); where a network exists a Hub name (``google/ddpm-cifar10-32``) takes the same path.
 
 The checksum is part of the run's identity (``init_identity``): the checkpointer stores it in every
 checkpoint and refuses to resume from a checkpoint of a run that started from another init
@@ -39,7 +46,7 @@ class Init:
 
     path: Path  # the checkpoint file read
     round: int  # the round it was written after
-    weights: str  # "ema" or "model": which of its weights these are
+    weights: str  # "ema" or "model": which of its weights these are; "diffusers": a diffusers model
     state: dict[str, torch.Tensor]  # the model's state dict holding them
     sha256: str  # of ``state`` (see ``state_sha256``)
 
@@ -60,7 +67,8 @@ def _config_differences(cfg: Config, saved: object) -> str:
     if not isinstance(saved, dict):
         return ""
     ours = cfg.to_dict()
-    how = ("init_from", "trainable", "lora_rank", "lora_alpha")  # how a run fine-tunes, not what it is
+    # how a run fine-tunes, not what it is
+    how = ("init_from", "trainable", "lora_rank", "lora_alpha", "lora_target_modules")
     keys = [("model", k) for k in ours["model"] if k not in how] + [("data", "channels")]
     diff = [f"{s}.{k} = {saved[s][k]!r} there, {ours[s][k]!r} here" for s, k in keys
             if isinstance(saved.get(s), dict) and k in saved[s] and saved[s][k] != ours[s][k]]
@@ -76,6 +84,8 @@ def read_init(cfg: Config, num_classes: int) -> Init | None:
     if not source:
         return None
     path = Path(source)
+    if _diffusers_source(cfg, path):
+        return _read_diffusers(cfg, num_classes, source)
     if path.is_dir():
         state, file = read_checkpoint(path, key=KEY)
     elif path.is_file():
@@ -84,7 +94,7 @@ def read_init(cfg: Config, num_classes: int) -> Init | None:
         raise CheckpointError(f"{KEY}: no checkpoint file or run directory at {path}; pass a run "
                               f"directory (runs/<name>, its newest valid checkpoint) or one of its "
                               f"checkpoints/round_XXXX.pt, or train the public model first "
-                              f"(README \"Privacy in practice\")")
+                              f"(docs/privacy.md \"Privacy in practice\")")
     # a CPU model of this config, built as training builds it, without touching the global RNG
     with torch.random.fork_rng(devices=[]):
         model, _ = build(cfg, num_classes, torch.device("cpu"))
@@ -106,6 +116,29 @@ def read_init(cfg: Config, num_classes: int) -> Init | None:
     if launch_rank() == 0:
         print(f"fedrun: {KEY}: starting from {file} (round {init.round}, {weights} weights, "
               f"SHA-256 {init.sha256[:16]})", flush=True)
+    return init
+
+
+def _diffusers_source(cfg: Config, path: Path) -> bool:
+    """Is ``model.init_from`` a diffusers model: a folder with a UNet2DModel's config.json (here or
+    in unet/), or, for the diffusers arch, a name that is no local path (a Hub name)?"""
+    if path.is_dir() and not (path / "config.toml").is_file() and not (path / "checkpoints").is_dir():
+        return (path / "config.json").is_file() or (path / "unet" / "config.json").is_file()
+    return cfg.model.arch == "diffusers" and not path.exists() and str(path).count("/") == 1 \
+        and not str(path).startswith((".", "/", "~"))
+
+
+def _read_diffusers(cfg: Config, num_classes: int, source: str) -> Init:
+    from .diffusers_model import pretrained_state
+    with torch.random.fork_rng(devices=[]):
+        model, _ = build(cfg, num_classes, torch.device("cpu"))
+    state, where, note = pretrained_state(model, source)
+    model.load_state_dict(state)
+    loaded = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    init = Init(Path(where), 0, "diffusers", loaded, state_sha256(loaded))
+    if launch_rank() == 0:
+        print(f"fedrun: {KEY}: starting from the diffusers model {where} (SHA-256 {init.sha256[:16]}){note}",
+              flush=True)
     return init
 
 

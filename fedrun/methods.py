@@ -8,6 +8,7 @@ layer. A method written elsewhere (a user's module, a test) registers itself whe
 
 from __future__ import annotations
 
+from . import diffusers_model
 from .adapters import TRAINABLES
 from .experimental import multiclient
 from .federated.compression import COMPRESSORS
@@ -16,11 +17,12 @@ from .federated.participation import PARTICIPATION
 from .federated.placement import PLACEMENTS
 from .federated.server import SERVER_RULES
 from .local_training import CLIENT_OPTIMIZERS
+from .models import MODEL_ARCHS
 from .privacy.mechanisms import PRIVACY
 from .privacy.secure_sum import SECURE_AGG
 
-BUILT_IN = (SERVER_RULES, DRIFT_RULES, CLIENT_OPTIMIZERS, COMPRESSORS, PLACEMENTS, PARTICIPATION, TRAINABLES,
-            PRIVACY, SECURE_AGG)
+BUILT_IN = (MODEL_ARCHS, SERVER_RULES, DRIFT_RULES, CLIENT_OPTIMIZERS, COMPRESSORS, PLACEMENTS, PARTICIPATION,
+            TRAINABLES, PRIVACY, SECURE_AGG)
 """The registries, in the order ``--help`` and the config reference list them."""
 
-__all__ = ["BUILT_IN", "multiclient"]
+__all__ = ["BUILT_IN", "diffusers_model", "multiclient"]

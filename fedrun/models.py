@@ -1,10 +1,18 @@
-"""The denoiser: the authors' residual U-Net, with width, depth, dropout and attention as knobs.
+"""The denoiser: the authors' residual U-Net, with width, depth, dropout and attention as knobs,
+or another architecture registered in ``MODEL_ARCHS`` (``model.arch``).
 
 Shape of the default (base 64, multipliers 1/2/4/8, 32x32): two residual blocks per level on the
 way down and up, four at the 4x4 bottleneck, average-pool down, nearest-neighbour up, skips
 concatenated, ReLU, Dropout2d, no normalisation, no attention. The noise level enters as Fourier
 features of log-SNR and the class as a learned embedding, both tiled as extra input planes.
 About 23.2M parameters.
+
+``model.arch`` picks the architecture (fedrun.registry): "unet" is this module's U-Net, whose
+keys are the model section's own fields; "diffusers" (a diffusers ``UNet2DModel``,
+fedrun/diffusers_model.py) registers itself with keys of its own. Every architecture is a module
+``Arch(model_cfg, image_channels, num_classes)`` with ``forward(x, log_snr, labels)``, a
+``null_class`` attribute (the label id of "no label", or None) and the ``embeddings`` /
+``output_layers`` that ``fedrun.adapters.Adaptable`` describes.
 """
 
 from __future__ import annotations
@@ -15,8 +23,16 @@ import torch
 from torch import nn
 
 from . import seeding
-from .config import Config, ModelConfig
+from .config import HASHED_WHEN_SET, Config, ModelConfig
 from .diffusion import Diffusion
+from .registry import Registry
+
+MODEL_ARCHS = Registry(
+    "model.arch", "unet", "The denoiser (fedrun/models.py): \"unet\" (fedrun's residual U-Net, the authors'; "
+    "its keys are model.base_channels ... model.class_embed_dim) | \"diffusers\" (a diffusers UNet2DModel, "
+    "fedrun/diffusers_model.py: model.block_out_channels, model.down_block_types, ...; needs "
+    "`pip install 'fedrun[diffusers]'`). Both read model.dropout, model.label_dropout, model.class_embed_dim "
+    "(0 = unconditional) and model.init_from.", hashed=HASHED_WHEN_SET, off=False)
 
 
 class ResBlock(nn.Module):
@@ -69,7 +85,10 @@ class FourierFeatures(nn.Module):
         return torch.cat([f.cos(), f.sin()], dim=-1)
 
 
+@MODEL_ARCHS.register("unet")
 class UNet(nn.Module):
+    """fedrun's residual U-Net (the authors'): ReLU, no norms, noise level and class as input planes."""
+
     def __init__(self, cfg: ModelConfig, image_channels: int, num_classes: int):
         super().__init__()
         widths = [cfg.base_channels * m for m in cfg.channel_mults]
@@ -139,19 +158,26 @@ class UNet(nn.Module):
         return h_
 
 
-def build_model(cfg: ModelConfig, image_channels: int, num_classes: int) -> UNet:
-    return UNet(cfg, image_channels, num_classes)
+def build_model(cfg: ModelConfig, image_channels: int, num_classes: int) -> nn.Module:
+    """The denoiser ``model.arch`` names, freshly initialised from the global RNG."""
+    return MODEL_ARCHS.selected(cfg).target(cfg, image_channels, num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(cfg: Config, num_classes: int, device: torch.device) -> tuple[UNet, Diffusion]:
+def build(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, Diffusion]:
     """The model and its diffusion as training, evaluation and benchmarks all use them: seeded
-    init (the same weights on every rank), on ``device``, in ``train.channels_last`` layout."""
+    init (the same weights on every rank), on ``device``, in ``train.channels_last`` layout. A
+    model that feeds its network something other than log-SNR (the diffusers arch: a timestep)
+    learns the schedule here (its ``use_schedule``)."""
     torch.manual_seed(seeding.derive_seed(seeding.INIT, cfg.run.seed))
     model = build_model(cfg.model, cfg.data.channels, num_classes).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, Diffusion(cfg.diffusion, null_class=model.null_class)
+    diffusion = Diffusion(cfg.diffusion, null_class=model.null_class)
+    use_schedule = getattr(model, "use_schedule", None)
+    if use_schedule is not None:
+        use_schedule(diffusion)
+    return model, diffusion

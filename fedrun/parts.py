@@ -2,7 +2,7 @@
 
 ``fedrun.train`` builds one of each from the config, once; ``fedrun.federated.rounds`` only
 calls them. A new method is a new part (a class here-shaped, with a hand-computed test) and one
-registry line, never a new branch in the round loop (README "Adding a method").
+registry line, never a new branch in the round loop (docs/methods.md "Adding a method").
 
     Participation   who takes part in round r         federated.participation, privacy.client_dp
     Placement       which rank trains which client    federated.placement

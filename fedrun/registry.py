@@ -170,12 +170,13 @@ class Registry:
                                  f"(the keys every {self.key} choice has); register it with one")
             summary = (inspect.getdoc(target) or "").strip().splitlines()
             self.choices[name] = Choice(name, target, settings, summary[0] if summary else "")
+            _bump()  # before the check: the keys' cache must see the new choice
             try:
                 self._check_keys()
             except ValueError:
                 del self.choices[name]
+                _bump()
                 raise
-            _bump()
             return target
         return add
 
@@ -312,5 +313,8 @@ def kept_state(cfg: Any) -> tuple[str, ...]:
     for reg in registries():
         choice = reg.selected(cfg)
         declared = getattr(choice.target, "kept_state", None)
-        kinds += declared(reg.settings(cfg)) if declared is not None else getattr(choice.target, "state_kinds", ())
+        if declared is not None:
+            kinds += declared(reg.settings(cfg))
+        else:
+            kinds += getattr(choice.target, "state_kinds", ())
     return tuple(kinds)

@@ -71,7 +71,8 @@ def check_run_dir(cfg: Config) -> bool:
         if old.hash() != cfg.hash() and cfg.checkpoint.resume != "force":
             raise RunDirError(f"run.name: {run_dir} holds a run with a different config "
                               f"({config_differences(old, cfg)}); choose another --run.name, delete the "
-                              f"folder, or pass --checkpoint.resume force to continue it with the new settings")
+                              f"folder, or pass --checkpoint.resume force to continue it with the new "
+                              f"settings")
     if has_ckpt and cfg.checkpoint.resume == "never":
         raise RunDirError(f"checkpoint.resume: {run_dir} already holds checkpoints and resume is "
                           f"'never'; choose another --run.name or delete the folder")
@@ -156,11 +157,13 @@ def build_round_parts(cfg: Config, info: dist.DistInfo, model: nn.Module, diffus
     placement = build_placement(cfg, sizes, world, stateful=bool(stateful))
     server = mechanism.wrap_server(RuleServer(build_server_optimizer(cfg), rules))
     # the exact sum's range: at most N clients a round, weights up to the largest client's size
-    buffer = RoundBuffer(P, world, {r.name: r.extra_floats(P) for r in rules if isinstance(r, SumsExtra)},
-                         device, rank=info.rank, max_clients=len(sizes), max_weight=max(sizes.values(), default=1),
+    regions = {r.name: r.extra_floats(P) for r in rules if isinstance(r, SumsExtra)}
+    buffer = RoundBuffer(P, world, regions, device, rank=info.rank, max_clients=len(sizes),
+                         max_weight=max(sizes.values(), default=1),
                          track_clients=len(sizes) if mechanism.tracks else 0, encoder=mechanism.encoder(P))
     mechanism.attach(buffer)  # secure aggregation's masks
-    return RoundParts(participation, placement, trainer, rules, server, states, buffer, mechanism.wire_formats())
+    return RoundParts(participation, placement, trainer, rules, server, states, buffer,
+                      mechanism.wire_formats())
 
 
 def write_summary(cfg: Config, info: dist.DistInfo, log: RunLogger, model: nn.Module, mechanism: Stack,
@@ -192,7 +195,8 @@ def write_summary(cfg: Config, info: dist.DistInfo, log: RunLogger, model: nn.Mo
         final = scored[-1] if scored else {}
         log.console.print(clients_table(
             client_scores[last], final.get("clients"),
-            title=f"per client: local models at round {last}, global model at round {final.get('round', '-')}"))
+            title=f"per client: local models at round {last}, global model at round "
+                  f"{final.get('round', '-')}"))
     (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.print(f"done in {summary['wall_s']:.1f}s. outputs in {cfg.run_dir}/: samples/final.png"
               f"{'' if grid else ' (no grid)'}, metrics.jsonl, checkpoints/, summary.json")
@@ -250,12 +254,13 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
         checkpointer = checkpoint.Checkpointer(cfg, info, identity=init_identity(init))  # the init's checksum
         if federated:
             assert participation is not None
-            parts = build_round_parts(cfg, info, model, diffusion, train_set, shards, mechanism, participation,
-                                      log.step)
+            parts = build_round_parts(cfg, info, model, diffusion, train_set, shards, mechanism,
+                                      participation, log.step)
             rounds: FederatedRounds | CentralizedRounds = FederatedRounds(
                 cfg, info, model, diffusion, sizes, parts, log, evaluator, checkpointer, ema, on_round_end)
         else:
-            rounds = CentralizedRounds(cfg, info, model, diffusion, train_set, log, evaluator, checkpointer, ema)
+            rounds = CentralizedRounds(cfg, info, model, diffusion, train_set, log, evaluator, checkpointer,
+                                       ema)
         start_round = rounds.resume() if resuming else 0
         log.drop_after(start_round)  # rounds after the checkpoint run again: forget their old lines
         if info.is_main:

@@ -55,7 +55,7 @@ cmd_install() {
 
 write_config() {
   local cpus mem_mb
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc would honour OMP_NUM_THREADS
   mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.95}' /proc/meminfo)
   mkdir -p "$STATE/ctld" "$STATE/spool" "$STATE/munge"
   chmod 755 "$STATE/munge"  # the key inside is 0600

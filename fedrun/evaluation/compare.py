@@ -6,10 +6,12 @@ folder). The reference features are the data set's cached ones (``Scorer``), the
 run. Every score is computed again from the features, then the paired bootstrap: one resample of
 the reference splits (stratified by class, as the scores' intervals) shared by all runs, and an
 independent resample of each run's generated set (the runs drew their images independently).
-For each later run and score: the difference to RUN_A, its centred interval
-(``intervals.interval``), and the verdict: "better" or "worse" where the interval leaves 0 out,
-else "not resolved"; for FID also the ratio to RUN_A with its interval (``ratio_ci``; the
-verdict reads the difference, whose scale is the one FID's bias adds on). Density has no better
+For each later run and score: the difference to RUN_A, its interval (the resamples' deviations
+from their mean, paired, added to the difference: ``intervals.interval(reflect=False)``), and the
+verdict: "better" or "worse" where the interval leaves 0 out,
+else "not resolved"; for FID also the ratio to RUN_A with its interval (``ratio_ci``, from the
+same deviations: it leaves 1 out when the difference's leaves 0 out, up to a quantile's
+rounding). Density has no better
 side (it exceeds 1 where samples crowd the real manifold): "higher" or "lower". The verdicts go
 to the terminal and, with ``--out``, to a JSON file.
 """
@@ -149,7 +151,7 @@ def compare(run_dirs: list[Path], resamples: int = 1000, confidence: float = 0.9
             a, b = points[0].get(key), points[k].get(key)
             if a is None or b is None or key not in reps[0] or key not in reps[k]:
                 continue
-            diff = iv.interval(b - a, reps[k][key] - reps[0][key], confidence)
+            diff = iv.interval(b - a, reps[k][key] - reps[0][key], confidence, reflect=False)
             assert diff is not None
             row = {"score": key, "title": title, "baseline": a, "run": b, "difference": b - a,
                    "difference_ci": diff, "verdict": verdict(*diff, better)}
@@ -164,14 +166,16 @@ def ratio_ci(a: float, b: float, reps_a: np.ndarray, reps_b: np.ndarray, confide
              ) -> list[float] | None:
     """The interval of b / a: each score's resampled deviations from their mean (FID's bias at
     finite N is additive, and a resample's FID carries more of it, so only the deviations carry
-    over) added to the score itself, their ratios, the centred interval of those; None when more
-    than a (1 - confidence) / 2 share of a's put it at or below 0 (FID near 0: no ratio)."""
-    from . import intervals as iv
+    over) added to the score itself, the quantiles of their ratios (the difference's interval is
+    made of the same deviations: the two leave 0 and 1 out together); None when more than a
+    (1 - confidence) / 2 share of a's deviations put it at or below 0 (FID near 0: no ratio)."""
     ra, rb = a + (reps_a - reps_a.mean()), b + (reps_b - reps_b.mean())
     ok = ra > 0
     if ok.mean() < 1 - (1 - confidence) / 2:
         return None
-    return iv.interval(b / a, rb[ok] / ra[ok], confidence, (0.0, math.inf))
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(rb[ok] / ra[ok], [alpha, 1 - alpha])
+    return [float(lo), float(hi)]
 
 
 def _labels(g: Generated) -> Any:

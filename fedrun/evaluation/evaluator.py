@@ -220,9 +220,9 @@ class Evaluator:
         return set(self.cfg.eval.local_models_at) or {self.cfg.fed.rounds}
 
     def client_rounds(self) -> set[int]:
-        """Rounds whose clients draw a grid (none if sample.per_class = 0)."""
+        """Rounds whose clients draw a grid (none without images per class for them)."""
         # a mechanism that protects only the global model: no local model is shown
-        if self.cfg.sample.per_class == 0 or not self.local_models:
+        if self.client_per_class() == 0 or not self.local_models:
             return set()
         return self._local_model_rounds()
 
@@ -277,10 +277,15 @@ class Evaluator:
                          "num_samples": int(len(feats))})
         return rows
 
+    def client_per_class(self) -> int:
+        """Images per class of a client's grid (sample.client_per_class; -1: sample.per_class)."""
+        s = self.cfg.sample
+        return s.per_class if s.client_per_class < 0 else s.client_per_class
+
     def client_grid(self, model: torch.nn.Module, diffusion: Diffusion, round_: int, client: int) -> Path:
         """Called by the rank that trained ``client``, with the client's local model."""
-        s = self.cfg.sample
-        labels = class_balanced_labels([s.per_class] * self.num_classes).to(self.info.device)
+        s, per_class = self.cfg.sample, self.client_per_class()
+        labels = class_balanced_labels([per_class] * self.num_classes).to(self.info.device)
         # its own stream: untagged, (seed, round, 2, client) was another client's training stream
         g = seeding.stream_generator(self.info.device, "client_grid", seed=self.cfg.run.seed, round=round_,
                                      client=client)
@@ -290,7 +295,7 @@ class Evaluator:
                              self.cfg.diffusion.eta, generator=g, autocast_dtype=self.amp)
         model.train(was_training)
         path = self.cfg.run_dir / "clients" / f"round_{round_:04d}" / f"client_{client:02d}.png"
-        grids.save_client_grid(x.cpu(), path, nrow=s.per_class, padding=1,
+        grids.save_client_grid(x.cpu(), path, nrow=per_class, padding=1,
                                scale=grid_scale(self.cfg.data.image_size))
         return path
 

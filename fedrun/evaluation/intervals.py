@@ -6,10 +6,10 @@ class where the set has labels (the generated set is drawn with fixed per-class 
 test split's classes are kept at their counts too). Every score is then recomputed from the same
 features with those counts as weights, by matrix operations over a batch of resamples:
 
-* FID: weighted means and covariances, tr sqrt(S1 S2) from one symmetric eigenproblem; in the
-  feature space (d x d) when the sets are larger than d (the classifier's 128-d features), else
-  from the sets' Gram and cross-Gram matrices (n x m; Inception's 2048-d features of a few
-  hundred images), whichever costs fewer flops;
+* FID: weighted means and covariances, tr sqrt(S1 S2) from a Cholesky factor and one symmetric
+  eigenproblem; in the feature space (d x d) when the sets are larger than d (the classifier's
+  128-d features), else from the sets' Gram and cross-Gram matrices (n x m; Inception's 2048-d
+  features of a few hundred images), whichever costs fewer flops;
 * KID: the unbiased MMD^2 as a weighted U-statistic (pairs of copies of the same vector are
   left out, so a resample's expectation is the estimate itself);
 * precision, recall, density, coverage: weighted averages of per-vector indicators, the k-NN
@@ -20,11 +20,12 @@ features with those counts as weights, by matrix operations over a batch of resa
 The interval (``interval``) is the centred bootstrap interval for what the score reads on
 average at these set sizes: [s - (q_hi - m*), s - (q_lo - m*)], with s the score, m* the mean
 and q the quantiles of the resampled scores (the spread of s around its expectation is taken
-to be that of the resampled scores around theirs). FID is biased upwards at finite N; its
-interval is about the FID at these N, and ``fid_infinity`` with its interval estimates the
-Frechet distance at infinite N: FID of both sets subsampled to the same fractions, a straight
-line fitted in 1/N, its intercept. Tests: tests/unit_tests/test_intervals.py (coverage on
-Gaussians whose Frechet distance is known in closed form).
+to be that of the resampled scores around theirs; a resample's FID carries more of FID's
+upward bias at finite N, and only its deviations are used). FID's interval is about the FID at
+these N; ``fid_infinity`` estimates the Frechet distance at infinite N from FID at two sizes
+(the whole sets and their halves), with an interval from the same resamples. Tests:
+tests/unit_tests/test_intervals.py (coverage on Gaussians whose Frechet distance is known in
+closed form).
 """
 
 from __future__ import annotations
@@ -98,16 +99,19 @@ def resample_counts(n_or_labels: int | np.ndarray, resamples: int, rng: np.rando
 
 
 def interval(point: float | None, replicates: np.ndarray, confidence: float = 0.95,
-             bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[float] | None:
+             bounds: tuple[float, float] = (-math.inf, math.inf), reflect: bool = True) -> list[float] | None:
     """The centred bootstrap interval [lo, hi] of ``point`` (see the module docstring), clipped to
-    ``bounds``; None without a point or with fewer than 2 finite replicates."""
+    ``bounds``; None without a point or with fewer than 2 finite replicates. ``reflect=False``:
+    [s + (q_lo - m*), s + (q_hi - m*)], the replicates' deviations added to the point as they
+    are (``fedrun compare``: then a difference and a ratio built from the same deviations leave
+    0 and 1 out together)."""
     reps = np.asarray(replicates, dtype=np.float64)
     reps = reps[np.isfinite(reps)]
     if point is None or not math.isfinite(point) or len(reps) < 2:
         return None
     alpha = (1 - confidence) / 2
     q_lo, q_hi = np.quantile(reps - reps.mean(), [alpha, 1 - alpha])
-    lo, hi = point - q_hi, point - q_lo
+    lo, hi = (point - q_hi, point - q_lo) if reflect else (point + q_lo, point + q_hi)
     return [float(np.clip(lo, *bounds)), float(np.clip(hi, *bounds))]
 
 

@@ -175,7 +175,7 @@ class ClientStates:
     def load_state_dict(self, state: dict[str, Any] | None, home: set[int]) -> None:
         """Restore the states of the clients in ``home`` (this rank's) and the rules' shared state.
 
-        Reads checkpoints of earlier releases too (every kind written, unused ones as None)."""
+        A checkpoint may hold every kind, the unused ones as None: those are skipped."""
         if not state:
             return
         for key, entry in state.get("clients", {}).items():

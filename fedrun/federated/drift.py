@@ -147,7 +147,8 @@ class NoDrift:
     """No drift correction (the authors' FedAvg): nothing joins the update chain."""
 
     @classmethod
-    def build(cls, settings: Any, num_params: int, total_images: int, device: torch.device) -> list[UpdateRule]:
+    def build(cls, settings: Any, num_params: int, total_images: int,
+              device: torch.device) -> list[UpdateRule]:
         return []
 
 
@@ -189,7 +190,8 @@ class ScaffoldRule(UpdateRule, SumsExtra, ServerHalf, WireFormat):
     sends_unprotected = True  # c_k+ - c_k travels beside the update (privacy mechanisms refuse it)
 
     @classmethod
-    def build(cls, settings: Any, num_params: int, total_images: int, device: torch.device) -> list[UpdateRule]:
+    def build(cls, settings: Any, num_params: int, total_images: int,
+              device: torch.device) -> list[UpdateRule]:
         return [cls(num_params, total_images, device)]
 
     @classmethod
@@ -197,8 +199,8 @@ class ScaffoldRule(UpdateRule, SumsExtra, ServerHalf, WireFormat):
         refuse_fp16(cfg, "SCAFFOLD")
         if cfg.fed.compress != "none":
             raise ConfigError("fed.compress: SCAFFOLD's control variates (one more model-sized vector per "
-                              "client and round) would travel uncompressed next to the compressed update; use "
-                              "fed.drift = \"none\", \"fedprox\" or \"feddyn\" with compression, or "
+                              "client and round) would travel uncompressed next to the compressed update; "
+                              "use fed.drift = \"none\", \"fedprox\" or \"feddyn\" with compression, or "
                               "fed.compress = \"none\"")
 
     def __init__(self, num_params: int, total_images: int, device: torch.device):

@@ -11,7 +11,7 @@ with their keys: "uniform" is the authors' draw, and its keys are the simulated 
 
 ``SimulatedParticipation`` wraps either with what real federations lose (``fed.availability``,
 ``fed.speed_sigma``, ``fed.deadline_s``, ``fed.over_select``, traces): it is only built when
-one of those keys is set, so a run without them draws exactly as before.
+one of those keys is set, so a run without them draws exactly what the base draws.
 
 * **Who reports.** Of the selected clients, each reports with its availability probability
   (``fed.availability``, or client k's row of ``fed.availability_trace``), drawn from (seed,
@@ -91,13 +91,16 @@ class SimulationSettings(Settings):
             if not ok:
                 raise ConfigError(f"{key}: {message}")
         require(0 <= self.availability <= 1, "fed.availability",
-                f"must be a probability in [0, 1] (1 = every selected client reports), got {self.availability}")
+                f"must be a probability in [0, 1] (1 = every selected client reports), got "
+                f"{self.availability}")
         require(self.availability == 1 or not self.availability_trace, "fed.availability",
                 "give either fed.availability or fed.availability_trace, not both")
-        require(self.speed_sigma >= 0, "fed.speed_sigma", f"must be >= 0 (0 = no stragglers), got {self.speed_sigma}")
+        require(self.speed_sigma >= 0, "fed.speed_sigma",
+                f"must be >= 0 (0 = no stragglers), got {self.speed_sigma}")
         require(self.speed_sigma == 0 or not self.speed_trace, "fed.speed_sigma",
                 "give either fed.speed_sigma or fed.speed_trace, not both")
-        require(self.deadline_s >= 0, "fed.deadline_s", f"must be >= 0 (0 = no deadline), got {self.deadline_s}")
+        require(self.deadline_s >= 0, "fed.deadline_s",
+                f"must be >= 0 (0 = no deadline), got {self.deadline_s}")
         require(self.over_select >= 1, "fed.over_select",
                 f"must be >= 1 (the share of clients selected per client needed), got {self.over_select}")
         require(self.sim_step_s > 0, "fed.sim_step_s", f"must be > 0, got {self.sim_step_s}")
@@ -142,7 +145,7 @@ def read_trace(path: str, key: str, num_clients: int, positive: bool) -> np.ndar
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"{key}: no file at {file}; give a text file with one row per client "
-                          f"(README \"Availability and stragglers\") or set {key} = \"\"")
+                          f"(docs/systems.md \"Availability and stragglers\") or set {key} = \"\"")
     try:
         table = np.loadtxt(file, dtype=np.float64, delimiter=None if "," not in file.read_text() else ",",
                            ndmin=2)
@@ -184,7 +187,7 @@ class Simulation:
 
     @classmethod
     def from_config(cls, cfg: Config, sizes: dict[int, int]) -> Simulation | None:
-        """None when nothing is simulated (every client reports at once, as before); else the
+        """None when nothing is simulated (every selected client reports at once); else the
         simulation, after the checks that need the traces and the data (one ConfigError line)."""
         f = cfg.fed
         if not simulated(cfg):
@@ -243,7 +246,7 @@ class Simulation:
 
 
 def simulated(cfg: Config) -> bool:
-    """Is any availability, straggler or deadline key set (else participation is as before)?"""
+    """Is any availability, straggler or deadline key set (else every selected client reports)?"""
     f = cfg.fed
     return bool(f.availability < 1 or f.availability_trace or f.speed_sigma > 0 or f.speed_trace
                 or f.deadline_s > 0 or f.over_select > 1)
@@ -262,7 +265,9 @@ def build_participation(cfg: Config, sizes: dict[int, int],
     group: a trace that cannot be read, or a deadline no client meets, is one ConfigError line."""
     base = wrap(PARTICIPATION.selected(cfg).target.build(PARTICIPATION.settings(cfg), cfg))
     simulation = Simulation.from_config(cfg, sizes)  # None unless availability/stragglers are set
-    return base if simulation is None else SimulatedParticipation(base, simulation, getattr(base, "keep", None))
+    if simulation is None:
+        return base
+    return SimulatedParticipation(base, simulation, getattr(base, "keep", None))
 
 
 class SimulatedParticipation:

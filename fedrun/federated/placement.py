@@ -13,12 +13,12 @@ with s = ``fed.cost_step_share`` (the part of a step that does not shrink with a
 about 1 on a GPU, where a short last batch costs a full step; 0.15 measured for the digits model
 on a CPU core, where a step's cost follows its images) and o = ``fed.client_overhead_steps``
 (every client's set-up: its generators, a fresh Adam, loading the global weights, the finite
-check, its way into the sum; 0.17 steps measured on the digits default). README "Placement and
+check, its way into the sum; 0.17 steps measured on the digits default). docs/systems.md "Placement and
 waiting" has the measurements.
 
 * ``ByCost`` (``"cost"``): each round, the round's clients split over ranks by cost (greedy LPT:
   largest first, each to the least-loaded rank); every rank computes the same split.
-* ``BySize`` (``"size"``): the same by image count (fedrun before this placement existed).
+* ``BySize`` (``"size"``): the same by image count.
 * ``OnDemand`` (``"on_demand"``; ``"auto"`` without per-client state): clients handed out while
   the round runs, largest cost first:
   each rank takes the next one from a job-wide counter in the rendezvous store

@@ -155,28 +155,29 @@ class FederatedRounds:
         state, rules = self.parts.states.get(k), self.parts.rules
         terms = [rule.begin_client(self.model, self.global_flat, state) for rule in rules]
         res = self.parts.trainer.train(r, k, state, compose_terms([t for t in terms if t is not None]))
-        if r in self.grid_rounds:
+        loss = float(res.loss_sum) / max(res.steps, 1)  # one host sync per client
+        if not (np.isfinite(loss) and all_finite(self.model)):
+            warnings.warn(f"round {r}: client {k} produced a non-finite loss or weights; "
+                          f"it is left out of this round's average", stacklevel=2)
+            self.buffer.skip(res.steps, res.images)
+            return
+        if r in self.grid_rounds:  # the local model, right after its training
             with timer.phase("client_grid", evaluation=True):
                 self.evaluator.client_grid(self.model, self.diffusion, r, k)
         if r in self.score_rounds:  # scored on rank 0 at the end of the round
             with timer.phase("client_sample", evaluation=True):
                 self.evaluator.sample_client(self.model, self.diffusion, r, k)
-        loss = float(res.loss_sum) / max(res.steps, 1)  # one host sync per client
-        if not (np.isfinite(loss) and all_finite(self.model)):
-            warnings.warn(f"round {r}: client {k} produced a non-finite loss or weights; "
-                          f"it is left out of this round's average", stacklevel=2)
-            self.buffer.skip(res.steps)
-            return
         update = ClientUpdate(k, self.model, self.global_flat, self.sizes[k], float(self.sizes[k]), state,
                               dict(res.state), round=r, message=res.message)
         with timer.phase("update_chain", sync=True):  # e.g. compression's encode + decode, clipping
             for rule, term in zip(rules, terms, strict=True):
                 rule.end_client(update, term, self.buffer.region(rule.name))
-        if not self.buffer.add(self.model, update.weight, loss, res.images, res.steps, client=k, update=update):
+        if not self.buffer.add(self.model, update.weight, loss, res.images, res.steps, client=k,
+                               update=update):
             warnings.warn(f"round {r}: client {k}'s update holds numbers beyond the exact sum's range "
                           f"(|weight / largest weight x value| > 2^16, fedrun.flat); it is left out of this "
                           f"round's average", stacklevel=2)
-            self.buffer.skip(res.steps)
+            self.buffer.skip(res.steps, res.images)
             return
         self.parts.states.commit(k, update.new_state)
 
@@ -235,6 +236,7 @@ class FederatedRounds:
             "ready_s_per_rank": [round((s["ready_ns"] - s["start_ns"]) / 1e9, 4) for s in ranks],
             "steps_per_rank": [int(s["steps"]) for s in ranks],
             "clients_per_rank": [int(s["clients"]) for s in ranks],
+            "images_per_rank": [int(s["images"]) for s in ranks],  # those trained, skipped ones included
             "checkpoint_s": round(timer["checkpoint"], 4),
             "eval_s": round(timer.evaluation(), 4),
             "img_per_s": round(stats["images"] / trained_s, 2),

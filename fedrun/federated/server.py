@@ -8,9 +8,9 @@ and treat
     delta_t = x_t - average            (a pseudo-gradient: the server descends along it)
 
 so that a step is x_{t+1} = x_t - server_lr * (something built from delta). With that sign,
-FedAvgM with momentum 0 and lr 1 is FedAvg again. Moments start at zero, as in Flower and in
-fedrun's earlier releases; Reddi et al.'s v_{-1} >= tau^2 only matters for the very first step,
-where tau keeps the denominator away from zero anyway.
+FedAvgM with momentum 0 and lr 1 is FedAvg again. Moments start at zero, as in Flower; Reddi et
+al.'s v_{-1} >= tau^2 only matters for the very first step, where tau keeps the denominator away
+from zero anyway.
 
 Each rule is a small class with its hyperparameters as named fields and its state (the
 moments) as tensors that ``state_dict`` hands to the checkpoint; resuming restores them exactly.

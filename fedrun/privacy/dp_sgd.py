@@ -164,7 +164,8 @@ def train_local_dp(model: nn.Module, diffusion: Diffusion, data: ImageSet, indic
                           "\"sample\"; use bf16 or fp32")
     n = len(indices)
     if n == 0:
-        return DPLocalResult(torch.zeros((), device=device), 0, 0, None, 1.0, pv.noise_multiplier)
+        return DPLocalResult(torch.zeros((), device=device), 0, 0, None, sample_rate=1.0,
+                             noise_multiplier=pv.noise_multiplier)
     q, total_steps = sample_level_step(n, o.batch_size, cfg.fed.local_epochs)
     expected_batch = min(o.batch_size, n)  # = q * n
 
@@ -209,7 +210,8 @@ def train_local_dp(model: nn.Module, diffusion: Diffusion, data: ImageSet, indic
     finally:
         detach(gsm)
         quiet.__exit__(None, None, None)
-    return DPLocalResult(loss_sum, total_steps, images, kept, q, pv.noise_multiplier)
+    return DPLocalResult(loss_sum, total_steps, images, kept, sample_rate=q,
+                         noise_multiplier=pv.noise_multiplier)
 
 
 def clipped_gradients(model: nn.Module, diffusion: Diffusion, data: ImageSet, indices: torch.Tensor,
@@ -232,7 +234,8 @@ def clipped_gradients(model: nn.Module, diffusion: Diffusion, data: ImageSet, in
     if n == 0:
         return LocalResult(torch.zeros((), device=device), 0, 0, None, empty)
     q, _ = sample_level_step(n, cfg.optim.batch_size, 1)
-    torch.manual_seed(seeding.derive_seed(seeding.CLIENT, cfg.run.seed, round_, client))  # dropout, eps, labels
+    # dropout, the diffusion noise, label dropout: the client's stream, as in its local training
+    torch.manual_seed(seeding.derive_seed(seeding.CLIENT, cfg.run.seed, round_, client))
     sampling = seeding.generator("cpu", seeding.DP_SAMPLING, cfg.run.seed, round_, client)
     take = torch.rand(n, generator=sampling) < q
     idx = indices[take.nonzero()[:, 0].to(indices.device)].to(device, non_blocking=True)

@@ -84,8 +84,8 @@ class DPSettings(Settings):
     """0 = no budget; else a run whose planned epsilon exceeds it is refused before training."""
     accountant: str = setting("prv", hashed=HASHED_WHEN_SET, choices=("rdp", "prv"))
     """Opacus accountant: "prv" (privacy random variables, Gopi et al. 2021: the tightest Opacus
-    offers) | "rdp" (Renyi DP, Mironov 2017; the default before "prv", hence hashed only when set:
-    run dirs written with "rdp" keep their hash)."""
+    offers) | "rdp" (Renyi DP, Mironov 2017; hashed only when set, so that run dirs written with
+    "rdp", once the default, keep their hash)."""
 
     def validate(self) -> None:
         if not self.clip > 0:
@@ -204,8 +204,9 @@ def _refuse(cfg: Config, flag: str, message: str) -> None:
     for reg in registries():
         chosen = reg.selected(cfg)
         if getattr(chosen.target, flag, False):
-            others = [name for name in reg if not (getattr(reg.choice(name).target, "sends_unprotected", False)
-                                                   or getattr(reg.choice(name).target, flag, False))]
+            targets = {name: reg.choice(name).target for name in reg}
+            others = [name for name, target in targets.items()
+                      if not (getattr(target, "sends_unprotected", False) or getattr(target, flag, False))]
             text = message.format(name=f"{reg.key} = \"{chosen.name}\"",
                                   others=" or ".join(f"{reg.key} = \"{n}\"" for n in others))
             raise ConfigError(f"{reg.key}: {text}")
@@ -213,8 +214,8 @@ def _refuse(cfg: Config, flag: str, message: str) -> None:
 
 def _refuse_multiplicity(cfg: Config) -> None:
     if cfg.privacy.multiplicity != 1:
-        raise ConfigError(f"privacy.multiplicity: averages noise draws inside DP-SGD's per-sample gradients: it "
-                          f"needs privacy.level = \"sample\" (got {cfg.privacy.level!r}); set "
+        raise ConfigError(f"privacy.multiplicity: averages noise draws inside DP-SGD's per-sample "
+                          f"gradients: it needs privacy.level = \"sample\" (got {cfg.privacy.level!r}); set "
                           f"privacy.multiplicity = 1")
 
 
@@ -280,8 +281,8 @@ class _DifferentialPrivacy(Mechanism):
         if cfg.run.mode != "fedavg":
             raise ConfigError("privacy.level: differential privacy is implemented for federated runs; use "
                               "run.mode = \"fedavg\" or privacy.level = \"none\"")
-        _refuse(cfg, "sends_unprotected", "{name}'s extra messages (SCAFFOLD's control variates) travel without "
-                "noise beside the update and would leak what DP protects; with privacy use {others}")
+        _refuse(cfg, "sends_unprotected", "{name}'s extra messages (SCAFFOLD's control variates) travel "
+                "without noise beside the update and would leak what DP protects; with privacy use {others}")
         if cfg.fed.over_select > 1:  # dropouts thin the sample independently per client (the
             # epsilon stays an upper bound); keeping the fastest makes one client depend on others
             raise ConfigError("fed.over_select: over-selection keeps the fastest reports, so whether one "
@@ -292,10 +293,10 @@ class _DifferentialPrivacy(Mechanism):
             raise ConfigError("train.clients_at_once: DP training runs one client at a time; set "
                               "train.clients_at_once = 1")
         if cfg.secure_agg.bits and cfg.secure_agg.protocol == "none":
-            raise ConfigError("secure_agg.bits: noise shares on a grid need secure aggregation (without it "
-                              "the aggregator sees each client's update with only its own share of the noise); "
-                              "set secure_agg.protocol = \"secagg+\", or secure_agg.bits = 0 for the server's "
-                              "noise")
+            raise ConfigError("secure_agg.bits: noise shares on a grid need secure aggregation (without "
+                              "it the aggregator sees each client's update with only its own share of the "
+                              "noise); set secure_agg.protocol = \"secagg+\", or secure_agg.bits = 0 for the "
+                              "server's noise")
 
     def summary(self) -> dict[str, Any] | None:
         pv = self.cfg.privacy
@@ -519,9 +520,9 @@ class ClientLevel(_DifferentialPrivacy):
                 f"privacy.level: client-level DP expects q N = {self.q * f.num_clients:g} clients per round; "
                 f"its noise (std z * clip / (q N) on each of the {self.noised:,} noised numbers) has "
                 f"{ratio:.3g}x the norm of the largest step their average can take (noise-to-signal "
-                f"z sqrt(P) / (q N), z = {pv.noise_multiplier:g}): expect the model to degrade; it takes about "
-                f"{needed:,.0f} clients per round (fed.num_clients, fed.clients_per_round) or fewer noised "
-                f"numbers (model.trainable) to reach 1", stacklevel=3)
+                f"z sqrt(P) / (q N), z = {pv.noise_multiplier:g}): expect the model to degrade; it takes "
+                f"about {needed:,.0f} clients per round (fed.num_clients, fed.clients_per_round) or fewer "
+                f"noised numbers (model.trainable) to reach 1", stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------

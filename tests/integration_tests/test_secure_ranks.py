@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import as_args, model_at, run_cli_together, same_bits, tiny_overrides
 
 DROPOUTS = {"fed__num_clients": 10, "fed__clients_per_round": 10, "fed__availability": 0.7, "fed__rounds": 2}
 
 
+@pytest.mark.slow  # ~15 s (.ci/run runs it); the quick suite masks across 2 gloo ranks in test_secure_agg.py
 def test_two_ranks_unmask_the_plain_sum(tmp_path):
     masked = tiny_overrides(tmp_path, "masked", secure_agg__protocol="secagg+", **DROPOUTS)
     plain = tiny_overrides(tmp_path, "plain", **DROPOUTS)

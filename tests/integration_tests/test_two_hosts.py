@@ -18,7 +18,7 @@ connectFullMesh failed ... remote=[127.0.1.1]"). tmp_path is the cluster's share
 
 Skipped, with the reason, where namespaces cannot be made (not root, no ip/unshare/nsenter);
 the SLURM tests also where SLURM is missing, except with CI=true (.ci/run installs it), where
-that fails. Times on this 2-core machine are in docs/systems_multinode.md.
+that fails. Times on this 2-core machine are in docs/systems.md "Several hosts".
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ def test_gloo_binds_to_the_link_between_the_hosts(hosts, tmp_path):
         assert own.startswith("127.0.1.1"), own
 
 
+@pytest.mark.slow  # ~20 s (.ci/run runs it); the suite's quick part: the dry run, gloo's interface, srun
 def test_torchrun_two_hosts_equals_one_host(hosts, reference, shared):
     """One torchrun agent per host, the c10d rendezvous on host 1's address, 2 rounds: the same
     global model after each round as the one-host run, bit for bit."""

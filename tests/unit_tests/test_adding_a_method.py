@@ -18,7 +18,7 @@ from fedrun import models
 from fedrun.__main__ import main
 from fedrun.config import HASHED_WHEN_SET, ConfigError, load_config, setting
 from fedrun.config_reference import reference_markdown
-from fedrun.federated.compression import COMPRESSORS, CompressSettings, Compressor
+from fedrun.federated.compression import COMPRESSORS, Compressor, CompressSettings
 from fedrun.federated.server import SERVER_RULES, ServerOptimizer
 from fedrun.flat import flatten
 from fedrun.registry import Settings
@@ -126,3 +126,20 @@ def test_the_new_methods_are_in_help_reference_and_errors(new_methods, capsys):
 def test_without_the_fixture_the_methods_are_unknown():
     with pytest.raises(ConfigError, match=r"^fed\.server_opt: got 'fedpartway'"):
         load_config(None, {"fed.server_opt": "fedpartway"})
+
+
+def test_a_key_belongs_to_one_method_family():
+    """A compressor that declared fed.server_lr (a server rule's key) is refused where it registers,
+    and leaves the registry as it was; so is a second choice of the same name."""
+
+    @dataclass
+    class Clash(CompressSettings):
+        server_lr: float = 1.0
+        """Clash: a key of another family."""
+
+    before = COMPRESSORS.names()
+    with pytest.raises(ValueError, match=r"^fed\.server_lr: a key of fed\.server_opt already"):
+        COMPRESSORS.register("clash", Clash)(HeadOnly)
+    with pytest.raises(ValueError, match="registered already"):
+        COMPRESSORS.register("int8", CompressSettings)(HeadOnly)
+    assert COMPRESSORS.names() == before and load_config(None, {}).hash() == "975b9e15ea781c37"

@@ -241,9 +241,9 @@ def test_every_summed_update_is_within_clip_in_the_real_round_loop(tmp_path, mon
 
     add = flat.RoundBuffer.add
 
-    def check_add(self, model, weight, *args):
+    def check_add(self, model, weight, *args, **kwargs):
         summed.append((update_norm(model, globals_[-1]), weight))
-        return add(self, model, weight, *args)
+        return add(self, model, weight, *args, **kwargs)
 
     monkeypatch.setattr(CompressUpdate, "end_client", observe)
     monkeypatch.setattr(flat.RoundBuffer, "add", check_add)

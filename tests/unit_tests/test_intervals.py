@@ -191,7 +191,8 @@ def test_kid_interval_covers_its_expectation():
 def test_config_refuses_too_few_resamples_for_the_confidence():
     from fedrun.config import load_config
     from fedrun.errors import ConfigError
-    with pytest.raises(ConfigError, match=r"^eval.bootstrap: 20 resamples cannot place .* use 0 .* or >= 40$"):
+    one_line = r"^eval.bootstrap: 20 resamples cannot place .* use 0 .* or >= 40$"
+    with pytest.raises(ConfigError, match=one_line):
         load_config(None, {"eval.bootstrap": "20"})
     with pytest.raises(ConfigError, match="eval.confidence"):
         load_config(None, {"eval.confidence": "1.0"})

@@ -1,5 +1,5 @@
 """The package's layers hold: no import runs from a lower layer to a higher one, lazy or not,
-and the round loop stays one screen that only calls its parts (README "Where things are")."""
+and the round loop stays one screen that only calls its parts (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -79,7 +79,8 @@ def test_resume_solves_the_same_noise_and_refuses_another(tmp_path):
     # more rounds solve a larger noise: the run would mix two noises under one target
     more = load_config(None, tiny_overrides(tmp_path, "resumed", privacy__noise_multiplier=0, fed__rounds=40,
                                             **CLIENT))
-    refusal = r"^run\.name: .* holds a run with a different config \(privacy\.noise_multiplier [0-9.]+ there, [0-9.]+ here\)"
+    refusal = (r"^run\.name: .* holds a run with a different config "
+               r"\(privacy\.noise_multiplier [0-9.]+ there, [0-9.]+ here\)")
     with pytest.raises(RunDirError, match=refusal):
         train(more)
 
@@ -124,8 +125,8 @@ def test_client_level_warns_when_the_noise_outweighs_the_clients(tmp_path):
         mechanism = build_mechanism(cfg, [300] * 4, num_classes=10)
     ratio = 1.0 * math.sqrt(p) / 4
     said = [str(w.message) for w in seen if "noise-to-signal" in str(w.message)]
-    assert len(said) == 1 and f" {ratio:.3g}x " in said[0] and mechanism.noised == p
-    assert mechanism.summary()["noise_to_signal"] == pytest.approx(ratio)
+    assert len(said) == 1 and f" {ratio:.3g}x " in said[0] and mechanism.privacy.noised == p
+    assert mechanism.summaries()["privacy"]["noise_to_signal"] == pytest.approx(ratio)
     with warnings.catch_warnings():  # enough clients per round: no warning
         warnings.simplefilter("error")
         many = load_config(None, tiny_overrides(tmp_path, privacy__level="client",

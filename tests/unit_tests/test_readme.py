@@ -47,7 +47,8 @@ def test_docs_link_to_files_that_exist():
 
 def test_the_config_reference_is_what_the_code_generates():
     written = (ROOT / "docs" / "config.md").read_text()
-    assert written == reference_markdown() + "\n", "docs/config.md is stale: python -m fedrun.config_reference"
+    stale = "docs/config.md is stale: run python -m fedrun.config_reference"
+    assert written == reference_markdown() + "\n", stale
 
 
 def test_committed_results_carry_no_machine_paths():

@@ -212,13 +212,14 @@ def test_round_buffer_layout_sum_tail_and_regions():
     model = TwoWeights(1.0, 2.0)
     buf = RoundBuffer(2, world_size=3, regions={"none": 0, "scaffold": 2}, device=torch.device("cpu"),
                       rank=2, max_clients=4, max_weight=4.0)
-    assert buf.data.numel() == 2 + 6 + 4 * 3 + 2 and buf.region("none").numel() == 0
+    # [model 2 | tail 5 | scaffold 2 | 6 slots x 3 ranks]: what the clients contribute comes first
+    assert buf.data.numel() == 2 + 5 + 2 + 6 * 3 and buf.summed == 9 and buf.region("none").numel() == 0
     assert buf.data.dtype == torch.int64 and buf.bits == 62 - 16 - 2  # 4 clients: 2 bits of headroom
     buf.region("scaffold").add_(torch.tensor([7.0, 8.0]))  # a rule's sum for the first client
     assert buf.add(model, 3.0, loss=0.5, images=30, steps=2)
     load_flat_(model, torch.tensor([-1.0, 0.0]))
     assert buf.add(model, 1.0, loss=1.5, images=10, steps=1)
-    buf.skip(steps=4)
+    buf.skip(steps=4, images=12)
     buf.set_times(10**18, 10**18 + 2_500_000_000)
     buf.all_reduce()  # one process: the sum is its own
     agg = buf.aggregate(5, [0, 1, 2])
@@ -227,8 +228,10 @@ def test_round_buffer_layout_sum_tail_and_regions():
     assert torch.equal(agg.extra["scaffold"], torch.tensor([7.0, 8.0]))
     stats, ranks = buf.stats()
     assert stats == {"n": 4.0, "loss": 3.0, "images": 40, "skipped": 1, "trained": 2}
-    assert ranks[:2] == [{"start_ns": 0, "ready_ns": 0, "steps": 0, "clients": 0}] * 2
-    assert ranks[2] == {"start_ns": 10**18, "ready_ns": 10**18 + 2_500_000_000, "steps": 7, "clients": 3}
+    idle = {"start_ns": 0, "ready_ns": 0, "steps": 0, "clients": 0, "skipped": 0, "images": 0}
+    assert ranks[:2] == [idle] * 2
+    assert ranks[2] == {"start_ns": 10**18, "ready_ns": 10**18 + 2_500_000_000, "steps": 7, "clients": 3,
+                        "skipped": 1, "images": 52}
     assert buf.nbytes == buf.data.numel() * 8
     assert torch.equal(flatten(model), torch.tensor([-1.0, 0.0]))
 

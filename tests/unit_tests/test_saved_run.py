@@ -80,10 +80,10 @@ def test_fedrun_eval_scores_the_newest_valid_checkpoint(tmp_path):
                      "20", "--eval.batch_size", "20", "--eval.per_class", "false", "--eval.prdc_k", "0",
                      "--eval.kid", "false"])
     assert code == 0
-    row = json.loads((run_dir / "eval" / "round_0001.json").read_text())
+    row = json.loads((run_dir / "eval" / "round_0001_n20.json").read_text())  # tagged by the sample count
     assert row["round"] == 1 and row["checkpoint"] == str(checkpoint.checkpoint_path(run_dir, 1))
     assert row["num_samples"] == 20 and row["weights"] == "model" and row["fid_test"] > 0
-    assert not (run_dir / "eval" / "round_0002.json").exists()
+    assert not list((run_dir / "eval").glob("round_0002*"))
 
 
 def test_each_unusable_run_dir_is_one_clear_error(tmp_path):

@@ -253,7 +253,7 @@ def test_costs_and_bytes_are_counted():
     ((10, 8, 1, 7), "secure_agg.threshold"),     # one share would reveal the secret
     ((10, 8, 5, 11), "secure_agg.min_survivors"),  # above the clients per round
     ((10, 8, 5, 1), "secure_agg.min_survivors"),
-    ((2, 1, 2, 2), "secure_agg.enabled"),
+    ((2, 1, 2, 2), "secure_agg.protocol"),
 ])
 def test_bad_settings_are_one_line_naming_the_key(args, key):
     with pytest.raises(ConfigError) as err:

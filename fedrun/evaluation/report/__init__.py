@@ -5,7 +5,8 @@ every run, labels each run by the config settings that differ between runs of th
 and writes, in the paper's layout (rows = settings, columns = IS / FID(train) / FID(test) grouped
 per data set)::
 
-    <out>/report.md           markdown table, "mean ± std", plus which runs fed each row, and a
+    <out>/report.md           markdown table, "mean ± std [95 % interval]", "not resolved" where
+                              the FID ratio's interval holds 1, which runs fed each row, and a
                               per-client / per-class section for runs that have those scores
     <out>/report.csv          the same table, raw numbers, one column per (data set, score)
     <out>/report.png          bar charts: one row of panels per data set, one panel per score;
@@ -31,7 +32,8 @@ summary.json schema (keys the report reads; anything else is ignored)::
         "fid_train": float,                # FD to the whole train split
         "fid_test": float,                 # FD to the whole test split
         "extractor": "inception" | "classifier",
-        "num_samples": int, "class_acc": float | null   # optional
+        "num_samples": int, "class_acc": float | null,  # optional
+        "<score>_ci": [lo, hi]             # optional: its interval (fedrun.evaluation.intervals)
       },
       "privacy": {"epsilon_max": float}    # optional: the largest epsilon spent (DP runs)
       "communication": {                   # optional: bytes a real client sends (federated runs)

@@ -20,6 +20,11 @@ same label and the same seed are told apart by their folder instead.
 the same data set and budget (fed.rounds x fed.local_epochs epochs): the row's FID (test) mean
 divided by that centralized row's. With several such centralized rows, the one that agrees
 with the row on most other label keys (e.g. ema.sigma_rel) is the reference.
+
+Intervals (runs scored with ``eval.bootstrap``): a cell shows its 95 % interval, "[lo, hi]",
+from the seeds' spread and the runs' own sampling intervals (``seeds_interval``); the FID ratio
+its interval on the log scale (``ratio_interval``), with "not resolved" where it holds 1, and
+under the table one line per compared row says "resolved" or "not resolved" (``interval_notes``).
 """
 
 from __future__ import annotations
