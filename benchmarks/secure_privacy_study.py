@@ -13,10 +13,11 @@ the unit; epsilon of the worst client at delta 1e-5), the noise solved from the 
 * ``local``: today's DP-SGD in every client (privacy.level = "sample"): each client's steps of ~32
   images carry their own noise;
 * ``once``: privacy.level = "sample_once" under SecAgg+ with 16-bit distributed Skellam noise: a
-  round is one step over the ten clients' Poisson batches (~320 images), the noise added once,
-  in shares, to the secure sum; FedAdam on the server; 450 rounds = 100 epochs;
-* ``central``: one client holding all 1,437 images, DP-SGD at batch 320 and the same 450 steps:
-  the upper bound of any sample-level federated mechanism at this epsilon.
+  round is one step over the federation's Poisson batch (every image at rate 320 / 1,437), the
+  noise added once, in shares, to the secure sum; FedAdam on the server; 500 rounds;
+* ``central``: one client holding all 1,437 images, DP-SGD at batch 320 (the same rate) for 100
+  epochs of 5 steps: the same 500 steps, the upper bound of any sample-level federated mechanism
+  at this epsilon.
 
 Plus: the public model alone and fine-tuned without DP; the frontier at epsilon 16 and 32 (two
 seeds); secure_agg.bits 12 / 20 against 16 and against no grid (0: the server's Gaussian once on
@@ -46,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRIVATE, PUBLIC, CROSS = ps.PRIVATE, ps.PUBLIC, ps.CROSS
 NB = {"model.trainable": "norms_biases"}
 ONCE = {"privacy.level": "sample_once", "secure_agg.protocol": "secagg+", "secure_agg.bits": "16",
-        "fed.server_opt": "fedadam", "fed.server_lr": "2e-3", "fed.rounds": "450", "checkpoint.every": "50"}
+        "fed.server_opt": "fedadam", "fed.server_lr": "2e-3", "fed.rounds": "500", "checkpoint.every": "50"}
 CENTRAL = {"privacy.level": "sample", "fed.num_clients": "1", "fed.clients_per_round": "1",
            "optim.batch_size": "320", "fed.client_optimizer": "keep", "fed.placement": "cost"}
 LOCAL = {"privacy.level": "sample"}

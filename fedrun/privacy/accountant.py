@@ -232,6 +232,13 @@ def sample_level_step(num_images: int, batch_size: int, local_epochs: int) -> tu
     return q, local_epochs * math.ceil(num_images / batch_size)
 
 
+def sample_once_rate(batch_size: int, clients_per_round: int, total_images: int) -> float:
+    """"sample_once"'s Poisson rate, the same for every image of the federation: the round's step
+    expects batch_size images per participating client, batch_size x clients_per_round in all
+    (DP-SGD on the union at that batch: every image is one sample at rate q)."""
+    return min(1.0, batch_size * clients_per_round / max(total_images, 1))
+
+
 def client_level_rate(cfg: Config) -> float:
     """Poisson client sampling rate of DP-FedAvg: clients_per_round / num_clients."""
     return cfg.fed.clients_per_round / cfg.fed.num_clients

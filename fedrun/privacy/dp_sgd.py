@@ -56,7 +56,7 @@ from ..flat import float_tensors
 from ..local_training import LocalResult, batch_loss, client_adam, keeps_optimizer
 from ..models import FourierFeatures
 from ..precision import autocast_dtype
-from .accountant import require_opacus, sample_level_step
+from .accountant import require_opacus, sample_level_step, sample_once_rate
 
 
 @dataclass
@@ -219,7 +219,9 @@ def clipped_gradients(model: nn.Module, diffusion: Diffusion, data: ImageSet, in
                       optimizer_state: dict[str, Any] | None = None,
                       adjust_grads: Callable[[], None] | None = None) -> LocalResult:
     """"sample_once": the client's part of the round's one noised step. A Poisson batch of its
-    shard (rate q = min(1, B / n), the stream (seed, round, client)), each image's gradient of
+    shard (every image at the federation's rate q = min(1, B K / n), K clients a round, n the
+    train split's images, which the clients' shards partition; the stream (seed, round, client)),
+    each image's gradient of
     the loss at the global model (Opacus's per-sample gradients; noise multiplicity averaged
     inside), clipped to L2 norm ``privacy.clip``: returned as the result's ``message``, one row per
     image in fedrun.flat's order (float buffers get zero rows), the model untouched. No noise here:
@@ -233,7 +235,7 @@ def clipped_gradients(model: nn.Module, diffusion: Diffusion, data: ImageSet, in
     empty = torch.zeros((0, sum(t.numel() for t in tensors)), device=device)
     if n == 0:
         return LocalResult(torch.zeros((), device=device), 0, 0, None, empty)
-    q, _ = sample_level_step(n, cfg.optim.batch_size, 1)
+    q = sample_once_rate(cfg.optim.batch_size, cfg.fed.clients_per_round, len(data.labels))
     # dropout, the diffusion noise, label dropout: the client's stream, as in its local training
     torch.manual_seed(seeding.derive_seed(seeding.CLIENT, cfg.run.seed, round_, client))
     sampling = seeding.generator("cpu", seeding.DP_SAMPLING, cfg.run.seed, round_, client)

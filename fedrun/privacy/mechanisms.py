@@ -401,18 +401,19 @@ class SampleOnce(_DifferentialPrivacy):
             return None
         clients = cfg.fed.clients_per_round
         _, _, survivors = resolved_graph(secure, clients)
-        batches = sorted((min(cfg.optim.batch_size, n), n) for n in sizes if n)[-clients:]
-        records = sum(poisson_most(b, b / n) for b, n in batches)  # the round's largest total batch
+        q = _once_rate(cfg, sizes)
+        largest = sum(sorted(sizes)[-clients:])  # the most images one round's clients hold
+        records = min(largest, poisson_most(q * largest, q))  # the round's largest total batch
         return ddp.DistributedDP(cfg.privacy.clip, noise_multiplier, secure.bits, _flat_numbers(cfg),
                                  clients, survivors, cfg.run.seed, records=records)
 
     @classmethod
     def planned(cls, cfg: Config, sizes: Sequence[int], participation: Sequence[Sequence[int]] | None,
                 rounds: int, noise_multiplier: float) -> accountant.PrivacyLedger:
-        """Each client's one step at rate B / n_k in every round it takes part in."""
+        """Each client's one step at the federation's rate in every round it takes part in."""
         ledger = cls.new_ledger(cfg, sizes)
-        for k, n, count in _rounds_per_client(sizes, participation, rounds):
-            q, _ = accountant.sample_level_step(n, cfg.optim.batch_size, 1)
+        q = _once_rate(cfg, sizes)
+        for k, _, count in _rounds_per_client(sizes, participation, rounds):
             ledger.record(k, noise_multiplier, q, count)
         return ledger
 
@@ -424,8 +425,7 @@ class SampleOnce(_DifferentialPrivacy):
         grid = self.grid(self.cfg, self.sizes, self.cfg.privacy.noise_multiplier)
         if grid is not None:
             return GridEncoder(grid, rows=True)
-        batch = sum(sorted(min(self.cfg.optim.batch_size, n) for n in self.sizes if n))
-        return FixedPointRows(num_params, max(batch, 1) * self.cfg.privacy.clip)
+        return FixedPointRows(num_params, max(sum(self.sizes), 1) * self.cfg.privacy.clip)
 
     def wrap_server(self, server: ServerStep) -> ServerStep:
         return SampleOnceServer(server, self.cfg, self.ledger, self.sizes, central=self.grid(
@@ -586,9 +586,9 @@ class DistributedClientLevelServer(_LedgerServer):
 class SampleOnceServer(_LedgerServer):
     """The round's one noised step: the sum of the participants' clipped per-example gradients
     (with its noise: the clients' shares, or, ``central``, N(0, (z clip)^2) the server adds from
-    (seed, round)), divided by the round's expected batch sum_k q_k n_k, is the gradient the server
-    rule descends (its pseudo-gradient theta - average). Each participant's images are one
-    subsampled step in its ledger."""
+    (seed, round)), divided by the round's expected batch q sum_k n_k (q the federation's rate,
+    accountant.sample_once_rate), is the gradient the server rule descends (its pseudo-gradient
+    theta - average). Each participant's images are one subsampled step in its ledger."""
 
     per_client = True
 
@@ -598,11 +598,11 @@ class SampleOnceServer(_LedgerServer):
         self.sizes, self.central = list(sizes), central
 
     def step(self, global_flat: torch.Tensor, agg: Aggregate) -> torch.Tensor | None:
-        pv, B = self.cfg.privacy, self.cfg.optim.batch_size
+        pv = self.cfg.privacy
         self.round = agg.round
         takers = [k for k in agg.clients if self.sizes[k]]
+        q = _once_rate(self.cfg, self.sizes)
         for k in takers:
-            q, _ = accountant.sample_level_step(self.sizes[k], B, 1)
             self.ledger.record(k, pv.noise_multiplier, q, 1)
         if agg.delta_sum is None or agg.abandoned or not takers:
             return None
@@ -611,7 +611,7 @@ class SampleOnceServer(_LedgerServer):
             g = seeding.stream_generator("cpu", "sample_once_noise", seed=self.cfg.run.seed, round=agg.round)
             noise = torch.randn(total.numel(), generator=g) * (pv.noise_multiplier * pv.clip)
             total = total + noise.to(total.device)
-        expected = sum(min(B, self.sizes[k]) for k in takers)  # sum_k q_k n_k
+        expected = q * sum(self.sizes[k] for k in takers)  # the round's expected batch
         return self.inner.step(global_flat, replace(agg, average=global_flat - total / expected, usable=True))
 
 
@@ -620,6 +620,10 @@ _FLAT_NUMBERS: dict[str, int] = {}  # the flat model's size per model config (se
 
 def _model_key(cfg: Config) -> str:
     return json.dumps([cfg.model.values(), cfg.data.channels, cfg.data.name, cfg.run.seed], sort_keys=True)
+
+
+def _once_rate(cfg: Config, sizes: Sequence[int]) -> float:
+    return accountant.sample_once_rate(cfg.optim.batch_size, cfg.fed.clients_per_round, sum(sizes))
 
 
 def _flat_numbers(cfg: Config) -> int:

@@ -106,7 +106,8 @@ def test_noise_once_sends_each_images_clipped_gradient(tmp_path):
     # the same batch by plain autograd
     torch.manual_seed(seeding.derive_seed(seeding.CLIENT, cfg.run.seed, 1, 0))
     draws = seeding.generator("cpu", seeding.DP_SAMPLING, cfg.run.seed, 1, 0)
-    take = torch.rand(len(shard), generator=draws) < min(1.0, cfg.optim.batch_size / len(shard))
+    q = accountant.sample_once_rate(cfg.optim.batch_size, cfg.fed.clients_per_round, len(data.labels))
+    take = torch.rand(len(shard), generator=draws) < q  # the federation's rate, the same for every image
     idx = shard[take.nonzero()[:, 0]]
     model.train()
     loss = batch_loss(model, diffusion, data, idx, seeding.sobol_engine(cfg.run.seed, 1, 0), cfg, None,
