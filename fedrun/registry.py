@@ -61,9 +61,10 @@ def load_builtins() -> None:
 
 
 def registries() -> list[Registry]:
-    """Every registry, built-ins loaded, in the order their modules created them."""
+    """Every registry, built-ins loaded, by key ("fed.client_optimizer", "fed.compress", ...): an
+    order that does not depend on which module was imported first."""
     load_builtins()
-    return list(_REGISTRIES.values())
+    return [_REGISTRIES[key] for key in sorted(_REGISTRIES)]
 
 
 class Settings:

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from helpers import as_args, run_cli, tiny_overrides
 
 
+@pytest.mark.slow  # ~15 s: trains, then audits
 def test_audit_of_a_trained_run_writes_audit_json(tmp_path):
     run_dir = tmp_path / "audited"
     # bad input: one line naming the fix, the FedrunError exit code (checked while the run trains)

@@ -15,6 +15,7 @@ def worker_stderr(log_dir: Path) -> str:
     return "".join(p.read_text() for p in sorted(log_dir.rglob("stderr.log")))
 
 
+@pytest.mark.slow  # ~5 s each under torchrun; the in-process catalogue is test_bad_inputs.py
 @pytest.mark.parametrize("args, expect", [
     pytest.param(["--run.mode", "centralized", "--optim.batch_size", "63"],
                  ("optim.batch_size", "2 ranks", "multiple of 2"),

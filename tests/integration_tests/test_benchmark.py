@@ -17,6 +17,7 @@ from fedrun.flat import buffer_size
 from helpers import ROOT, TINY, free_port
 
 
+@pytest.mark.slow  # ~6 s: a two-rank benchmark
 def test_two_rank_benchmark_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
     overrides = {**TINY, "data.name": "synthetic", "data.synthetic_size": "300", "data.num_classes": "4",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fedrun import checkpoint
@@ -15,6 +16,7 @@ from fedrun import checkpoint
 from helpers import as_args, model_at, run_cli_together, same_bits, tiny_overrides
 
 
+@pytest.mark.slow  # ~8 s: one process and two ranks
 def test_error_feedback_residuals_one_process_vs_two_ranks(tmp_path):
     layout = dict(fed__num_clients=5, fed__clients_per_round=3, fed__rounds=1, fed__compress="int8")
     one, two = run_cli_together((as_args(tiny_overrides(tmp_path, "one", **layout)), 1),

@@ -3,9 +3,12 @@
 
 import json
 
+import pytest
+
 from helpers import as_args, run_cli, tiny_overrides
 
 
+@pytest.mark.slow  # ~35 s: trains, scores and evaluates again on two ranks
 def test_training_scores_grids_and_two_rank_eval_reproduce_them(tmp_path):
     o = tiny_overrides(tmp_path, "scored", fed__rounds=2, eval__enabled="true",
                        eval__feature_extractor="classifier", eval__num_samples=40, eval__batch_size=16,

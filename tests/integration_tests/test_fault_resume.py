@@ -63,9 +63,9 @@ RANKS = clients_of_rank(WORLD)
 #  rounds in metrics.jsonl at the end)
 KILL_POINTS = [
     pytest.param(f"2:{RANKS[1][0]}:3", 1, 1, f"round=2 client={RANKS[1][0]} step=3", [1, 2, 3],
-                 id="rank1-mid-round2"),
-    # the two below are in `-m slow` (the default suite's 4-minute budget): rank1-mid-round2 kills
-    # and restarts the same way, and test_killed_after_the_last_checkpoint_... kills at "ckpt:"
+                 id="rank1-mid-round2", marks=pytest.mark.slow),
+    # all three are in `-m slow` (~18 s each under torchrun): the quick suite's kill and bit-exact
+    # resume is test_kill_between_checkpoints_then_rerun_logs_each_round_once, in one process
     pytest.param(f"3:{RANKS[0][0]}:1", 0, 2, f"round=3 client={RANKS[0][0]} step=1", [1, 2, 3],
                  id="rank0-first-step-round3", marks=pytest.mark.slow),
     # Known gap, not a model error: round 2's checkpoint is on disk but rank 0 died before it
@@ -148,6 +148,7 @@ def test_kill_between_checkpoints_then_rerun_logs_each_round_once(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # ~11 s; the quick suite kills and resumes in test_kill_between_checkpoints_...
 def test_killed_after_the_last_checkpoint_the_rerun_finishes_its_record(tmp_path):
     """kill -9 right after the last round's checkpoint, before its evaluation and metrics line:
     the rerun has nothing to train, but must still evaluate and log the last round, so that

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from helpers import as_args, clients_of_rank, model_at, run_cli, same_bits, tiny_overrides
@@ -17,6 +18,7 @@ def metrics(run_dir):
     return {r["round"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow  # ~6 s: torchrun, two ranks
 def test_one_nan_client_on_rank_1_is_skipped_and_the_round_goes_on(tmp_path):
     bad = RANKS[1][0]  # a client that rank 1 trains: the skip count must cross the all_reduce
     o = tiny_overrides(tmp_path, "one_bad", fed__rounds=2, eval__enabled="false")

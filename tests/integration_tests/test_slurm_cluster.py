@@ -12,7 +12,7 @@ change the order and so may differ by fp32 roundings).
 Skipped, with the reason, only where SLURM is not installed, and never in CI: with CI=true in the
 environment (.ci/run installs SLURM, and fails if it cannot) a missing SLURM fails this test. About
 30 s on 2 cores (three 2-rank runs, one after another in effect; the cluster takes 1 s to come up
-and 2 s to go down).
+and 2 s to go down): in `-m slow`, which .ci/run runs.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from helpers import (
 SCRIPT = ROOT / "launch" / "slurm_local_cluster.sh"
 SHAPES = ("torchrun", "srun")
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # slurmctld, munged live there
+
+pytestmark = pytest.mark.slow
 
 
 def _free_port_pair() -> int:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from helpers import as_args, guarded_processes, network_attempts, offline_env, run_cli, tiny_overrides
@@ -20,6 +21,7 @@ def test_the_blocker_blocks(tmp_path):
     assert "example.com" in network_attempts(env)
 
 
+@pytest.mark.slow  # ~10 s; README line 1 is the same run at full length
 def test_two_round_digits_run_learns_and_writes_its_outputs_offline(tmp_path):
     env = offline_env(tmp_path)
     o = tiny_overrides(tmp_path, "smoke", fed__rounds=2, fed__local_epochs=3, sample__per_class=3,

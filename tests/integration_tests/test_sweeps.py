@@ -32,6 +32,7 @@ def test_every_paper_sweep_validates(sweep, capsys):
     assert len(set(l.split("--run.name ")[1].split()[0] for l in lines)) == len(lines)  # unique runs
 
 
+@pytest.mark.slow  # ~8 s: four tiny runs
 def test_tiny_alpha_sweep_then_report(tmp_path):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text('table = "t"\nconfigs = ["configs/digits.toml"]\n'
@@ -86,6 +87,7 @@ def test_seeds_base_file_base_and_equal_epochs_expand_in_order(tmp_path):
     assert res.returncode == 2 and "roundz" in res.stderr
 
 
+@pytest.mark.slow  # ~12 s: two jobs at once
 def test_two_jobs_run_at_once_and_finished_runs_are_skipped(tmp_path):
     # a base file of dotted keys; fedrun reads every value as on its command line
     over = {**TINY, "fed.rounds": "1", "run.out_dir": str(tmp_path / "runs")}

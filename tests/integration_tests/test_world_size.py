@@ -99,6 +99,7 @@ def test_another_placement_trains_the_same_bits(one_process, tmp_path, placement
     assert_same_model(one_process, tmp_path / placement)
 
 
+@pytest.mark.slow  # ~8 s: four tasks
 def test_four_srun_style_tasks_three_clients_per_round_idle_rank_adds_zeros(one_process, tmp_path):
     """The SLURM path without SLURM, with more tasks than clients per round: every round one rank
     has no client and must add zeros, or the model would differ."""
@@ -110,6 +111,7 @@ def test_four_srun_style_tasks_three_clients_per_round_idle_rank_adds_zeros(one_
     assert_same_model(one_process, tmp_path / "srun")
 
 
+@pytest.mark.slow  # ~6 s: accelerate launch
 def test_accelerate_launch_two_processes(one_process, tmp_path):
     """``accelerate launch`` sets the same variables as torchrun (it runs torchrun underneath).
     On a CPU it needs --multi_gpu to start more than one process (on a multi-GPU node it turns
@@ -128,6 +130,7 @@ def test_accelerate_launch_two_processes(one_process, tmp_path):
     assert_same_model(one_process, tmp_path / "accelerate")
 
 
+@pytest.mark.slow  # ~7 s: one process and two ranks
 def test_centralized_ddp_two_ranks_trains_like_one_process(tmp_path):
     """The centralized baseline under DistributedDataParallel: the same global batches in the same
     order on 1 or 2 ranks, but each rank draws its half-batch's noise and noise levels from its
@@ -149,10 +152,8 @@ def test_centralized_ddp_two_ranks_trains_like_one_process(tmp_path):
     assert rec["two"][1]["loss"] < rec["two"][0]["loss"]
 
 
-# SCAFFOLD's control variates travel by the same ClientStates code as FedDyn's: `-m slow` keeps the
-# default suite within its budget
-@pytest.mark.parametrize("drift,kind", [pytest.param("scaffold", "control", marks=pytest.mark.slow),
-                                        ("feddyn", "feddyn_grad")])
+@pytest.mark.slow  # ~9 s each: one process and two ranks
+@pytest.mark.parametrize("drift,kind", [("scaffold", "control"), ("feddyn", "feddyn_grad")])
 def test_client_state_follows_its_client_one_process_vs_two_ranks(tmp_path, drift, kind):
     """SCAFFOLD control variates (FedDyn's gradient states) and kept client Adam moments live on
     each client's home rank. After round 1 every client's state was computed from the same global

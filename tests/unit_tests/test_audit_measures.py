@@ -23,6 +23,7 @@ def digits():
     return load_split(cfg.data, "train"), load_split(cfg.data, "test")
 
 
+@pytest.mark.slow  # ~6 s: trains a client to overfit
 def test_overfit_client_is_detected_and_copied(tmp_path, digits):
     """A client with three images (one per class), trained for 300 epochs: the attack separates
     its images from the test split, and the sampler re-emits near-copies of them."""

@@ -187,7 +187,7 @@ def test_peft_adapters_of_the_unet2dmodel_get_exact_per_sample_gradients(tmp_pat
                       model__lora_rank="2"), marks=pytest.mark.slow),
     pytest.param(dict(privacy__level="client", privacy__noise_multiplier="0.5", privacy__clip="0.5",
                       secure_agg__protocol="secagg+", fed__clients_per_round=3),
-                 marks=[pytest.mark.slow, pytest.mark.filterwarnings("ignore:privacy.level: client-level")]),
+                 marks=[pytest.mark.slow, pytest.mark.filterwarnings("ignore:privacy.level")]),
 ], ids=["fedadam_int8_fedprox", "scaffold_kept_adam", "dp_sgd_multiplicity", "dp_sgd_peft_lora",
         "dp_fedavg_secagg"])
 def test_the_round_methods_train_the_diffusers_arch(tmp_path, methods):

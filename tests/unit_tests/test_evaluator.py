@@ -1,5 +1,6 @@
 """What evaluation samples: labels whose class mix follows the test split."""
 
+import pytest
 import torch
 
 from fedrun.evaluation.sampling import eval_labels
@@ -35,6 +36,7 @@ def _tiny_evaluator(tmp_path, **extra):
     return cfg, Evaluator(cfg, info, train, test), model, diffusion
 
 
+@pytest.mark.slow  # ~10 s: samples and scores a full final grid
 def test_final_grid_shows_the_scored_images_and_the_features_are_saved(tmp_path, monkeypatch):
     """The last round's scored images, drawn with the grid's sampler, give samples/final.png:
     nothing is drawn again, and the PNG is the round's grid (the same first 2 of each class)."""

@@ -65,5 +65,5 @@ def test_docs_pages_exist_in_reading_order():
     text = README.read_text()
     pages = re.findall(r"^\d+\. \[docs/(\w+)\.md\]", text, flags=re.M)
     assert pages == ["guide", "architecture", "methods", "privacy", "communication", "systems", "evaluation",
-                     "studies", "config"]
+                     "diffusers", "studies", "config"]
     assert all(Path(ROOT / "docs" / f"{p}.md").is_file() for p in pages)

@@ -69,6 +69,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
     assert first.round == 1
 
 
+@pytest.mark.slow  # ~6 s: trains, then scores twice
 def test_fedrun_eval_scores_the_newest_valid_checkpoint(tmp_path):
     """`fedrun eval` opens the run this way: a newest checkpoint cut short by a crash is skipped
     with a warning (as resume and `fedrun audit` skip it) and the one before it is scored."""
