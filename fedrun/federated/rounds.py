@@ -133,11 +133,13 @@ class FederatedRounds:
                 self.checkpointer.save(r, self.model, server=parts.server, ema=self.ema, clients=parts.states,
                                        last_round=r == f.rounds, extra=parts.server.extra_state() or None)
             trained_s = timer.training()  # the round without evaluation: the throughput base
-            with timer.phase("evaluate", evaluation=True):
-                scores = self.evaluator.evaluate(self.ema.module(), self.diffusion, r) \
-                    if self.evaluator.due(r) else None
-            with timer.phase("client_score", evaluation=True):  # one gather_object, same rounds on all ranks
-                client_scores = self.evaluator.score_clients(r) if r in self.score_rounds else None
+            scores = client_scores = None  # a round without evaluation times none: eval_s is 0
+            if self.evaluator.due(r):
+                with timer.phase("evaluate", evaluation=True):
+                    scores = self.evaluator.evaluate(self.ema.module(), self.diffusion, r)
+            if r in self.score_rounds:
+                with timer.phase("client_score", evaluation=True):  # one gather_object, on all ranks
+                    client_scores = self.evaluator.score_clients(r)
             record = self._record(agg, timer, trained_s, scores, client_scores)
             self._warn_idle(record)
             history.append(record)
