@@ -111,6 +111,7 @@ def _final_model(tmp_path, name, **extra):
     return checkpoint.load_verified(checkpoint.checkpoint_path(cfg.run_dir, cfg.fed.rounds))["model"]
 
 
+@pytest.mark.slow  # three whole runs
 def test_fedprox_mu_zero_is_fedavg_and_mu_positive_is_not(tmp_path):
     fedavg = _final_model(tmp_path, "fedavg")
     assert same_bits(fedavg, _final_model(tmp_path, "prox0", fed__drift="fedprox", fed__prox_mu="0"))

@@ -112,6 +112,7 @@ def test_client_states_read_the_layout_of_earlier_checkpoints():
     assert set(states.get(2)) == {"control"}
 
 
+@pytest.mark.slow  # two whole runs; FedDyn's resume mix stays in the quick suite
 def test_feddyn_trains_end_to_end_and_differs_from_fedavg(tmp_path):
     dyn = load_config(None, tiny_overrides(tmp_path, "dyn", fed__drift="feddyn", fed__feddyn_alpha="0.1"))
     train(dyn)
