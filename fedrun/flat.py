@@ -32,7 +32,9 @@ N = 5,000). A client whose update leaves the range is left out of the round, lik
 non-finite one (``add`` returns False; the check depends on the client alone, so the decision
 does not depend on the placement either). The grid's absolute resolution on the average is at
 most 2^-(F+1) (1e-13 at N = 10): finer than fp32's own rounding of any weight above ~1e-6.
-The cost is 8 bytes a number in the all_reduce instead of 4, and a few passes over each
+A sum of changes (FedBuff: w'_k s_k (theta_k - theta_{v_k}), each from the model the client
+started from, ``RoundBuffer(changes=True)``) asks 2 |w'_k| max(|theta_k|, |theta_{v_k}|) <= 2^VALUE_BITS,
+which bounds the change. The cost is 8 bytes a number in the all_reduce instead of 4, and a few passes over each
 client's model (float64 product, round, int64 add) on its rank.
 
 The tail carries what the server and the telemetry need, so nothing else has to travel: the
@@ -119,15 +121,19 @@ def fraction_bits(max_clients: int) -> int:
 
 @torch.no_grad()
 def add_fixed_(out: torch.Tensor, t: torch.Tensor, factor: float, f64: torch.Tensor,
-               i64: torch.Tensor) -> None:
+               i64: torch.Tensor, base: torch.Tensor | None = None) -> None:
     """out (int64) += round(t * factor), computed in float64 (an fp32 value times a float64 factor,
     rounded once: the same integers for the same inputs on any rank), in pieces of the scratch
-    tensors' length so that nothing model-sized is allocated."""
+    tensors' length so that nothing model-sized is allocated. With ``base`` (t's shape, flat),
+    round((t - base) * factor): the change from base, its difference taken in float64 too."""
     flat, step = t.detach().reshape(-1), f64.numel()
     for i in range(0, flat.numel(), step):
         piece = flat[i:i + step]
         x, q = f64[:piece.numel()], i64[:piece.numel()]
-        x.copy_(piece).mul_(factor).round_()
+        x.copy_(piece)
+        if base is not None:
+            x.sub_(base[i:i + piece.numel()])
+        x.mul_(factor).round_()
         q.copy_(x)  # integral values: the cast is exact
         out[i:i + piece.numel()].add_(q)
 
@@ -175,11 +181,16 @@ class RoundBuffer:
     ``track_clients``: keep one flag per client (N) of who reported (secure aggregation needs the
     survivors). ``encoder``: the model part is this encoding of each update (distributed DP).
     ``masking``: secure aggregation's masks on every contribution (set by the mechanism).
+    ``changes``: the model part sums w'_k s_k (theta_k - theta_{v_k}), each client's change from the
+    model it started from (``ClientUpdate.global_flat``) times its ``scale`` s_k (FedBuff), instead
+    of w'_k theta_k; the aggregate's total and average are then changes (``Aggregate.changes``).
     """
 
     def __init__(self, num_params: int, world_size: int, regions: dict[str, int], device: torch.device,
                  rank: int = 0, max_clients: int = 1, max_weight: float = 1.0, track_clients: int = 0,
-                 encoder: Encoder | None = None):
+                 encoder: Encoder | None = None, changes: bool = False):
+        assert not (changes and encoder is not None), "an encoder decides the model part itself"
+        self.changes = changes
         self.num_params, self.world_size, self.rank = num_params, world_size, rank
         self.max_weight = float(max(max_weight, 1.0))
         self.bits = fraction_bits(max_clients)
@@ -248,7 +259,15 @@ class RoundBuffer:
         w = weight / self.max_weight
         tensors = float_tensors(model)
         extra = list(self._scratch.values())
-        if not (0 <= w <= self.limit and (self.encoder is not None or self._within(tensors, w))
+        base, s = None, 1.0
+        if self.changes:  # |s (theta_k - theta_v)| <= |theta_k| + |theta_v| (s <= 1): both in range
+            assert update is not None, "a sum of changes needs the ClientUpdate (its start model)"
+            base, s = update.global_flat, update.scale
+            tensors = [*tensors, base]
+        else:
+            assert update is None or update.scale == 1.0, "a scaled change needs a buffer of changes"
+        if not (0 <= w <= self.limit and 0 <= s <= 1
+                and (self.encoder is not None or self._within(tensors, 2 * w if self.changes else w))
                 and self._within(extra, 1 / self.max_weight)):
             self._clear_scratch()
             return False
@@ -265,8 +284,9 @@ class RoundBuffer:
             out[:M] += self.encoder.encode(update)
         else:
             offset = 0
-            for t in tensors:  # tensor by tensor: no flat copy of the model
-                add_fixed_(out[offset:offset + t.numel()], t, factor, f64, i64)
+            for t in float_tensors(model):  # tensor by tensor: no flat copy of the model
+                add_fixed_(out[offset:offset + t.numel()], t, factor * s, f64, i64,
+                           None if base is None else base[offset:offset + t.numel()])
                 offset += t.numel()
         for name, (start, size) in self._regions.items():
             # each rule weights its own sums (SCAFFOLD: n_k); the buffer only rescales them
@@ -347,7 +367,8 @@ class RoundBuffer:
                              delta_sum=delta)
         total = self._real(self.data[:M], self._total)
         average = self._real(self.data[:M], self._average, divisor=float(max(w_fixed, 1)))
-        return Aggregate(round_, clients, total, weight, average, dict(self._sums), usable=w_fixed > 0)
+        return Aggregate(round_, clients, total, weight, average, dict(self._sums), usable=w_fixed > 0,
+                         changes=self.changes)
 
     def record(self) -> dict[str, Any]:
         """The round's figures of the masking, if any (metrics.jsonl)."""
