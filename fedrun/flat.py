@@ -33,9 +33,9 @@ non-finite one (``add`` returns False; the check depends on the client alone, so
 does not depend on the placement either). The grid's absolute resolution on the average is at
 most 2^-(F+1) (1e-13 at N = 10): finer than fp32's own rounding of any weight above ~1e-6.
 A sum of changes (FedBuff: w'_k s_k (theta_k - theta_{v_k}), each from the model the client
-started from, ``RoundBuffer(changes=True)``) asks 2 |w'_k| max(|theta_k|, |theta_{v_k}|) <= 2^VALUE_BITS,
-which bounds the change. The cost is 8 bytes a number in the all_reduce instead of 4, and a few passes over each
-client's model (float64 product, round, int64 add) on its rank.
+started from, ``RoundBuffer(changes=True)``) asks 2 |w'_k| max(|theta_k|, |theta_{v_k}|) <=
+2^VALUE_BITS, which bounds the change. The cost is 8 bytes a number in the all_reduce instead of 4,
+and a few passes over each client's model (float64 product, round, int64 add) on its rank.
 
 The tail carries what the server and the telemetry need, so nothing else has to travel: the
 statistics, and per rank (each written only by its rank) the wall-clock times (ns) at which it

@@ -129,7 +129,8 @@ STREAMS: Mapping[str, Stream] = MappingProxyType({
                            "probabilities)", FEDAVG),
     "speed": Stream(SPEED, ("seed", "client"), "a client's simulated speed factor (fed.speed_sigma)", FEDAVG),
     "fedbuff_schedule": Stream(ASYNC, ("seed",), "FedBuff's schedule: which idle client starts next, and "
-                               "whether it is online (fed.availability)", {**FEDAVG, "fed.participation": "fedbuff"}),
+                               "whether it is online (fed.availability)",
+                               {**FEDAVG, "fed.participation": "fedbuff"}),
     "eval_bootstrap": Stream(BOOTSTRAP, ("seed", "draw"), "the scores' bootstrap resamples (fedrun."
                              "evaluation.intervals.DRAWS: one per set resampled, and FID at infinite N's "
                              "halves)"),

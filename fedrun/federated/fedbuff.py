@@ -77,7 +77,7 @@ import torch
 from .. import seeding
 from ..config import HASHED_WHEN_SET, Config, ConfigError, setting, when
 from ..parts import ClientUpdate, GradTerm, Stage, UpdateRule
-from .participation import PARTICIPATION, SimulationSettings, Simulation
+from .participation import PARTICIPATION, Simulation, SimulationSettings
 
 ASYNC = when("fed.participation", "fedbuff")
 STALENESS = ("constant", "polynomial", "hinge")
@@ -160,7 +160,8 @@ class FedBuffSchedule:
     last_use: dict[int, int]
 
     @classmethod
-    def simulate(cls, sim: Simulation, settings: FedBuffSettings, seed: int, num_steps: int) -> FedBuffSchedule:
+    def simulate(cls, sim: Simulation, settings: FedBuffSettings, seed: int,
+                 num_steps: int) -> FedBuffSchedule:
         """``num_steps`` server steps; one ConfigError line when the federation cannot fill a buffer."""
         C, K, limit = settings.concurrency, settings.buffer_size, settings.max_staleness
         rng = np.random.default_rng(seeding.stream_seed("fedbuff_schedule", seed=seed))
@@ -192,7 +193,8 @@ class FedBuffSchedule:
             d = sim.duration(k, version + 1)
             late = sim.deadline > 0 and d > sim.deadline
             outcome = "offline" if not online else "late" if late else "report"
-            heapq.heappush(heap, _Job(now + (sim.deadline if late and online else d), seq, k, version, outcome))
+            end = now + (sim.deadline if late and online else d)
+            heapq.heappush(heap, _Job(end, seq, k, version, outcome))
             seq += 1
             since["started"] += 1
 
@@ -237,10 +239,11 @@ class FedBuffSchedule:
                 since = Counter()
                 last_step_s = now
             elif quiet > 1000 * (C + K) + len(sim.steps):
-                raise ConfigError(f"fed.availability: the simulated federation fills no buffer of {K} reports "
-                                  f"in {quiet} client starts after server step {version} (clients offline or "
-                                  f"past fed.deadline_s, or updates older than fed.max_staleness); raise "
-                                  f"fed.availability, fed.deadline_s or fed.max_staleness")
+                raise ConfigError(f"fed.availability: the simulated federation fills no buffer of {K} "
+                                  f"reports in {quiet} client starts after server step {version} (clients "
+                                  f"offline or past fed.deadline_s, or updates older than "
+                                  f"fed.max_staleness); raise fed.availability, fed.deadline_s or "
+                                  f"fed.max_staleness")
         return cls(steps, figures, last_use)
 
 
@@ -272,31 +275,32 @@ class FedBuff:
     def check(cls, cfg: Config) -> None:
         f = cfg.fed
         if f.buffer_size > f.num_clients:
-            raise ConfigError(f"fed.buffer_size: a server step needs {f.buffer_size} different clients, more than "
-                              f"fed.num_clients ({f.num_clients}); lower fed.buffer_size")
+            raise ConfigError(f"fed.buffer_size: a server step needs {f.buffer_size} different clients, more "
+                              f"than fed.num_clients ({f.num_clients}); lower fed.buffer_size")
         level = cfg.privacy.level
         if level == "client":
-            raise ConfigError("privacy.level: client-level DP's accountant amplifies by Poisson subsampling of "
-                              "each round's clients; FedBuff's buffer holds the first fed.buffer_size arrivals on "
-                              "the simulated clock, which is no Poisson sample; set fed.participation = "
-                              "\"uniform\" for DP-FedAvg, or privacy.level = \"none\"")
+            raise ConfigError("privacy.level: client-level DP's accountant amplifies by Poisson subsampling "
+                              "of each round's clients; FedBuff's buffer holds the first fed.buffer_size "
+                              "arrivals on the simulated clock, which is no Poisson sample; set "
+                              "fed.participation = \"uniform\" for DP-FedAvg, or privacy.level = \"none\"")
         if level != "none":
             raise ConfigError(f"privacy.level: \"{level}\"'s ledger is planned from the synchronous draw of "
                               f"each round's clients; set fed.participation = \"uniform\" for DP, or "
                               f"privacy.level = \"none\" with FedBuff")
         if cfg.secure_agg.protocol != "none":
-            raise ConfigError("secure_agg.protocol: secure aggregation sets up its keys per synchronous round; "
-                              "set fed.participation = \"uniform\", or secure_agg.protocol = \"none\" with FedBuff")
+            raise ConfigError("secure_agg.protocol: secure aggregation sets up its keys per synchronous "
+                              "round; set fed.participation = \"uniform\", or secure_agg.protocol = "
+                              "\"none\" with FedBuff")
         if f.drift in ("scaffold", "feddyn"):
-            raise ConfigError(f"fed.drift: {f.drift}'s server state is updated from changes against the current "
-                              f"global model, FedBuff's updates are trained from older versions; set fed.drift = "
-                              f"\"none\" or \"fedprox\" with FedBuff")
+            raise ConfigError(f"fed.drift: {f.drift}'s server state is updated from changes against the "
+                              f"current global model, FedBuff's updates are trained from older versions; "
+                              f"set fed.drift = \"none\" or \"fedprox\" with FedBuff")
         if f.over_select > 1:
             raise ConfigError("fed.over_select: FedBuff keeps fed.concurrency clients busy and uses every "
                               "arrival; set fed.over_select = 1 (raise fed.concurrency instead)")
         if cfg.train.clients_at_once != 1:
-            raise ConfigError("train.clients_at_once: grouped clients start from one model, FedBuff's clients "
-                              "from their own versions; set train.clients_at_once = 1")
+            raise ConfigError("train.clients_at_once: grouped clients start from one model, FedBuff's "
+                              "clients from their own versions; set train.clients_at_once = 1")
 
     def clients(self, round_: int) -> list[int]:
         return [k for k, _, _ in self.schedule.steps[round_ - 1]]
@@ -394,13 +398,5 @@ def model_source(participation: Any, device: torch.device) -> LatestModel | Mode
     return ModelVersions(participation, device) if isinstance(participation, FedBuff) else LatestModel()
 
 
-def staleness_histogram(records: list[dict[str, Any]]) -> dict[int, int]:
-    """How many used updates were how stale, over metrics.jsonl's records (the report's histogram)."""
-    counts: Counter[int] = Counter()
-    for rec in records:
-        counts.update(int(t) for t in rec.get("staleness", ()))
-    return dict(sorted(counts.items()))
-
-
 __all__ = ["FedBuff", "FedBuffSchedule", "FedBuffSettings", "LatestModel", "ModelVersions", "StalenessWeight",
-           "model_source", "staleness_histogram", "staleness_weight"]
+           "model_source", "staleness_weight"]

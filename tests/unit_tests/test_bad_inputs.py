@@ -320,7 +320,8 @@ CASES = [
          ("fed.buffer_size", "5 different clients", "lower fed.buffer_size")),
     Case("fedbuff-unknown-staleness", [*FEDBUFF, "--fed.staleness", "linear"],
          ("fed.staleness", "choose one of", "hinge")),
-    Case("fedbuff-negative-max-staleness", [*FEDBUFF, "--fed.max_staleness", "-1"], ("fed.max_staleness", ">= 0")),
+    Case("fedbuff-negative-max-staleness", [*FEDBUFF, "--fed.max_staleness", "-1"],
+         ("fed.max_staleness", ">= 0")),
     # ---- data sets ---------------------------------------------------------------------------
     Case("image-folder-root-missing", IMAGE_FOLDER, ("data.root", "imgs", "is not a folder"), code=3),
     Case("image-folder-without-images", IMAGE_FOLDER, ("data.root", "no images found"), code=3,

@@ -15,13 +15,22 @@ from torch import nn
 
 from fedrun.config import load_config
 from fedrun.errors import ConfigError
-from fedrun.federated.fedbuff import FedBuff, FedBuffSchedule, FedBuffSettings, ModelVersions, staleness_weight
+from fedrun.federated.fedbuff import (
+    FedBuff,
+    FedBuffSchedule,
+    FedBuffSettings,
+    ModelVersions,
+    staleness_weight,
+)
 from fedrun.federated.participation import Simulation
 from fedrun.flat import RoundBuffer, flatten, fraction_bits, load_flat_
 from fedrun.parts import ClientUpdate
 from fedrun.train import train
 
 from helpers import TINY, fp32_sum_bound, model_at, tiny_overrides
+
+# cheap real runs: 96 synthetic images over the clients, one local step each (batch 64)
+SMALL = {"data__name": "synthetic", "data__synthetic_size": 96, "data__num_classes": 4}
 
 
 def simulation(durations: list[float], availability: list[list[float]] | None = None,
@@ -173,9 +182,10 @@ def test_c_equals_k_equals_n_with_equal_speeds_is_synchronous_fedavg(tmp_path):
     """Every step is all 4 clients from the current model (staleness 0, weight 1), trained with the
     same seeds as FedAvg's round: the models agree up to the rounding of theta + mean change
     against the mean of the models (the sum itself is exact in both)."""
-    sync = load_config(None, tiny_overrides(tmp_path, "sync", fed__rounds=1))
-    fedbuff = load_config(None, tiny_overrides(tmp_path, "fedbuff", fed__rounds=1, fed__participation="fedbuff",
-                                               fed__concurrency=4, fed__buffer_size=4))
+    sync = load_config(None, tiny_overrides(tmp_path, "sync", fed__rounds=1, **SMALL))
+    fedbuff = load_config(None, tiny_overrides(tmp_path, "fedbuff", fed__rounds=1, **SMALL,
+                                               fed__participation="fedbuff", fed__concurrency=4,
+                                               fed__buffer_size=4))
     train(sync)
     train(fedbuff)
     a, b = model_at(tmp_path / "sync", 1), model_at(tmp_path / "fedbuff", 1)
@@ -187,8 +197,9 @@ def test_c_equals_k_equals_n_with_equal_speeds_is_synchronous_fedavg(tmp_path):
 
 def test_a_run_records_the_clock_versions_staleness_and_wasted_work(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path, "fb", fed__rounds=3, fed__num_clients=6,
-                                           fed__participation="fedbuff", fed__concurrency=4, fed__buffer_size=2,
-                                           fed__speed_sigma="0.5", fed__availability="0.7"))
+                                           fed__participation="fedbuff", fed__concurrency=4,
+                                           fed__buffer_size=2, fed__speed_sigma="0.5",
+                                           fed__availability="0.7", **SMALL))
     train(cfg)
     records = [json.loads(line) for line in (tmp_path / "fb" / "metrics.jsonl").read_text().splitlines()]
     fedbuff = FedBuff.build(FedBuffSettings(concurrency=4, buffer_size=2, speed_sigma=0.5, availability=0.7),
