@@ -29,8 +29,8 @@ from fedrun.train import train
 
 from helpers import TINY, fp32_sum_bound, model_at, tiny_overrides
 
-# cheap real runs: 96 synthetic images over the clients, one local step each (batch 64)
-SMALL = {"data__name": "synthetic", "data__synthetic_size": 96, "data__num_classes": 4}
+# cheap real runs: 96 synthetic 8x8 images over the clients, one local step each (batch 64)
+SMALL = {"data__name": "synthetic", "data__synthetic_size": 96, "data__num_classes": 4, "data__image_size": 8}
 
 
 def simulation(durations: list[float], availability: list[list[float]] | None = None,
