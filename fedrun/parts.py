@@ -63,8 +63,12 @@ class ModelSource(Protocol):
     """The model each client of round ``r`` starts from: the current global model in synchronous
     rounds, the version current at its start with FedBuff (fedrun.federated.fedbuff)."""
 
-    changes: bool
-    """does the round's buffer sum changes from each client's start model (not models)"""
+    changes: int
+    """0: the round's buffer sums models; else it sums changes from each client's start version,
+    with this many version slots (the versions one step can mix; fedrun.flat.RoundBuffer)"""
+
+    def attach(self, buffer: Any) -> None:
+        """Give the round's buffer what it needs of this source (FedBuff: the versions by number)."""
 
     def start(self, round_: int, client: int, global_flat: torch.Tensor) -> torch.Tensor:
         """The flat model ``client`` trains from in ``round_`` (``global_flat``: the current one)."""
@@ -132,6 +136,8 @@ class ClientUpdate:
     scale: float = 1.0
     """what the client's change theta_k - theta is multiplied by in a sum of changes, its weight
     apart (FedBuff's staleness weight, fedrun.federated.fedbuff); 1 otherwise"""
+    version: int = -1
+    """the model version the client started from, in a sum of changes (FedBuff); -1 otherwise"""
 
 
 @dataclass

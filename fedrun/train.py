@@ -164,6 +164,7 @@ def build_round_parts(cfg: Config, info: dist.DistInfo, model: nn.Module, diffus
                          max_weight=max(sizes.values(), default=1),
                          track_clients=len(sizes) if mechanism.tracks else 0, encoder=mechanism.encoder(P),
                          changes=source.changes)
+    source.attach(buffer)  # FedBuff: the versions its clients started from, by number
     mechanism.attach(buffer)  # secure aggregation's masks
     return RoundParts(participation, placement, trainer, rules, server, states, buffer,
                       mechanism.wire_formats(), source)

@@ -34,9 +34,11 @@ with the seeds of (seed, r, k) (a client is in a step at most once), at step r's
 
 **The sum holds changes, not models.** Each update enters the step's one all_reduce as
 w_k s(tau_k) (theta_k - theta_{v_k}), w_k = n_k its data size, theta_{v_k} its start version
-(``RoundBuffer(changes=True)``, fedrun.flat: the difference taken in float64 on the client's
-rank, then the exact int64 sum), so one server step is one all_reduce of K updates trained from
-different versions, bit-identical for any placement and world size. The step's mean change is
+(``RoundBuffer(changes=...)``, fedrun.flat: each client adds its fixed-point model and its
+factor's integer to its start version's slot; after the exact int64 sum every rank subtracts each
+version used once, weighted by that slot), so one server step is one all_reduce of K updates
+trained from different versions, bit-identical for any placement and world size, at a
+synchronous round's cost per client. The step's mean change is
 
     Delta = sum_k n_k s(tau_k) (theta_k - theta_{v_k}) / sum_k n_k
 
@@ -319,7 +321,10 @@ class FedBuff:
 class LatestModel:
     """Synchronous rounds: every client starts from the current global model; nothing is kept."""
 
-    changes: ClassVar[bool] = False  # the round's buffer sums models
+    changes: ClassVar[int] = 0  # the round's buffer sums models
+
+    def attach(self, buffer: Any) -> None:
+        pass
 
     def start(self, round_: int, client: int, global_flat: torch.Tensor) -> torch.Tensor:
         return global_flat
@@ -341,12 +346,24 @@ class ModelVersions:
     """FedBuff's past global models, each kept in host memory while a client still needs it
     (module docstring); the "fedbuff" entry of a checkpoint's extras."""
 
-    changes: ClassVar[bool] = True  # the step's buffer sums changes from each client's start version
     KEY: ClassVar[str] = "fedbuff"
 
     def __init__(self, fedbuff: FedBuff, device: torch.device):
         self.fedbuff, self.device = fedbuff, device
         self.kept: dict[int, torch.Tensor] = {}
+        self._latest: tuple[int, torch.Tensor] | None = None  # (its version, the current global model)
+        # the step's buffer sums changes from each client's start version: a slot per version a
+        # step can mix (fedrun.flat.RoundBuffer)
+        self.changes = fedbuff.settings.max_staleness + 1
+
+    def attach(self, buffer: Any) -> None:
+        buffer.bases = self.flat
+
+    def flat(self, version: int) -> torch.Tensor:
+        """theta_v on the device: the current global model, or a kept version."""
+        if self._latest is not None and self._latest[0] == version:
+            return self._latest[1]
+        return self.kept[version].to(self.device)
 
     def start(self, round_: int, client: int, global_flat: torch.Tensor) -> torch.Tensor:
         """theta_v, the version ``client`` trains from at step ``round_``."""
@@ -359,6 +376,7 @@ class ModelVersions:
         """Version ``round_`` is ``global_flat``: keep it if a later step needs it; forget the
         versions no later step needs."""
         last_use = self.fedbuff.schedule.last_use
+        self._latest = (round_, global_flat)
         if last_use.get(round_, 0) > round_:
             self.kept[round_] = global_flat.detach().to("cpu", copy=True)
         for v in [v for v in self.kept if last_use.get(v, 0) <= round_]:
@@ -376,6 +394,7 @@ class ModelVersions:
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         self.kept = {int(v): t.to("cpu") for v, t in extra.get(self.KEY, {}).items()}
+        self._latest = None  # the resumed round's model: kept if a later step needs it
 
 
 class StalenessWeight(UpdateRule):
@@ -389,8 +408,8 @@ class StalenessWeight(UpdateRule):
         self.fedbuff = fedbuff
 
     def end_client(self, update: ClientUpdate, term: GradTerm | None, extra: torch.Tensor) -> None:
-        _, tau = self.fedbuff.start(update.round, update.client)
-        update.scale = staleness_weight(self.fedbuff.settings, tau)
+        v, tau = self.fedbuff.start(update.round, update.client)
+        update.scale, update.version = staleness_weight(self.fedbuff.settings, tau), v
 
 
 def model_source(participation: Any, device: torch.device) -> LatestModel | ModelVersions:

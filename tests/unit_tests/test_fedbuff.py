@@ -113,8 +113,10 @@ def test_versions_are_kept_only_while_a_step_needs_them_and_checkpointed():
     versions = ModelVersions(fedbuff, torch.device("cpu"))
     kept = []
     for r in range(6):
-        versions.after_step(r, torch.full((3,), float(r)))
+        latest = torch.full((3,), float(r))
+        versions.after_step(r, latest)
         kept.append(sorted(versions.kept))
+    current_ptr = latest.data_ptr()
     # last use (hand-worked above): v0 step 2, v1 3, v2 5, v3 4, v4 6
     assert kept == [[0], [0, 1], [1, 2], [2, 3], [2, 4], [4, 5]]
     current = torch.full((3,), 5.0)
@@ -122,41 +124,53 @@ def test_versions_are_kept_only_while_a_step_needs_them_and_checkpointed():
     again = ModelVersions(fedbuff, torch.device("cpu"))
     again.load_extra_state({k: v.state_dict() for k, v in versions.extra_state().items()})
     assert sorted(again.kept) == [4, 5] and all(torch.equal(again.kept[v], versions.kept[v]) for v in (4, 5))
+    # what the step's sum subtracts (RoundBuffer.bases): the current model, else a kept version
+    assert versions.flat(5).data_ptr() == current_ptr and torch.equal(versions.flat(4), torch.full((3,), 4.0))
+    assert torch.equal(again.flat(5), torch.full((3,), 5.0))  # resumed: the checkpoint's copy
 
 
-def _update(model: nn.Module, base: torch.Tensor, weight: float, scale: float, k: int) -> ClientUpdate:
-    return ClientUpdate(k, model, base, int(weight), weight, {}, scale=scale)
+def _update(model: nn.Module, base: torch.Tensor, weight: float, scale: float, k: int,
+            version: int) -> ClientUpdate:
+    return ClientUpdate(k, model, base, int(weight), weight, {}, round=3, scale=scale, version=version)
 
 
 def test_the_sum_of_changes_by_hand_and_the_same_bits_in_any_grouping():
+    """Step 3 mixes versions 1, 2 (the current one) and 0: each client adds its model and its
+    factor to its version's slot; after the sum, each version is subtracted once (fedrun.flat)."""
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
     P = flatten(model).numel()
-    clients = [(torch.randn(P), torch.randn(P), 30.0, 1.0), (torch.randn(P), torch.randn(P), 50.0, 0.5),
-               (torch.randn(P), torch.randn(P), 20.0, 1 / 3)]  # (theta_k, its start theta_v, n_k, s_k)
+    versions = {v: torch.randn(P) for v in range(3)}
+    # (theta_k, its start version v_k, n_k, s_k): clients 0 and 2 share version 1
+    clients = [(torch.randn(P), 1, 30.0, 1 / 2 ** 0.5), (torch.randn(P), 2, 50.0, 1.0),
+               (torch.randn(P), 1, 20.0, 1 / 2 ** 0.5), (torch.randn(P), 0, 40.0, 1 / 3)]
 
     def summed(groups: list[list[int]]) -> torch.Tensor:
         buffers = []
         for group in groups:  # one buffer per "rank", then their sum: the all_reduce
-            buf = RoundBuffer(P, 1, {}, torch.device("cpu"), max_clients=3, max_weight=50, changes=True)
-            buf.begin_round(1, [0, 1, 2])
+            buf = RoundBuffer(P, 1, {}, torch.device("cpu"), max_clients=4, max_weight=50, changes=4)
+            buf.bases = versions.__getitem__
+            buf.begin_round(3, [0, 1, 2, 3])
             for k in group:
-                theta, base, n, s = clients[k]
+                theta, v, n, s = clients[k]
                 load_flat_(model, theta)
-                assert buf.add(model, n, 0.1, 1, 1, client=k, update=_update(model, base, n, s, k))
+                assert buf.add(model, n, 0.1, 1, 1, client=k, update=_update(model, versions[v], n, s, k, v))
             buffers.append(buf)
         for other in buffers[1:]:
             buffers[0].data += other.data
-        agg = buffers[0].aggregate(1, [0, 1, 2])
-        assert agg.changes and agg.weight == 100.0
+        agg = buffers[0].aggregate(3, [0, 1, 2, 3])
+        assert agg.changes and agg.weight == 140.0
         return agg.average.clone()
 
-    average = summed([[0, 1, 2]])
-    assert torch.equal(average, summed([[2], [0, 1]])) and torch.equal(average, summed([[1], [2], [0]]))
-    exact = sum(n * s * (t.double() - b.double()) for t, b, n, s in clients) / 100.0
-    # each change enters on a grid of 2^-F (in units of n / max n), the ratio is rounded once to fp32
-    grid = 3 * 2.0 ** -fraction_bits(3)
-    assert (average.double() - exact).abs().max() <= grid + torch.finfo(torch.float32).eps * exact.abs().max()
+    average = summed([[0, 1, 2, 3]])
+    assert torch.equal(average, summed([[2], [0, 3, 1]]))
+    assert torch.equal(average, summed([[1], [3], [2], [0]]))
+    exact = sum(n * s * (t.double() - versions[v].double()) for t, v, n, s in clients) / 140.0
+    # 4 client terms and 3 version terms, each rounded once on the grid of 2^-F (in units of
+    # n / max n, which sum to 2.8); the weights on a grid of 2^-30; the ratio rounded once to fp32
+    err = 7 * 0.5 * 2.0 ** -fraction_bits(4) / 2.8 \
+        + (2.0 ** -30 + torch.finfo(torch.float32).eps) * exact.abs().max()
+    assert (average.double() - exact).abs().max() <= err
 
 
 def test_fedbuff_refuses_what_it_cannot_carry_in_one_line():
