@@ -398,6 +398,7 @@ class RoundBuffer:
                 v = round_ - 1 - (round_ - 1 - j) % size
                 factor = -q * 2.0 ** (self.bits - self.factor_bits)
                 add_fixed_(self.data[:self.model_size], self.bases(v), factor, f64, i64)
+        self.data[start:start + size] = 0  # subtracted: a second aggregate() subtracts nothing
 
     def record(self) -> dict[str, Any]:
         """The round's figures of the masking, if any (metrics.jsonl)."""
