@@ -32,6 +32,10 @@ N = 5,000). A client whose update leaves the range is left out of the round, lik
 non-finite one (``add`` returns False; the check depends on the client alone, so the decision
 does not depend on the placement either). The grid's absolute resolution on the average is at
 most 2^-(F+1) (1e-13 at N = 10): finer than fp32's own rounding of any weight above ~1e-6.
+A sum of changes (FedBuff: w'_k s_k (theta_k - theta_{v_k}), each from the model version the
+client started from, ``RoundBuffer(changes=...)``) sums the clients' models as above and, after the
+all_reduce, subtracts each start version once, weighted by the exact sum of its clients' factors:
+theta_k and theta_{v_k} both in range, and no pass per client beyond a synchronous round's.
 The cost is 8 bytes a number in the all_reduce instead of 4, and a few passes over each
 client's model (float64 product, round, int64 add) on its rank.
 
@@ -46,7 +50,7 @@ sum_k n_k (c_k+ - c_k)), which ``add`` folds into the buffer with the client's m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -175,11 +179,23 @@ class RoundBuffer:
     ``track_clients``: keep one flag per client (N) of who reported (secure aggregation needs the
     survivors). ``encoder``: the model part is this encoding of each update (distributed DP).
     ``masking``: secure aggregation's masks on every contribution (set by the mechanism).
+    ``changes``: the model part sums w'_k s_k (theta_k - theta_{v_k}), each client's change from the
+    model it started from (version v_k, ``ClientUpdate.version``) times its ``scale`` s_k (FedBuff),
+    instead of w'_k theta_k; the aggregate's total and average are then changes
+    (``Aggregate.changes``). Each client adds round(f_k theta_k), its factor f_k = w'_k s_k 2^F
+    quantized to 2^-G relative (G = min(30, F)), and its integer q_k = f_k 2^(G-F) into the slot
+    of its start version (``changes`` slots, v mod changes: the versions one step can mix); after
+    the all_reduce every rank subtracts round(Q_v theta_v), Q_v the slot's sum, once per version
+    that the step used, from the versions ``bases`` gives (set by the model source): the
+    same integers on every rank, one pass per version instead of one more per client.
     """
 
     def __init__(self, num_params: int, world_size: int, regions: dict[str, int], device: torch.device,
                  rank: int = 0, max_clients: int = 1, max_weight: float = 1.0, track_clients: int = 0,
-                 encoder: Encoder | None = None):
+                 encoder: Encoder | None = None, changes: int = 0):
+        assert not (changes and encoder is not None), "an encoder decides the model part itself"
+        self.changes = changes > 0
+        self.bases: Callable[[int], torch.Tensor] | None = None  # version -> its flat model (FedBuff)
         self.num_params, self.world_size, self.rank = num_params, world_size, rank
         self.max_weight = float(max(max_weight, 1.0))
         self.bits = fraction_bits(max_clients)
@@ -193,6 +209,9 @@ class RoundBuffer:
             if size:
                 self._regions[name] = (offset, size)
                 offset += size
+        self._versions = (offset, changes)  # q sums per start version (sum of changes)
+        offset += changes
+        self.factor_bits = min(30, self.bits)  # G: a change's factor on a grid of 2^-G relative
         self.summed = offset  # what the clients contribute (masked, when masking)
         self._ranks = offset  # the first per-rank slot
         self._reported = offset + PER_RANK * world_size
@@ -248,7 +267,15 @@ class RoundBuffer:
         w = weight / self.max_weight
         tensors = float_tensors(model)
         extra = list(self._scratch.values())
-        if not (0 <= w <= self.limit and (self.encoder is not None or self._within(tensors, w))
+        s = 1.0
+        if self.changes:  # theta_k and theta_v both in range (the base is subtracted after the sum)
+            assert update is not None and update.version >= 0, "a sum of changes needs the start version"
+            s = update.scale
+            tensors = [*tensors, update.global_flat]
+        else:
+            assert update is None or update.scale == 1.0, "a scaled change needs a buffer of changes"
+        if not (0 <= w <= self.limit and 0 <= s <= 1
+                and (self.encoder is not None or self._within(tensors, w))
                 and self._within(extra, 1 / self.max_weight)):
             self._clear_scratch()
             return False
@@ -260,13 +287,20 @@ class RoundBuffer:
             out = self._vec.zero_()
         M, factor = self.model_size, w * self.scale
         f64, i64 = self._work
+        model_factor = factor
+        if self.changes:  # f_k on the grid whose integers q_k the version's slot sums
+            assert update is not None
+            q = round(w * s * 2.0 ** self.factor_bits)
+            model_factor = q * 2.0 ** (self.bits - self.factor_bits)
+            start, size = self._versions
+            out[start + update.version % size] += q
         if self.encoder is not None:
             assert update is not None, "an encoded update needs its ClientUpdate"
             out[:M] += self.encoder.encode(update)
         else:
             offset = 0
-            for t in tensors:  # tensor by tensor: no flat copy of the model
-                add_fixed_(out[offset:offset + t.numel()], t, factor, f64, i64)
+            for t in float_tensors(model):  # tensor by tensor: no flat copy of the model
+                add_fixed_(out[offset:offset + t.numel()], t, model_factor, f64, i64)
                 offset += t.numel()
         for name, (start, size) in self._regions.items():
             # each rule weights its own sums (SCAFFOLD: n_k); the buffer only rescales them
@@ -345,9 +379,26 @@ class RoundBuffer:
             delta = self.encoder.decode(self.data[:M], round_)
             return Aggregate(round_, clients, empty, weight, empty, dict(self._sums), usable=w_fixed > 0,
                              delta_sum=delta)
+        if self.changes:
+            self._subtract_bases(round_)
         total = self._real(self.data[:M], self._total)
         average = self._real(self.data[:M], self._average, divisor=float(max(w_fixed, 1)))
-        return Aggregate(round_, clients, total, weight, average, dict(self._sums), usable=w_fixed > 0)
+        return Aggregate(round_, clients, total, weight, average, dict(self._sums), usable=w_fixed > 0,
+                         changes=self.changes)
+
+    def _subtract_bases(self, round_: int) -> None:
+        """Sum of changes, after the all_reduce: minus round(Q_v theta_v) for each start version v
+        the step's clients used (class docstring), in the same integers on every rank. Slot j holds
+        the version v <= round_ - 1 with v = j mod (slots): one step mixes at most that many."""
+        start, size = self._versions
+        assert self.bases is not None, "a sum of changes needs the versions (RoundBuffer.bases)"
+        f64, i64 = self._work
+        for j, q in enumerate(self.data[start:start + size].tolist()):
+            if q:
+                v = round_ - 1 - (round_ - 1 - j) % size
+                factor = -q * 2.0 ** (self.bits - self.factor_bits)
+                add_fixed_(self.data[:self.model_size], self.bases(v), factor, f64, i64)
+        self.data[start:start + size] = 0  # subtracted: a second aggregate() subtracts nothing
 
     def record(self) -> dict[str, Any]:
         """The round's figures of the masking, if any (metrics.jsonl)."""

@@ -13,6 +13,7 @@ from .adapters import TRAINABLES
 from .experimental import multiclient
 from .federated.compression import COMPRESSORS
 from .federated.drift import DRIFT_RULES
+from .federated.fedbuff import FedBuff
 from .federated.participation import PARTICIPATION
 from .federated.placement import PLACEMENTS
 from .federated.server import SERVER_RULES
@@ -25,4 +26,4 @@ BUILT_IN = (MODEL_ARCHS, SERVER_RULES, DRIFT_RULES, CLIENT_OPTIMIZERS, COMPRESSO
             TRAINABLES, PRIVACY, SECURE_AGG)
 """The registries, in the order ``--help`` and the config reference list them."""
 
-__all__ = ["BUILT_IN", "diffusers_model", "multiclient"]
+__all__ = ["BUILT_IN", "FedBuff", "diffusers_model", "multiclient"]

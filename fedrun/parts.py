@@ -8,6 +8,8 @@ registry line, never a new branch in the round loop (docs/methods.md "Adding a m
     Placement       which rank trains which client    federated.placement
     ClientTrainer   how one client trains             local_training (ShardTrainer: plain, DP-SGD
                                                       swapped in by privacy), experimental
+    ModelSource     the model a client starts from    federated.fedbuff (the current global model,
+                    (and the versions kept for it)    or FedBuff's past versions)
     UpdateRule      what a method does around local   federated.compression, federated.drift
                     training and to the update, on    (FedProx, SCAFFOLD, FedDyn), privacy.client_dp
                     the client's rank                 (clipping)
@@ -55,6 +57,32 @@ class Participation(Protocol):
     def record(self, round_: int) -> dict[str, Any]:
         """What the round's line of metrics.jsonl gets from participation ({} for most; the
         simulated federation's clock and dropouts, fedrun.federated.participation)."""
+
+
+class ModelSource(Protocol):
+    """The model each client of round ``r`` starts from: the current global model in synchronous
+    rounds, the version current at its start with FedBuff (fedrun.federated.fedbuff)."""
+
+    changes: int
+    """0: the round's buffer sums models; else it sums changes from each client's start version,
+    with this many version slots (the versions one step can mix; fedrun.flat.RoundBuffer)"""
+
+    def attach(self, buffer: Any) -> None:
+        """Give the round's buffer what it needs of this source (FedBuff: the versions by number)."""
+
+    def start(self, round_: int, client: int, global_flat: torch.Tensor) -> torch.Tensor:
+        """The flat model ``client`` trains from in ``round_`` (``global_flat``: the current one)."""
+
+    def after_step(self, round_: int, global_flat: torch.Tensor) -> None:
+        """``global_flat`` is the model after ``round_`` (0: the initial one): keep what later rounds need."""
+
+    def update_rules(self) -> list[UpdateRule]:
+        """Links this source adds to the update chain (FedBuff's staleness weight)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Entries for the checkpoint's extras (name -> an object with ``state_dict``)."""
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None: ...
 
 
 class Placement(Protocol):
@@ -105,6 +133,11 @@ class ClientUpdate:
     """what the client sends instead of its model, when its trainer computes one (one noised step's
     clipped per-example gradients, a row each: fedrun.privacy's "sample_once"); the buffer's
     encoder turns it into the client's contribution"""
+    scale: float = 1.0
+    """what the client's change theta_k - theta is multiplied by in a sum of changes, its weight
+    apart (FedBuff's staleness weight, fedrun.federated.fedbuff); 1 otherwise"""
+    version: int = -1
+    """the model version the client started from, in a sum of changes (FedBuff); -1 otherwise"""
 
 
 @dataclass
@@ -130,6 +163,9 @@ class Aggregate:
     abandoned: str = ""
     """why the round's sum could not be read (secure aggregation without enough survivors): the
     global model stays as it was"""
+    changes: bool = False
+    """``total`` and ``average`` sum changes theta_k - theta_{v_k} from each client's start model
+    (FedBuff), not models: the server steps toward theta + average"""
 
 
 class Stage(IntEnum):

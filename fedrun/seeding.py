@@ -35,11 +35,12 @@ COMPRESS = 9
 AVAILABILITY, SPEED = 10, 11  # simulated federations (fed.availability, fed.speed_sigma)
 SECAGG, DDP = 12, 13  # secure aggregation (privacy/secure_agg.py); distributed DP (privacy/distributed_dp.py)
 BOOTSTRAP = 14  # the scores' confidence intervals (eval.bootstrap)
+ASYNC = 15  # FedBuff's schedule (fedrun/federated/fedbuff.py)
 TAGS: Mapping[str, int] = MappingProxyType({
     "INIT": INIT, "CLIENT": CLIENT, "SOBOL": SOBOL, "SHUFFLE": SHUFFLE, "SAMPLE": SAMPLE,
     "SELECT": SELECT, "DP_NOISE": DP_NOISE, "DP_SAMPLING": DP_SAMPLING, "AUDIT": AUDIT,
     "COMPRESS": COMPRESS, "AVAILABILITY": AVAILABILITY, "SPEED": SPEED, "SECAGG": SECAGG, "DDP": DDP,
-    "BOOTSTRAP": BOOTSTRAP})
+    "BOOTSTRAP": BOOTSTRAP, "ASYNC": ASYNC})
 
 # Sub-tags of SAMPLE (the part after seed and round), of AUDIT and INIT (the part after seed).
 SAMPLE_GRID, SAMPLE_EVAL, SAMPLE_CLIENT_GRID, SAMPLE_CLIENT_EVAL = range(4)
@@ -127,6 +128,9 @@ STREAMS: Mapping[str, Stream] = MappingProxyType({
                            "does a selected client report in this round (fed.availability, a trace's "
                            "probabilities)", FEDAVG),
     "speed": Stream(SPEED, ("seed", "client"), "a client's simulated speed factor (fed.speed_sigma)", FEDAVG),
+    "fedbuff_schedule": Stream(ASYNC, ("seed",), "FedBuff's schedule: which idle client starts next, and "
+                               "whether it is online (fed.availability)",
+                               {**FEDAVG, "fed.participation": "fedbuff"}),
     "eval_bootstrap": Stream(BOOTSTRAP, ("seed", "draw"), "the scores' bootstrap resamples (fedrun."
                              "evaluation.intervals.DRAWS: one per set resampled, and FID at infinite N's "
                              "halves)"),

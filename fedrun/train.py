@@ -42,6 +42,7 @@ from .federated.client import plain_trainer
 from .federated.client_state import ClientStates
 from .federated.compression import compression_rules
 from .federated.drift import drift_rules
+from .federated.fedbuff import model_source
 from .federated.participation import build_participation, planned_clients
 from .federated.placement import build_placement
 from .federated.rounds import FederatedRounds, RoundHook, RoundParts
@@ -146,8 +147,9 @@ def build_round_parts(cfg: Config, info: dist.DistInfo, model: nn.Module, diffus
     make_trainer = GroupedClientTrainer if cfg.train.clients_at_once > 1 else plain_trainer
     trainer = mechanism.wrap_trainer(make_trainer(net, diffusion, train_set, shard_idx, cfg, on_step))
     P = num_flat(model)
+    source = model_source(participation, device)  # the global model, or FedBuff's versions
     rules = check_chain(compression_rules(cfg, model) + drift_rules(cfg, P, sum(sizes.values()), device)
-                        + mechanism.update_rules())
+                        + source.update_rules() + mechanism.update_rules())
     kinds = trainer.state_kinds + tuple(kind for rule in rules for kind in rule.state_kinds)
     # whether clients keep state (and so train on their home ranks) is decided once, from the
     # config (fedrun.registry.kept_state); the parts built from it keep exactly those kinds
@@ -160,10 +162,12 @@ def build_round_parts(cfg: Config, info: dist.DistInfo, model: nn.Module, diffus
     regions = {r.name: r.extra_floats(P) for r in rules if isinstance(r, SumsExtra)}
     buffer = RoundBuffer(P, world, regions, device, rank=info.rank, max_clients=len(sizes),
                          max_weight=max(sizes.values(), default=1),
-                         track_clients=len(sizes) if mechanism.tracks else 0, encoder=mechanism.encoder(P))
+                         track_clients=len(sizes) if mechanism.tracks else 0, encoder=mechanism.encoder(P),
+                         changes=source.changes)
+    source.attach(buffer)  # FedBuff: the versions its clients started from, by number
     mechanism.attach(buffer)  # secure aggregation's masks
     return RoundParts(participation, placement, trainer, rules, server, states, buffer,
-                      mechanism.wire_formats())
+                      mechanism.wire_formats(), source)
 
 
 def write_summary(cfg: Config, info: dist.DistInfo, log: RunLogger, model: nn.Module, mechanism: Stack,
@@ -218,7 +222,7 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
     sizes = {k: len(s) for k, s in enumerate(shards)}
     # the privacy mechanism, before any process group or GPU: noise solved, budget checked; its
     # config (with the solved noise) is the run's one config from here on
-    mechanism = build_mechanism(cfg, list(sizes.values()), planned_clients(cfg) if federated else None,
+    mechanism = build_mechanism(cfg, list(sizes.values()), planned_clients(cfg, sizes) if federated else None,
                                 num_classes=train_set.num_classes)
     cfg = mechanism.cfg
     # who takes part (traces read, deadlines checked): no process group needed either

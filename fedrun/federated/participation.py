@@ -7,7 +7,9 @@ DP-FedAvg samples clients by Poisson instead (``fedrun.privacy.client_dp.Poisson
 the sampling its accountant assumes.
 
 Participation models register themselves in ``PARTICIPATION`` (``fed.participation``; fedrun.registry)
-with their keys: "uniform" is the authors' draw, and its keys are the simulated federation's.
+with their keys: "uniform" is the authors' draw, and its keys are the simulated federation's;
+"fedbuff" (fedrun/federated/fedbuff.py) is buffered asynchronous aggregation on the same
+simulated clock, a round being one server step.
 
 ``SimulatedParticipation`` wraps either with what real federations lose (``fed.availability``,
 ``fed.speed_sigma``, ``fed.deadline_s``, ``fed.over_select``, traces): it is only built when
@@ -56,7 +58,10 @@ from ..registry import Registry, Settings
 PARTICIPATION = Registry(
     "fed.participation", "uniform", "Who takes part in a round (fedrun/federated/participation.py): "
     "\"uniform\" (fed.clients_per_round of fed.num_clients, uniformly from (seed, round); with the "
-    "simulated federation's availability, stragglers, deadline and over-selection when set).",
+    "simulated federation's availability, stragglers, deadline and over-selection when set) | \"fedbuff\" "
+    "(buffered asynchronous aggregation, Nguyen et al. 2022: fed.concurrency clients train at once from "
+    "the model version current at their start, the server steps after every fed.buffer_size arrivals on the "
+    "simulated clock; fedrun/federated/fedbuff.py).",
     hashed=HASHED_WHEN_SET, applies=FEDERATED, federated=True)
 
 
@@ -125,7 +130,7 @@ class UniformParticipation:
         self.keep = keep
 
     @classmethod
-    def build(cls, settings: SimulationSettings, cfg: Config) -> UniformParticipation:
+    def build(cls, settings: SimulationSettings, cfg: Config, sizes: dict[int, int]) -> UniformParticipation:
         return cls(cfg.fed.num_clients, selected_per_round(cfg), cfg.run.seed, cfg.fed.clients_per_round)
 
     def clients(self, round_: int) -> list[int]:
@@ -186,11 +191,12 @@ class Simulation:
     _speeds: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: Config, sizes: dict[int, int]) -> Simulation | None:
-        """None when nothing is simulated (every selected client reports at once); else the
-        simulation, after the checks that need the traces and the data (one ConfigError line)."""
+    def from_config(cls, cfg: Config, sizes: dict[int, int], always: bool = False) -> Simulation | None:
+        """None when nothing is simulated (every selected client reports at once) unless ``always``
+        (FedBuff's clock: every client at speed 1 then); else the simulation, after the checks that
+        need the traces and the data (one ConfigError line)."""
         f = cfg.fed
-        if not simulated(cfg):
+        if not (always or simulated(cfg)):
             return None
         n = f.num_clients
         availability = read_trace(f.availability_trace, "fed.availability_trace", n, positive=False) \
@@ -262,10 +268,13 @@ def build_participation(cfg: Config, sizes: dict[int, int],
                         wrap: Callable[[Participation], Participation] = lambda p: p) -> Participation:
     """The participation ``fed.participation`` names, ``wrap``ped (a privacy mechanism's Poisson
     draw), inside the simulated federation when one of its keys is set. Built before any process
-    group: a trace that cannot be read, or a deadline no client meets, is one ConfigError line."""
-    base = wrap(PARTICIPATION.selected(cfg).target.build(PARTICIPATION.settings(cfg), cfg))
+    group: a trace that cannot be read, or a deadline no client meets, is one ConfigError line. A
+    participation with a ``clock`` of its own (FedBuff, fedrun.federated.fedbuff) simulates the
+    federation itself."""
+    target = PARTICIPATION.selected(cfg).target
+    base = wrap(target.build(PARTICIPATION.settings(cfg), cfg, sizes))
     simulation = Simulation.from_config(cfg, sizes)  # None unless availability/stragglers are set
-    if simulation is None:
+    if simulation is None or getattr(target, "clock", False):
         return base
     return SimulatedParticipation(base, simulation, getattr(base, "keep", None))
 
@@ -316,9 +325,9 @@ class SimulatedParticipation:
         return self._rounds[round_]
 
 
-def planned_clients(cfg: Config) -> list[list[int]]:
+def planned_clients(cfg: Config, sizes: dict[int, int]) -> list[list[int]]:
     """The clients the chosen participation draws in each round 1..fed.rounds, before dropouts
     (drawn from (seed, round): known in advance; what a privacy mechanism's plan counts, an upper
     bound when clients drop out)."""
-    base = PARTICIPATION.selected(cfg).target.build(PARTICIPATION.settings(cfg), cfg)
+    base = PARTICIPATION.selected(cfg).target.build(PARTICIPATION.settings(cfg), cfg, sizes)
     return [base.clients(r) for r in range(1, cfg.fed.rounds + 1)]

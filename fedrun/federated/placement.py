@@ -187,6 +187,9 @@ class OnDemand:
 
     def take(self, round_: int, clients: list[int], rank: int) -> Iterator[int]:
         order = sorted(clients, key=lambda k: (-self.cost[k], k))
+        if self.world_size == 1:  # nobody to share with: no counter (a process's second run would
+            yield from order      # find the first run's counters of the same rounds used up)
+            return
         while (ticket := dist.counter_add(f"handout/{round_}") - 1) < len(order):
             yield order[ticket]
 

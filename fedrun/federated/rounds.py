@@ -7,13 +7,16 @@ them when due. One round, on every rank at once:
   2. placement: the clients this rank takes (fixed before the round, or handed out on demand
      while it runs); the progress bar counts what was taken;
   3. each rank trains its clients one after another with the client trainer, each from the
-     global weights; the update rules add their gradient terms to local training, then edit the
-     update (clipping, ...) and add their own sums; the update goes into ONE flat buffer of exact
-     fixed-point sums (fedrun.flat), so the result does not depend on the placement;
+     model the model source gives it (the global weights; with FedBuff the version current at
+     its simulated start, fedrun.federated.fedbuff); the update rules add their gradient terms
+     to local training, then edit the update (clipping, ...) and add their own sums; the update
+     goes into ONE flat buffer of exact fixed-point sums (fedrun.flat), so the result does not
+     depend on the placement;
   4. one all_reduce(SUM) of that buffer is the whole communication of the round; it also tells
      every rank when every rank started the round and reached the all_reduce (``wait_s``);
   5. the server step turns the aggregate into the next global model (the rules' server halves,
-     the server rule, privacy around them); the EMA of the global model folds it in;
+     the server rule, privacy around them); the EMA of the global model folds it in; the model
+     source keeps the new version if a later round's client starts from it;
   6. the checkpointer writes the round if it is due, the evaluator scores it if it is due,
      rank 0 logs one line, and the round-end hooks run (benchmarks use them).
 """
@@ -41,6 +44,7 @@ from ..parts import (
     Aggregate,
     ClientTrainer,
     ClientUpdate,
+    ModelSource,
     Participation,
     Placement,
     ServerStep,
@@ -51,6 +55,7 @@ from ..parts import (
 from ..telemetry import RoundTimer, memory_record, reset_device_peak
 from .client_state import ClientStates
 from .compression import Traffic
+from .fedbuff import LatestModel
 from .placement import home_clients
 
 RoundHook = Callable[[dict[str, Any]], None]
@@ -71,6 +76,8 @@ class RoundParts:
     """the round's one all_reduce buffer (exact sums; regions for the rules that sum extras)"""
     wire: list[WireFormat] = field(default_factory=list)
     """what else changes a real client's messages (secure aggregation's masked vector and keys)"""
+    source: ModelSource = field(default_factory=LatestModel)
+    """the model each client starts from (FedBuff: past versions, kept while needed)"""
 
 
 class FederatedRounds:
@@ -92,6 +99,7 @@ class FederatedRounds:
         self.score_rounds = evaluator.client_score_rounds()  # ... and how well
         self.bad_rounds = 0
         self.warned_idle = False
+        parts.source.after_step(0, self.global_flat)  # version 0; a resume replaces what is kept
 
     def resume(self) -> int:
         """Restore the newest usable checkpoint, if any, into the model, the EMA, the server step
@@ -104,6 +112,7 @@ class FederatedRounds:
         self.ema.load_state_dict(resumed.ema, self.info.device)
         self.parts.server.load_state_dict(resumed.server, self.info.device)
         self.parts.server.load_extra_state(resumed.extra)
+        self.parts.source.load_extra_state(resumed.extra)
         home = home_clients(self.cfg, self.sizes, self.info.world_size, self.info.rank)
         self.parts.states.load_state_dict(resumed.clients, home)
         checkpoint.set_rng_state(resumed.rng)
@@ -129,9 +138,11 @@ class FederatedRounds:
                     self.buffer.all_reduce()
                 agg = self.buffer.aggregate(r, clients)
             self._server_step(agg)
+            parts.source.after_step(r, self.global_flat)
             with timer.phase("checkpoint"):
+                extra = {**parts.server.extra_state(), **parts.source.extra_state()}
                 self.checkpointer.save(r, self.model, server=parts.server, ema=self.ema, clients=parts.states,
-                                       last_round=r == f.rounds, extra=parts.server.extra_state() or None)
+                                       last_round=r == f.rounds, extra=extra or None)
             trained_s = timer.training()  # the round without evaluation: the throughput base
             scores = client_scores = None  # a round without evaluation times none: eval_s is 0
             if self.evaluator.due(r):
@@ -153,9 +164,10 @@ class FederatedRounds:
         if not self.sizes[k]:
             return  # an empty client has nothing to train on and weight zero
         self.log.describe(f"round {r}/{self.cfg.fed.rounds} client {k}")
-        load_flat_(self.model, self.global_flat)
+        start = self.parts.source.start(r, k, self.global_flat)  # theta, or FedBuff's theta_v
+        load_flat_(self.model, start)
         state, rules = self.parts.states.get(k), self.parts.rules
-        terms = [rule.begin_client(self.model, self.global_flat, state) for rule in rules]
+        terms = [rule.begin_client(self.model, start, state) for rule in rules]
         res = self.parts.trainer.train(r, k, state, compose_terms([t for t in terms if t is not None]))
         loss = float(res.loss_sum) / max(res.steps, 1)  # one host sync per client
         if not (np.isfinite(loss) and all_finite(self.model)):
@@ -169,7 +181,7 @@ class FederatedRounds:
         if r in self.score_rounds:  # scored on rank 0 at the end of the round
             with timer.phase("client_sample", evaluation=True):
                 self.evaluator.sample_client(self.model, self.diffusion, r, k)
-        update = ClientUpdate(k, self.model, self.global_flat, self.sizes[k], float(self.sizes[k]), state,
+        update = ClientUpdate(k, self.model, start, self.sizes[k], float(self.sizes[k]), state,
                               dict(res.state), round=r, message=res.message)
         with timer.phase("update_chain", sync=True):  # e.g. compression's encode + decode, clipping
             for rule, term in zip(rules, terms, strict=True):

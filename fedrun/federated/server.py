@@ -224,7 +224,8 @@ class RuleServer:
     def step(self, global_flat: torch.Tensor, agg: Aggregate) -> torch.Tensor | None:
         if not agg.usable:
             return None
-        average = agg.average
+        # FedBuff's sum holds changes from each client's start version: step toward theta + their mean
+        average = global_flat + agg.average if agg.changes else agg.average
         for rule in self.rules:
             average = rule.on_server(global_flat, average, agg)
         return self.rule.step(global_flat, average)

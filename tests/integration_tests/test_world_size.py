@@ -173,3 +173,21 @@ def test_client_state_follows_its_client_one_process_vs_two_ranks(tmp_path, drif
             moments = [c[k]["optimizer"]["state"][0][t] for c in (clients_a, clients_b)]
             assert torch.equal(*moments)
     assert_same_model(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow  # ~9 s each quiet (17 s beside a study): one process and two ranks, three FedBuff steps
+@pytest.mark.parametrize("placement,compress", [("on_demand", "none"), ("cost", "int8")])
+def test_fedbuff_steps_one_process_vs_two_ranks_same_bits(tmp_path, placement, compress):
+    """FedBuff (fedrun/federated/fedbuff.py): each step sums K changes trained from different model
+    versions, taken from the versions kept for them; one process and two ranks (clients handed
+    out on demand, or on their home ranks with int8 error feedback) train the same bits, and
+    the steps really mixed versions (some update was stale)."""
+    layout = dict(fed__participation="fedbuff", fed__num_clients=6, fed__concurrency=4, fed__buffer_size=2,
+                  fed__speed_sigma="0.5", fed__rounds=3, fed__placement=placement, fed__compress=compress)
+    one, two = run_cli_together((as_args(tiny_overrides(tmp_path, "one", **layout)), 1),
+                                (as_args(tiny_overrides(tmp_path, "two", **layout)), 2))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_model(tmp_path / "one", tmp_path / "two", rounds=3)
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in records] == [2, 2, 2] and any(max(r["staleness"]) > 0 for r in records)

@@ -108,6 +108,8 @@ EVAL_INCEPTION = ["--eval.enabled", "true", "--eval.feature_extractor", "incepti
 
 IMAGE_FOLDER = ["--data.name", "image_folder", "--data.root", "{work}/imgs", "--run.name", "fresh"]
 
+FEDBUFF = ["--fed.participation", "fedbuff", "--fed.concurrency", "3", "--fed.buffer_size", "2"]
+
 CASES = [
     # ---- command line and TOML -------------------------------------------------------------
     Case("unknown-key", ["--fed.roundz", "3"], ("fed.roundz", "unknown key", "known:")),
@@ -300,6 +302,26 @@ CASES = [
     Case("over-selection-with-client-dp", ["--fed.over_select", "1.5", "--privacy.level", "client"],
          ("fed.over_select", "fastest reports", "fed.over_select = 1")),
     Case("over-select-below-one", ["--fed.over_select", "0.5"], ("fed.over_select", ">= 1")),
+    # ---- FedBuff (fedrun/federated/fedbuff.py): what it cannot carry -------------------------
+    Case("fedbuff-with-client-dp", [*FEDBUFF, "--privacy.level", "client"],
+         ("privacy.level", "Poisson", "fed.participation = \"uniform\"")),
+    Case("fedbuff-with-dp-sgd", [*FEDBUFF, "--privacy.level", "sample"],
+         ("privacy.level", "synchronous draw", "privacy.level = \"none\"")),
+    Case("fedbuff-with-secure-aggregation", [*FEDBUFF, "--secure_agg.protocol", "secagg+"],
+         ("secure_agg.protocol", "per synchronous round", "secure_agg.protocol = \"none\"")),
+    Case("fedbuff-with-scaffold", [*FEDBUFF, "--fed.drift", "scaffold"],
+         ("fed.drift", "older versions", "fed.drift = \"none\" or \"fedprox\"")),
+    Case("fedbuff-with-feddyn", [*FEDBUFF, "--fed.drift", "feddyn"], ("fed.drift", "feddyn's server state")),
+    Case("fedbuff-with-over-selection", [*FEDBUFF, "--fed.over_select", "1.5"],
+         ("fed.over_select", "raise fed.concurrency")),
+    Case("fedbuff-with-grouped-clients", [*FEDBUFF, "--train.clients_at_once", "2"],
+         ("train.clients_at_once", "their own versions")),
+    Case("fedbuff-buffer-above-clients", [*FEDBUFF, "--fed.buffer_size", "5"],
+         ("fed.buffer_size", "5 different clients", "lower fed.buffer_size")),
+    Case("fedbuff-unknown-staleness", [*FEDBUFF, "--fed.staleness", "linear"],
+         ("fed.staleness", "choose one of", "hinge")),
+    Case("fedbuff-negative-max-staleness", [*FEDBUFF, "--fed.max_staleness", "-1"],
+         ("fed.max_staleness", ">= 0")),
     # ---- data sets ---------------------------------------------------------------------------
     Case("image-folder-root-missing", IMAGE_FOLDER, ("data.root", "imgs", "is not a folder"), code=3),
     Case("image-folder-without-images", IMAGE_FOLDER, ("data.root", "no images found"), code=3,

@@ -156,3 +156,13 @@ def test_a_step_costs_its_fixed_share_and_its_images():
     """s = 0.25: a step costs a quarter of a full one whatever its size, the rest by its images."""
     costs = client_costs({0: 40, 1: 8}, batch_size=32, epochs=1, overhead_steps=0.5, step_share=0.25)
     assert costs == {0: 0.25 * 2 + 0.75 * 40 / 32 + 0.5, 1: 0.25 * 1 + 0.75 * 8 / 32 + 0.5}
+
+
+def test_on_demand_at_one_rank_takes_every_client_in_every_run_of_a_process():
+    """One rank has nobody to share tickets with: a second run in the same process (a benchmark
+    or sweep running fedrun.train twice) trains its rounds' clients again, although the first run
+    used the same round numbers (the local counters would say they were all handed out)."""
+    cost = client_costs({k: 32 * (k + 1) for k in range(4)}, 32, 1, 0.0)
+    clients = [0, 1, 2, 3]
+    first, second = (list(OnDemand(cost, 1).take(1, clients, 0)) for _ in range(2))
+    assert first == second == [3, 2, 1, 0]

@@ -396,3 +396,20 @@ def test_report_prints_intervals_and_says_not_resolved(tmp_path):
     # spread (S = 0.2) above the sampling noise (0.3 / 1.96): t with 2 degrees of freedom
     assert ci.df == 2 and (ci.hi - ci.mean) == pytest.approx(4.302653 * 0.2 / 3 ** 0.5)
     assert f"2.00 ± 0.20 [{ci.lo:.2f}, {ci.hi:.2f}] (n=3)" in md
+
+
+def test_a_fedbuff_run_gets_its_staleness_histogram(tmp_path):
+    """FedBuff's records carry each used update's staleness: the report draws their histogram
+    over the run (a bar per staleness, its height the updates that stale), a synchronous run none."""
+    fed = _run(tmp_path / "runs", "fedbuff", _fid(5.0), fed__participation="fedbuff")
+    _metrics(fed, [{"round": 1, "loss": 1.0, "staleness": [0, 0, 1], "wasted_total": 0},
+                   {"round": 2, "loss": 0.9, "staleness": [2, 0, 3], "wasted_total": 4}])
+    sync = _run(tmp_path / "runs", "sync", _fid(6.0))
+    _metrics(sync, [{"round": 1, "loss": 1.0}])
+    table, paths = report.make_report([fed, sync], tmp_path / "out")
+    assert paths["staleness:fedbuff"].is_file() and "staleness:sync" not in paths
+    fig = report.staleness_figure(report.load_run(fed), report.load_metrics(fed))
+    (bars,) = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)]
+    assert [b.get_height() for b in bars] == [3, 1, 1, 1]  # staleness 0, 1, 2, 3
+    assert "6 updates used, 4 wasted" in fig.axes[0].get_title()
+    assert report.staleness_figure(report.load_run(sync), report.load_metrics(sync)) is None

@@ -2,8 +2,9 @@
 it carries across the restart: the RNG, a server optimizer's moments, the centralized Adam, the
 EMA, and what clients keep between rounds (Adam moments, SCAFFOLD control variates, FedDyn's
 gradient state and its server correction, compression's error-feedback residuals), a LoRA
-run's adapters on top of its frozen base, and secure aggregation with distributed noise (keys
-drawn afresh every round, noise shares from their seeded streams)."""
+run's adapters on top of its frozen base, secure aggregation with distributed noise (keys
+drawn afresh every round, noise shares from their seeded streams), and FedBuff's past model
+versions that clients still training from them need."""
 
 import json
 
@@ -46,6 +47,11 @@ def final_checkpoint(cfg):
                   "fed__num_clients": "24", "optim__batch_size": "16"},
                  id="lora-adapters-dp-sgd-multiplicity-ema", marks=pytest.mark.slow),
     pytest.param({"run__mode": "fedavg", "fed__compress": "int8"}, id="int8-error-feedback-residuals"),
+    # FedBuff stopped mid-stream: clients still training from versions before the checkpoint's
+    pytest.param({"run__mode": "fedavg", "fed__participation": "fedbuff", "fed__concurrency": "3",
+                  "fed__buffer_size": "2", "fed__speed_sigma": "0.5", "fed__server_opt": "fedadam",
+                  "fed__server_lr": "0.01", "fed__compress": "int8"}, id="fedbuff-versions-mid-stream",
+                 marks=pytest.mark.slow),  # ~5 s quiet: three FedBuff runs
     # keys from os.urandom every round (the masks cancel); the noise shares from seeded streams
     pytest.param({"run__mode": "fedavg", "secure_agg__protocol": "secagg+", "secure_agg__bits": "16",
                   "privacy__level": "client", "privacy__clip": "0.01", "fed__num_clients": "3"},
@@ -123,6 +129,9 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
         last = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[-1])
                 for n in ("straight", "resumed")]
         assert last[0]["bytes_up_total"] == last[1]["bytes_up_total"] == 3 * last[0]["bytes_up"] > 0
+    if "fed__participation" in extra:  # the past versions a running client still needed, kept exactly
+        assert stopped["extra"]["fedbuff"] and a["extra"].keys() == b["extra"].keys()
+        assert same_bits(a["extra"]["fedbuff"], b["extra"]["fedbuff"])
     if "model__trainable" in extra:  # base + adapters in the checkpoint; only the adapters moved
         base, _ = build(straight, 10, torch.device("cpu"))
         assert {k for k in a["model"] if ".lora_" not in k} == set(base.state_dict())

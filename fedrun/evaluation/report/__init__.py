@@ -52,7 +52,16 @@ markdown / CSV / terminal), ``plots`` (the PNGs, matplotlib), ``cli`` (``make_re
 
 from ...errors import ReportError
 from .cli import main, make_report
-from .plots import bar_figure, curves_figure, heatmap_figure, write_curves, write_heatmap, write_png
+from .plots import (
+    bar_figure,
+    curves_figure,
+    heatmap_figure,
+    staleness_figure,
+    write_curves,
+    write_heatmap,
+    write_png,
+    write_staleness,
+)
 from .runs import Run, dataset_title, flatten, load_metrics, load_run
 from .table import (
     EXTRA_SCORES,
@@ -70,6 +79,6 @@ from .table import (
 __all__ = [
     "EXTRA_SCORES", "RATIO", "SCORES", "ReportError", "Run", "Table", "bar_figure", "build_table",
     "client_rows", "columns", "curves_figure", "dataset_title", "flatten", "heatmap_figure",
-    "label_runs", "load_metrics", "load_run", "main", "make_report", "write_csv", "write_curves",
-    "write_heatmap", "write_markdown", "write_png",
+    "label_runs", "load_metrics", "load_run", "main", "make_report", "staleness_figure", "write_csv",
+    "write_curves", "write_heatmap", "write_markdown", "write_png", "write_staleness",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ...errors import ReportError
-from .plots import write_curves, write_heatmap, write_png
+from .plots import write_curves, write_heatmap, write_png, write_staleness
 from .runs import Run, load_metrics, load_run
 from .table import (
     Table,
@@ -34,8 +34,9 @@ def curve_names(runs: list[Run]) -> list[str]:
 def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
                 curves: bool = True) -> tuple[Table, dict[str, Path]]:
     """Write report.md/.csv/.png (and, when some run has them, report_clients.csv/.png and, with
-    ``curves``, ``<run>_curves.png`` per run with a metrics.jsonl) for ``run_dirs``; returns the
-    table and the paths written ("md", "csv", "png", "clients_csv", "clients_png", "curves:<run>")."""
+    ``curves``, ``<run>_curves.png`` per run with a metrics.jsonl, and ``<run>_staleness.png`` per
+    FedBuff run) for ``run_dirs``; returns the table and the paths written ("md", "csv", "png",
+    "clients_csv", "clients_png", "curves:<run>", "staleness:<run>")."""
     if not run_dirs:
         raise ReportError("no run dirs given; usage: fedrun report RUN_DIR... [--out DIR]")
     runs = [load_run(d) for d in run_dirs]
@@ -59,8 +60,11 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = Non
     if curves:
         for run, name in zip(ordered, curve_names(ordered), strict=True):
             path = out / f"{name}_curves.png"
-            if write_curves(run, load_metrics(run.path), path):
+            records = load_metrics(run.path)
+            if write_curves(run, records, path):
                 paths[f"curves:{name}"] = path
+            if write_staleness(run, records, out / f"{name}_staleness.png"):  # FedBuff runs
+                paths[f"staleness:{name}"] = out / f"{name}_staleness.png"
     return table, paths
 
 

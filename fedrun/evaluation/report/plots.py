@@ -7,6 +7,8 @@
 * ``<run>_curves.png``: one run's metrics.jsonl against the round: loss, the scores of the
   evaluated rounds, epsilon, bytes per round and the wait for the slowest rank; a panel only
   for what the records have (and is not zero throughout, as wait_s of one process).
+* ``<run>_staleness.png``: a FedBuff run's (fedrun/federated/fedbuff.py) histogram of how many
+  server steps stale its used updates were, over the whole run, with the mean and the wasted work.
 
 Figures are built on ``matplotlib.figure.Figure`` directly, not pyplot: no global state, no
 backend to pick, nothing kept alive between calls.
@@ -241,6 +243,47 @@ def curves_figure(run: Run, records: list[dict[str, Any]]) -> Figure | None:
 def write_curves(run: Run, records: list[dict[str, Any]], path: Path) -> bool:
     """``path`` from one run's metrics records; False (nothing written) without records."""
     fig = curves_figure(run, records)
+    if fig is None:
+        return False
+    _save(fig, path)
+    return True
+
+
+# <run>_staleness.png
+
+
+def staleness_figure(run: Run, records: list[dict[str, Any]]) -> Figure | None:
+    """The histogram of the used updates' staleness (FedBuff's records); None without any."""
+    counts: dict[int, int] = {}
+    for rec in records:
+        for tau in rec.get("staleness", ()):
+            counts[int(tau)] = counts.get(int(tau), 0) + 1
+    if not counts:
+        return None
+    taus = list(range(max(counts) + 1))
+    heights = [counts.get(t, 0) for t in taus]
+    total = sum(heights)
+    mean = sum(t * n for t, n in zip(taus, heights, strict=True)) / total
+    last = records[-1]
+    fig = Figure(figsize=(5.5, 3.4), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(taus, heights, width=0.85, color=_colours(1)[0])
+    ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.2f}")
+    ax.set_xlabel("staleness (server steps between a client's start and its update's use)", fontsize=8)
+    ax.set_ylabel("updates", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    wasted = last.get("wasted_total")
+    waste = f", {wasted} wasted (offline, late, too stale)" if wasted is not None else ""
+    ax.set_title(f"{run.path.name}: {total} updates used{waste}", fontsize=9)
+    return fig
+
+
+def write_staleness(run: Run, records: list[dict[str, Any]], path: Path) -> bool:
+    """``path``: the staleness histogram; False (nothing written) for a run without staleness."""
+    fig = staleness_figure(run, records)
     if fig is None:
         return False
     _save(fig, path)
