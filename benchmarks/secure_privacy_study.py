@@ -22,7 +22,8 @@ the unit; epsilon of the worst client at delta 1e-5), the noise solved from the 
 Plus: the public model alone and fine-tuned without DP; the frontier at epsilon 16 and 32 (two
 seeds); secure_agg.bits 12 / 20 against 16 and against no grid (0: the server's Gaussian once on
 the exact sum); client level on the cross-device config (300 clients, q = 0.1) with the server's
-noise against distributed noise at 16 bits. Results: ``benchmarks/results/secure_privacy_study.
+noise against distributed noise at 16 bits (shares sized for t survivors, the default, and for all
+30). Results: ``benchmarks/results/secure_privacy_study.
 {md,json,png}`` (class accuracy, FID (test), MIA AUC, bytes, wall time; the epsilon at which each
 mechanism first beats the public model's class accuracy by 0.05 on every seed). Runs, evaluations
 and audits already finished are skipped when started again (privacy_study.py's runner).
@@ -66,13 +67,14 @@ ROWS: list[tuple[str, str]] = [
     ("once8_bits0", "eps 8, noise once, the server's Gaussian on the exact secure sum"),
     ("client8", "client level eps 8, cross-device, the server's noise"),
     ("client8_bits16", "client level eps 8, cross-device, 16-bit distributed Skellam under SecAgg+"),
+    ("client8_bits16_all", "as above, shares sized for 30 survivors (rounds with fewer abandoned)"),
 ]
 
 
 # the headline comparison first, then client level and the grid's bits, then the other epsilons
-PRIORITY = ["public", "nodp", "local8", "once8", "central8", "client8", "client8_bits16", "once8_bits0",
-            "once8_bits12", "once8_bits20", "local1", "once1", "central1", "local16", "once16", "central16",
-            "local32", "once32", "central32"]
+PRIORITY = ["public", "nodp", "local8", "once8", "central8", "client8", "client8_bits16",
+            "client8_bits16_all", "once8_bits0", "once8_bits12", "once8_bits20",
+            "local1", "once1", "central1", "local16", "once16", "central16", "local32", "once32", "central32"]
 
 
 def plan(out: Path, extra: dict[str, str]) -> list[ps.Job]:
@@ -94,8 +96,12 @@ def plan(out: Path, extra: dict[str, str]) -> list[ps.Job]:
                                    {**init, **dp8, **ONCE, "secure_agg.bits": str(bits)}, after=public.name))
             cross = {"model.init_from": str(out / public.name), "model.trainable": "norms_biases"}
             jobs.append(ps.Job("client8", s, CROSS, dict(cross), after=public.name))
-            jobs.append(ps.Job("client8_bits16", s, CROSS, {**cross, "secure_agg.protocol": "secagg+",
-                                                             "secure_agg.bits": "16"}, after=public.name))
+            secure16 = {**cross, "secure_agg.protocol": "secagg+", "secure_agg.bits": "16"}
+            jobs.append(ps.Job("client8_bits16", s, CROSS, dict(secure16), after=public.name))
+            # by default the shares carry the whole noise once min_survivors = t of the 30 survive (the
+            # dropout margin: more noise when all do); here sized for 30, the server's noise's level
+            jobs.append(ps.Job("client8_bits16_all", s, CROSS, {**secure16, "secure_agg.min_survivors": "30"},
+                               after=public.name))
     for j in jobs:
         j.overrides = {**ps.COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
                        "run.name": j.name, **extra}

@@ -68,7 +68,9 @@ class SecAggSettings(Settings):
     t surviving neighbours is abandoned."""
     min_survivors: int = setting(0, hashed=HASHED_WHEN_SET)
     """Fewer surviving clients abandon the round; with distributed DP each client's noise share is
-    sized so that this many survivors carry the whole noise. 0 = the threshold."""
+    sized so that this many survivors carry the whole noise, and every round keeps that many, also
+    one that draws fewer clients than fed.clients_per_round. 0 = the threshold (with distributed
+    DP: a clients_per_round round's)."""
     bits: int = setting(0, hashed=HASHED_WHEN_SET)
     """Bits per coordinate of the secure sum with distributed DP (privacy.level "client" or
     "sample_once": each client adds Skellam noise shares on a 2^bits integer grid after a random
@@ -138,8 +140,13 @@ class SecAggPlus(Mechanism):
                               f"\"client\" or \"sample_once\", or secure_agg.bits = 0")
 
     def attach(self, buffer: RoundBuffer) -> None:
+        # distributed DP sized its noise shares for the survivors of a clients_per_round round; a round
+        # that draws fewer clients (Poisson cohorts) has a smaller t, yet must keep that many survivors
+        noise_survivors = resolved_graph(self.settings, self.cfg.fed.clients_per_round)[2] \
+            if buffer.encoder is not None else 0
         self.masking = SecureMasking(self.settings, self.cfg.run.seed, buffer.summed,
-                                     64 if buffer.encoder is None else self.settings.bits)
+                                     64 if buffer.encoder is None else self.settings.bits,
+                                     noise_survivors=noise_survivors)
         buffer.masking = self.masking
 
     def wire_formats(self) -> list[WireFormat]:
@@ -155,12 +162,17 @@ class SecAggPlus(Mechanism):
 class SecureMasking(WireFormat):
     """The buffer's masking (fedrun.flat.Masking) for SecAgg+, one ``SecureRound`` a round."""
 
-    def __init__(self, settings: SecAggSettings, seed: int, numbers: int, bits: int):
+    def __init__(self, settings: SecAggSettings, seed: int, numbers: int, bits: int,
+                 noise_survivors: int = 0):
+        """``noise_survivors``: the survivors distributed DP's noise shares were sized for (0: no
+        noise on the grid); every round needs at least that many, whatever its own t."""
         self.settings, self.seed, self.numbers, self.bits = settings, seed, numbers, bits
+        self.noise_survivors = int(noise_survivors)
         self.round: sa.SecureRound | None = None
 
     def begin_round(self, round_: int, selected: Sequence[int]) -> None:
         k, t, m = resolved_graph(self.settings, len(selected))
+        m = max(m, self.noise_survivors)  # fewer survivors would carry less noise than accounted
         if self.settings.keys == "seed":
             key_source, secret = "seed", b""
         else:  # a fresh secret every round, the same on every rank

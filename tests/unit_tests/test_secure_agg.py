@@ -267,3 +267,22 @@ def test_bad_bits_and_good_settings():
         sa.check_settings(10, 8, 5, 7, bits=1)
     sa.check_settings(10, 8, 5, 7, bits=16)
     sa.check_settings(10, 9, 5, 7)  # the complete graph may be odd
+
+
+def test_a_small_round_keeps_the_survivors_its_noise_shares_were_sized_for():
+    """Distributed DP sizes each client's noise share so that min_survivors of a clients_per_round
+    round (default t(30) = 11) carry the whole noise. A Poisson-drawn round of 18 clients has t = 7:
+    with 9 survivors it would unmask a sum carrying 9 / 11 of the accounted variance."""
+    from fedrun.privacy.secure_sum import SecAggSettings, SecureMasking
+
+    settings = SecAggSettings(bits=16, keys="seed")
+    masking = SecureMasking(settings, seed=0, numbers=8, bits=16, noise_survivors=11)
+    masking.begin_round(1, list(range(18)))
+    assert masking.round is not None and masking.round.threshold == 7
+    survivors = range(0, 18, 2)  # 9 of 18, every other client of the ring: each keeps 6 neighbours
+    assert "9 of 18 clients survived, fewer than secure_agg.min_survivors = 11" in \
+        masking.round.recoverable(survivors)
+    assert masking.round.recoverable(range(18)) == ""
+    plain = SecureMasking(settings, seed=0, numbers=8, bits=64)  # no noise on the grid: the round's own t
+    plain.begin_round(1, list(range(18)))
+    assert plain.round is not None and plain.round.min_survivors == 7
