@@ -416,9 +416,13 @@ def summarize(args: argparse.Namespace, cfg: Config, info: dist.DistInfo, ranks:
         "raw_allreduce_ms_all": [round(x, 3) for x in raw_all],
         "raw_allreduce_gb_per_s": round(nbytes / (raw_ms / 1e3) / 1e9, 3) if raw_all and raw_ms > 0 else None,
         "aggregation_over_raw_allreduce": round(agg_ms / raw_ms, 3) if raw_all and raw_ms > 0 else None,
-        # share of all ranks' round time spent waiting for the slowest rank (imbalance as imbalance)
+        # share of the ranks' time spent waiting for the slowest rank (imbalance as imbalance): each
+        # rank's time runs from its own round start to the moment the last rank is ready (its ready_s +
+        # wait_s), not rank 0's wall_s: a rank that ran ahead while rank 0 finished the previous round
+        # (logging, hooks) waits longer than rank 0's round lasted
         "wait_share_of_rank_time": round(sum(sum(r["wait_s_per_rank"]) for r in st)
-                                         / (world * sum(r["wall_s"] for r in st)), 4),
+                                         / max(sum(sum(r["ready_s_per_rank"]) + sum(r["wait_s_per_rank"])
+                                                   for r in st), 1e-9), 4),
         "load_imbalance_s": round(statistics.median(max(r["ready_s_per_rank"])
                                                     - min(r["ready_s_per_rank"]) for r in st), 4),
         "overhead_ms_per_client": round(statistics.median(r["overhead_ms_per_client"] for r in st), 3),
