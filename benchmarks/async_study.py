@@ -297,11 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"async_study: {exc}", flush=True)
                         code = 1
         finally:
-            sessions_path = out / "sessions.json"
-            sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
-            sessions.append({"wall_s": round(time.perf_counter() - t0, 1), "runs": len(todo),
-                             "jobs": args.jobs})
-            sessions_path.write_text(json.dumps(sessions, indent=2))
+            ps.record_session(out, time.perf_counter() - t0, len(todo), args.jobs)
     command = " ".join(["python", "benchmarks/async_study.py", *given])
     paths = write_results(jobs, out, args.results, command)
     print(paths["md"].read_text())

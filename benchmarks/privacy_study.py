@@ -121,6 +121,15 @@ def _fedrun(args: list[str], log: Path) -> None:
         raise RuntimeError(f"fedrun {' '.join(args[:3])} ... failed (exit {res.returncode}); see {log}")
 
 
+def record_session(out: Path, seconds: float, runs: int, jobs: int) -> None:
+    """Append one session (its wall time, runs to do, parallel jobs) to ``<out>/sessions.json``: a
+    study stopped and started again sums its sessions' wall time."""
+    path = out / "sessions.json"
+    sessions = json.loads(path.read_text()) if path.exists() else []
+    sessions.append({"wall_s": round(seconds, 1), "runs": runs, "jobs": jobs})
+    path.write_text(json.dumps(sessions, indent=2))
+
+
 def run_job(job: Job, out: Path, done: dict[str, threading.Event], audit_options: list[str]) -> None:
     """Train (or resume), score against the handwritten digits if asked, audit."""
     if job.after is not None:
@@ -344,11 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"privacy_study: {exc}", flush=True)
                         code = 1
         finally:
-            sessions_path = out / "sessions.json"
-            sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
-            sessions.append({"wall_s": round(time.perf_counter() - t0, 1), "runs": len(todo),
-                             "jobs": args.jobs})
-            sessions_path.write_text(json.dumps(sessions, indent=2))
+            record_session(out, time.perf_counter() - t0, len(todo), args.jobs)
     command = " ".join(["python", "benchmarks/privacy_study.py", *given])
     paths = write_results(jobs, out, args.results, command)
     print(paths["md"].read_text())
