@@ -240,13 +240,17 @@ def curves_figure(run: Run, records: list[dict[str, Any]]) -> Figure | None:
     return fig
 
 
-def write_curves(run: Run, records: list[dict[str, Any]], path: Path) -> bool:
-    """``path`` from one run's metrics records; False (nothing written) without records."""
-    fig = curves_figure(run, records)
+def _save_some(fig: Figure | None, path: Path) -> bool:
+    """Save ``fig`` to ``path``; False (nothing written) when there is no figure."""
     if fig is None:
         return False
     _save(fig, path)
     return True
+
+
+def write_curves(run: Run, records: list[dict[str, Any]], path: Path) -> bool:
+    """``path`` from one run's metrics records; False (nothing written) without records."""
+    return _save_some(curves_figure(run, records), path)
 
 
 # <run>_staleness.png
@@ -283,8 +287,4 @@ def staleness_figure(run: Run, records: list[dict[str, Any]]) -> Figure | None:
 
 def write_staleness(run: Run, records: list[dict[str, Any]], path: Path) -> bool:
     """``path``: the staleness histogram; False (nothing written) for a run without staleness."""
-    fig = staleness_figure(run, records)
-    if fig is None:
-        return False
-    _save(fig, path)
-    return True
+    return _save_some(staleness_figure(run, records), path)
