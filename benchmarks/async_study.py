@@ -3,6 +3,7 @@
 
     python benchmarks/async_study.py                     # every row, 3 seeds, two runs at a time
     python benchmarks/async_study.py --rows sync,k10_c100 --dry-run
+    python benchmarks/async_study.py --seeds 0               # one seed first; the others later
     python benchmarks/async_study.py --report-only       # the tables and plots from what finished
 
 The federation is docs/systems.md's "Availability and stragglers": the digits over 1,000 clients
@@ -259,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--rows", default="", help="comma-separated rows (default all; sync is always added)")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                   help="comma-separated seeds (default 0,1,2); the report covers the ones planned")
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
     p.add_argument("--report-only", action="store_true", help="write the results from the finished runs")
     args = p.parse_args(argv_)
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("overrides after -- come in pairs: --section.key VALUE")
     extra = {k.lstrip("-"): v for k, v in zip(extra_args[::2], extra_args[1::2], strict=True)}
     out = args.out.resolve()
-    jobs = plan(out, extra)
+    jobs = plan(out, extra, tuple(int(x) for x in args.seeds.split(",")))
     if args.rows:
         rows = set(args.rows.split(",")) | {"sync"}  # every comparison is against sync
         unknown = rows - {row for row, _ in ROWS}
