@@ -45,7 +45,7 @@ def main() -> int:
         return 2
     cfg, test_set = run.cfg, run.test
     assert test_set is not None
-    info = dist.init("cpu", cfg.run.threads)
+    info = dist.init("cpu", cfg.run.threads, cfg.run.keep_freed_memory)
     evaluator = Evaluator(cfg, info, run.train, test_set)
     assert evaluator.scorer is not None
 

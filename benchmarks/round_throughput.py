@@ -255,7 +255,7 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, overrides)
-    info = dist.init(cfg.run.device, cfg.run.threads)
+    info = dist.init(cfg.run.device, cfg.run.threads, cfg.run.keep_freed_memory)
     if "WORLD_SIZE" in os.environ and not torch_dist.is_initialized():
         # torchrun with one process: fedrun skips the process group, the benchmark makes a 1-rank
         # one so that aggregation and the raw all_reduce go through the real backend (NCCL on GPU)

@@ -220,6 +220,10 @@ class RunConfig(Section):
     """"auto" (cuda if available) | "cpu" | "cuda"."""
     threads: int = setting(0, hashed=NOT_HASHED, label=False)
     """CPU threads per rank; 0 = cores / local ranks."""
+    keep_freed_memory: bool = setting(True, hashed=NOT_HASHED, label=False)
+    """Each process keeps the host memory it frees for its next step (glibc's mmap and trim
+    thresholds raised: ``fedrun/host_memory.py``), instead of faulting the same pages in again
+    every step; false keeps glibc's defaults (the heap shrinks between steps)."""
     tensorboard: bool = setting(False, hashed=NOT_HASHED, label=False)
     """Rank 0 also writes every round's numbers as TensorBoard scalars to ``<run dir>/tensorboard/``
     (metrics.jsonl stays the record); needs ``pip install tensorboard``."""

@@ -318,10 +318,14 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def init(device: str = "auto", threads: int = 0) -> DistInfo:
-    """Start the process group (if more than one process) and choose this rank's device."""
+def init(device: str = "auto", threads: int = 0, keep_freed_memory: bool = True) -> DistInfo:
+    """Start the process group (if more than one process) and choose this rank's device, CPU
+    threads and host allocator (``fedrun.host_memory``)."""
     import torch
     import torch.distributed as dist
+    if keep_freed_memory:
+        from .host_memory import keep_freed_memory as keep
+        keep()
     env = launch_env()
     dev = pick_device(device, int(env["local_rank"]))
     if dev.type == "cpu":

@@ -232,7 +232,7 @@ def train(cfg: Config, on_round_end: list[RoundHook] | None = None) -> dict[str,
     with torch.device("meta"):  # model.trainable's errors (a LoRA rank too large for a layer), no memory
         make_trainable(build_model(cfg.model, cfg.data.channels, train_set.num_classes), cfg, cfg.run.seed)
 
-    info = dist.init(cfg.run.device, cfg.run.threads)
+    info = dist.init(cfg.run.device, cfg.run.threads, cfg.run.keep_freed_memory)
     try:
         if not federated and cfg.optim.batch_size % info.world_size:
             raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} does not split evenly over "

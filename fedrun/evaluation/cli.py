@@ -54,7 +54,7 @@ def eval_main(argv: list[str]) -> int:
     cfg = run.cfg
     check_eval_sizes(cfg, run.test)
 
-    info = dist.init(cfg.run.device, cfg.run.threads)
+    info = dist.init(cfg.run.device, cfg.run.threads, cfg.run.keep_freed_memory)
     try:
         # the run's partition, drawn again from its seed: the global model against each client
         evaluator = Evaluator(cfg, info, run.train, run.test, shards=run.clients)
