@@ -85,7 +85,8 @@ class SimulationSettings(Settings):
     """Simulated seconds a round waits for reports; later ones are dropped. 0 = no deadline."""
     over_select: float = setting(1.0, hashed=HASHED_WHEN_SET, off=1.0)
     """Select ceil(over_select x clients_per_round) clients and keep the clients_per_round
-    fastest reports (Bonawitz et al. 2019); 1 = no over-selection."""
+    fastest reports (Bonawitz et al. 2019); 1 = no over-selection. FedBuff uses every arrival and
+    takes only 1 (raise fed.concurrency instead)."""
     sim_step_s: float = setting(1.0, hashed=HASHED_WHEN_SET)
     """Simulated seconds one local step takes on a device of speed 1."""
     sim_client_s: float = setting(0.0, hashed=HASHED_WHEN_SET)
