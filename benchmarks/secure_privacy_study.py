@@ -69,12 +69,14 @@ ROWS: list[tuple[str, str]] = [
     ("client8_bits16", "client level eps 8, cross-device, 16-bit distributed Skellam under SecAgg+"),
     ("client8_bits16_all", "as above, shares sized for 30 survivors (rounds with fewer abandoned)"),
     ("client8_bits16_m20", "as above, shares sized for 20 survivors (2 % of Poisson(30) cohorts fewer)"),
+    ("client8_bits16_f09", "as above, each round's shares sized for 90 % of its own clients"),
 ]
 
 
 # the headline comparison first, then client level and the grid's bits, then the other epsilons
 PRIORITY = ["public", "nodp", "local8", "once8", "central8", "client8", "client8_bits16",
-            "client8_bits16_all", "client8_bits16_m20", "once8_bits0", "once8_bits12", "once8_bits20",
+            "client8_bits16_all", "client8_bits16_m20", "client8_bits16_f09", "once8_bits0", "once8_bits12",
+            "once8_bits20",
             "local1", "once1", "central1", "local16", "once16", "central16", "local32", "once32", "central32"]
 
 
@@ -106,6 +108,9 @@ def plan(out: Path, extra: dict[str, str]) -> list[ps.Job]:
             # the middle: P(Poisson(30) < 20) = 2 %, so few rounds are abandoned, at 30/20 the variance
             jobs.append(ps.Job("client8_bits16_m20", s, CROSS, {**secure16, "secure_agg.min_survivors": "20"},
                                after=public.name))
+            # per round: a cohort of n sizes its shares for ceil(0.9 n), so at most 1 / 0.9 the variance
+            per_round = {**secure16, "secure_agg.survivor_fraction": "0.9"}
+            jobs.append(ps.Job("client8_bits16_f09", s, CROSS, per_round, after=public.name))
     for j in jobs:
         j.overrides = {**ps.COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
                        "run.name": j.name, **extra}

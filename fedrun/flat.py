@@ -143,6 +143,9 @@ class Encoder(Protocol):
 
     size: int
 
+    def begin_round(self, round_: int, selected: Sequence[int]) -> None:
+        """A new round of ``selected`` clients (distributed DP sizes its noise shares for it)."""
+
     def encode(self, update: ClientUpdate) -> torch.Tensor:
         """The client's ``size`` int64 numbers (its clipped, encoded, noised update)."""
 
@@ -239,6 +242,8 @@ class RoundBuffer:
         """A new round whose ``selected`` clients start it (secure aggregation sets up their keys)."""
         self.round, self.abandoned = round_, ""
         self.zero_()
+        if self.encoder is not None:
+            self.encoder.begin_round(round_, selected)
         if self.masking is not None:
             self.masking.begin_round(round_, selected)
 

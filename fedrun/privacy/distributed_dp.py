@@ -27,11 +27,15 @@ mechanism whatever their number, with a closed-form RDP (skellam_accountant.py);
 discrete Gaussians is not a discrete Gaussian, and its guarantee carries a slack term that grows
 with the number of shares. Skellam samples are two Poisson draws.
 
-**Shares sized for min_survivors**: with central variance V (integer units), each client adds
-lam = V / (2 min_survivors), variance 2 lam; m survivors give Sk(m lam, m lam) of variance
-m V / min_survivors >= V whenever m >= min_survivors (RDP only shrinks with more noise). Rounds
-with fewer survivors must be abandoned (SecureRound.unmask_ returns False for them when
-secure_agg.min_survivors is the same number).
+**Shares sized for the round's survivors**: with central variance V (integer units), each client
+of a round sized for t survivors adds lam = V / (2 t), variance 2 lam; m survivors give
+Sk(m lam, m lam) of variance m V / t >= V whenever m >= t (RDP only shrinks with more noise).
+Rounds with fewer survivors must be abandoned (SecureRound.unmask_ returns False for them: the
+round's min_survivors is at least t). t is ``noise_survivors``: secure_agg.min_survivors in every
+round, or, with secure_agg.survivor_fraction f, at least ceil(f n) of the round's n clients, so a
+round where every client survives carries at most 1 / f times V whatever its size (Poisson
+cohorts vary). The round's n is the same for neighbouring data sets under the zero-out relation
+(below): t depends on the sampling, never on a client's data.
 
 **Randomness**: the rotation, the rounding and the noise come from registered seed streams
 (seed, round, client), so a resumed round reproduces them exactly. A deployment draws each
@@ -167,6 +171,15 @@ def centre(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(y >= (1 << (bits - 1)), y - (1 << bits), y)
 
 
+def noise_survivors(clients: int, min_survivors: int, fraction: float = 0.0) -> int:
+    """The survivors a round of ``clients`` sizes its noise shares for: ``min_survivors``, or with
+    ``fraction`` f > 0 at least ceil(f clients) (at most the round's clients, at least
+    ``min_survivors``: a round that cannot reach that many is abandoned anyway)."""
+    if fraction <= 0:
+        return min_survivors
+    return max(min_survivors, min(clients, math.ceil(fraction * clients - 1e-9)))
+
+
 def stddevs_for(clip_prob: float) -> float:
     """k with P(|N(0,1)| > k) = clip_prob: sqrt(2) erfcinv(clip_prob)."""
     from scipy.special import erfcinv
@@ -201,11 +214,12 @@ class DistributedDP:
     """One run's distributed Skellam encoding (module docstring).
 
     ``clip``: L2 clip of a record; ``noise_multiplier`` z: the secure sum's noise std is z * clip
-    (unscaled) when ``min_survivors`` clients survive, more when more do; ``bits``: the secure
-    sum's modulus 2^bits; ``dim``: numbers per record; ``clients``: the most clients summed in a
-    round; ``records``: the most records summed in a round (default ``clients``: client level;
-    at sample level a bound on the round's total batch); ``seed``: run.seed; ``scale``: s, by
-    default ``choose_scale``'s."""
+    (unscaled) when the survivors a round's shares are sized for survive (``noise_survivors``:
+    ``min_survivors``, or a ``survivor_fraction`` of the round's clients), more when more do;
+    ``bits``: the secure sum's modulus 2^bits; ``dim``: numbers per record; ``clients``: the most
+    clients summed in a round; ``records``: the most records summed in a round (default
+    ``clients``: client level; at sample level a bound on the round's total batch); ``seed``:
+    run.seed; ``scale``: s, by default ``choose_scale``'s."""
 
     clip: float
     noise_multiplier: float
@@ -218,6 +232,7 @@ class DistributedDP:
     beta: float = acc.BETA
     clip_prob: float = CLIP_PROB
     scale: float = 0.0
+    survivor_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_survivors <= self.clients:
@@ -230,8 +245,15 @@ class DistributedDP:
             raise ValueError("need clip > 0 and noise_multiplier >= 0")
         if self.records <= 0:
             object.__setattr__(self, "records", self.clients)
+        if not 0 <= self.survivor_fraction <= 1:
+            raise ConfigError(f"secure_agg.survivor_fraction: {self.survivor_fraction} is outside [0, 1]; "
+                              f"set 0 (shares sized for secure_agg.min_survivors) or e.g. 0.9")
         if self.scale <= 0:
-            worst = (self.noise_multiplier * self.clip) ** 2 * self.clients / self.min_survivors
+            # the most noise a round can carry: all n of its clients survive, shares sized for t(n)
+            excess = self.clients / self.min_survivors
+            if self.survivor_fraction > 0:
+                excess = min(excess, 1 / self.survivor_fraction)
+            worst = (self.noise_multiplier * self.clip) ** 2 * excess
             object.__setattr__(self, "scale", choose_scale(self.bits, self.clip, self.dim, self.records,
                                                            worst, self.clip_prob))
 
@@ -244,10 +266,15 @@ class DistributedDP:
         """The secure sum's noise variance per coordinate in integer units at min_survivors."""
         return (self.scale * self.noise_multiplier * self.clip) ** 2
 
-    @property
-    def share_lambda(self) -> float:
-        """Each client's Poisson parameter: Sk(lam, lam) has variance 2 lam = variance / min_survivors."""
-        return self.variance / (2 * self.min_survivors)
+    def noise_survivors(self, clients: int) -> int:
+        """The survivors a round of ``clients`` sizes its shares for (module function)."""
+        return noise_survivors(clients, self.min_survivors, self.survivor_fraction)
+
+    def share_lambda(self, clients: int = 0) -> float:
+        """Each client's Poisson parameter in a round of ``clients`` (0: shares sized for
+        min_survivors): Sk(lam, lam) has variance 2 lam = variance / the round's noise survivors."""
+        t = self.noise_survivors(clients) if clients else self.min_survivors
+        return self.variance / (2 * t)
 
     @property
     def l2_sensitivity(self) -> float:
@@ -265,12 +292,14 @@ class DistributedDP:
     def with_noise(self, noise_multiplier: float) -> DistributedDP:
         """The same settings at another noise, with the scale ``choose_scale`` gives for it."""
         return DistributedDP(self.clip, noise_multiplier, self.bits, self.dim, self.clients,
-                             self.min_survivors, self.seed, self.records, self.beta, self.clip_prob)
+                             self.min_survivors, self.seed, self.records, self.beta, self.clip_prob,
+                             survivor_fraction=self.survivor_fraction)
 
-    def encode(self, x: torch.Tensor, round_: int, client: int) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, round_: int, client: int, round_clients: int = 0) -> torch.Tensor:
         """A client's contribution: clip, rotate, scale and round each record (a 1-D x is one
-        record, the rows of a 2-D x are records), sum them, add the client's Skellam share and
-        wrap modulo 2^bits. Returns d' int64 numbers in [0, 2^bits)."""
+        record, the rows of a 2-D x are records), sum them, add the client's Skellam share for a
+        round of ``round_clients`` (0: sized for min_survivors) and wrap modulo 2^bits. Returns
+        d' int64 numbers in [0, 2^bits)."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"records have {x.shape[-1]} numbers, the encoding {self.dim}")
         signs = rotation_signs(self.dim, self.seed, round_)
@@ -280,7 +309,7 @@ class DistributedDP:
         total = q.reshape(-1, self.padded_dim).sum(dim=0)
         if self.noise_multiplier > 0:
             g = seeding.stream_generator("cpu", "ddp_noise", seed=self.seed, round=round_, client=client)
-            total += skellam_share(self.padded_dim, self.share_lambda, g)
+            total += skellam_share(self.padded_dim, self.share_lambda(round_clients), g)
         return wrap(total, self.bits)
 
     def decode(self, total: torch.Tensor, round_: int) -> torch.Tensor:

@@ -405,7 +405,8 @@ class SampleOnce(_DifferentialPrivacy):
         largest = sum(sorted(sizes)[-clients:])  # the most images one round's clients hold
         records = min(largest, poisson_most(q * largest, q))  # the round's largest total batch
         return ddp.DistributedDP(cfg.privacy.clip, noise_multiplier, secure.bits, _flat_numbers(cfg),
-                                 clients, survivors, cfg.run.seed, records=records)
+                                 clients, survivors, cfg.run.seed, records=records,
+                                 survivor_fraction=secure.survivor_fraction)
 
     @classmethod
     def planned(cls, cfg: Config, sizes: Sequence[int], participation: Sequence[Sequence[int]] | None,
@@ -472,7 +473,7 @@ class ClientLevel(_DifferentialPrivacy):
         clients = min(cfg.fed.num_clients, poisson_most(q * cfg.fed.num_clients, q))
         _, _, survivors = resolved_graph(secure, cfg.fed.clients_per_round)
         return ddp.DistributedDP(cfg.privacy.clip, noise_multiplier, secure.bits, _flat_numbers(cfg),
-                                 clients, survivors, cfg.run.seed)
+                                 clients, survivors, cfg.run.seed, survivor_fraction=secure.survivor_fraction)
 
     @classmethod
     def planned(cls, cfg: Config, sizes: Sequence[int], participation: Sequence[Sequence[int]] | None,
@@ -537,6 +538,10 @@ class GridEncoder:
 
     def __init__(self, grid: ddp.DistributedDP, rows: bool):
         self.grid, self.rows, self.size = grid, rows, grid.padded_dim
+        self.round_clients = 0  # the clients of the round: its shares' size (grid.noise_survivors)
+
+    def begin_round(self, round_: int, selected: Sequence[int]) -> None:
+        self.round_clients = len(selected)
 
     def encode(self, update: ClientUpdate) -> torch.Tensor:
         if self.rows:
@@ -544,7 +549,8 @@ class GridEncoder:
             records = update.message
         else:
             records = flatten(update.model) - update.global_flat
-        return self.grid.encode(records, update.round, update.client).to(update.global_flat.device)
+        return self.grid.encode(records, update.round, update.client,
+                                self.round_clients).to(update.global_flat.device)
 
     def decode(self, summed: torch.Tensor, round_: int) -> torch.Tensor:
         return self.grid.decode(summed, round_).float().to(summed.device)
@@ -557,6 +563,9 @@ class FixedPointRows:
     def __init__(self, num_params: int, largest: float):
         self.size = num_params
         self.scale = 2.0 ** (61 - max(0, math.ceil(math.log2(largest + 1))))
+
+    def begin_round(self, round_: int, selected: Sequence[int]) -> None:
+        """Nothing to size: the server adds the noise, once, to the unmasked sum."""
 
     def encode(self, update: ClientUpdate) -> torch.Tensor:
         assert update.message is not None

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,12 @@ class SecAggSettings(Settings):
     sized so that this many survivors carry the whole noise, and every round keeps that many, also
     one that draws fewer clients than fed.clients_per_round. 0 = the threshold (with distributed
     DP: a clients_per_round round's)."""
+    survivor_fraction: float = setting(0.0, hashed=HASHED_WHEN_SET, off=0.0)
+    """With distributed DP: each round's noise shares are sized for at least ceil(survivor_fraction
+    x its clients) survivors (and secure_agg.min_survivors), so a round where all survive carries
+    at most 1 / survivor_fraction times the noise, whatever its size (Poisson cohorts vary), and
+    a round with fewer survivors is abandoned; e.g. 0.9 (a 10 % dropout margin). 0 = sized for
+    min_survivors in every round."""
     bits: int = setting(0, hashed=HASHED_WHEN_SET)
     """Bits per coordinate of the secure sum with distributed DP (privacy.level "client" or
     "sample_once": each client adds Skellam noise shares on a 2^bits integer grid after a random
@@ -85,6 +91,13 @@ class SecAggSettings(Settings):
                            ("min_survivors", self.min_survivors), ("bits", self.bits)):
             if value < 0:
                 raise ConfigError(f"secure_agg.{key}: must be >= 0 (0 = the default), got {value}")
+        if not 0 <= self.survivor_fraction <= 1:
+            raise ConfigError(f"secure_agg.survivor_fraction: must be in [0, 1] (0 = shares sized for "
+                              f"secure_agg.min_survivors), got {self.survivor_fraction}")
+        if self.survivor_fraction and not self.bits:
+            raise ConfigError("secure_agg.survivor_fraction sizes distributed DP's noise shares, and with "
+                              "secure_agg.bits = 0 the server adds the noise once; set secure_agg.bits (e.g. "
+                              "16) or secure_agg.survivor_fraction = 0")
         if self.bits and not 2 <= self.bits <= 62:
             raise ConfigError(f"secure_agg.bits: {self.bits} is outside 2..62; set 12 to 20 (or 0 for the "
                               f"exact int64 sum)")
@@ -140,13 +153,12 @@ class SecAggPlus(Mechanism):
                               f"\"client\" or \"sample_once\", or secure_agg.bits = 0")
 
     def attach(self, buffer: RoundBuffer) -> None:
-        # distributed DP sized its noise shares for the survivors of a clients_per_round round; a round
+        # distributed DP sizes each round's noise shares for grid.noise_survivors(its clients); a round
         # that draws fewer clients (Poisson cohorts) has a smaller t, yet must keep that many survivors
-        noise_survivors = resolved_graph(self.settings, self.cfg.fed.clients_per_round)[2] \
-            if buffer.encoder is not None else 0
+        grid = getattr(buffer.encoder, "grid", None)
         self.masking = SecureMasking(self.settings, self.cfg.run.seed, buffer.summed,
                                      64 if buffer.encoder is None else self.settings.bits,
-                                     noise_survivors=noise_survivors)
+                                     noise_survivors=grid.noise_survivors if grid is not None else None)
         buffer.masking = self.masking
 
     def wire_formats(self) -> list[WireFormat]:
@@ -155,7 +167,9 @@ class SecAggPlus(Mechanism):
 
     def summary(self) -> dict[str, Any] | None:
         k, t, m = resolved_graph(self.settings, self.cfg.fed.clients_per_round)
+        fraction = self.settings.survivor_fraction
         return {"protocol": "secagg+", "neighbours": k, "threshold": t, "min_survivors": m,
+                **({"survivor_fraction": fraction} if fraction else {}),
                 "bits": self.settings.bits or 64, "keys": self.settings.keys}
 
 
@@ -163,16 +177,18 @@ class SecureMasking(WireFormat):
     """The buffer's masking (fedrun.flat.Masking) for SecAgg+, one ``SecureRound`` a round."""
 
     def __init__(self, settings: SecAggSettings, seed: int, numbers: int, bits: int,
-                 noise_survivors: int = 0):
-        """``noise_survivors``: the survivors distributed DP's noise shares were sized for (0: no
-        noise on the grid); every round needs at least that many, whatever its own t."""
+                 noise_survivors: Callable[[int], int] | None = None):
+        """``noise_survivors(n)``: the survivors distributed DP sizes a round of n clients' noise
+        shares for (None: no noise on the grid); every round keeps at least that many, whatever
+        its own t."""
         self.settings, self.seed, self.numbers, self.bits = settings, seed, numbers, bits
-        self.noise_survivors = int(noise_survivors)
+        self.noise_survivors = noise_survivors
         self.round: sa.SecureRound | None = None
 
     def begin_round(self, round_: int, selected: Sequence[int]) -> None:
         k, t, m = resolved_graph(self.settings, len(selected))
-        m = max(m, self.noise_survivors)  # fewer survivors would carry less noise than accounted
+        if self.noise_survivors is not None:  # fewer survivors would carry less noise than accounted
+            m = max(m, self.noise_survivors(len(selected)))
         if self.settings.keys == "seed":
             key_source, secret = "seed", b""
         else:  # a fresh secret every round, the same on every rank

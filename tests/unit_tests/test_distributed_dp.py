@@ -96,8 +96,8 @@ def test_skellam_shares_have_their_variance_and_sum_to_at_least_the_target():
     enc = ddp.DistributedDP(clip=1.0, noise_multiplier=1.3, bits=20, dim=100, clients=10, min_survivors=6,
                             seed=0)
     for m in (6, 8, 10):  # m survivors carry Sk(m lam, m lam): variance >= the target when m >= min_survivors
-        assert 2 * m * enc.share_lambda >= enc.variance * (1 - 1e-12)
-    assert 2 * 5 * enc.share_lambda < enc.variance
+        assert 2 * m * enc.share_lambda() >= enc.variance * (1 - 1e-12)
+    assert 2 * 5 * enc.share_lambda() < enc.variance
 
 
 def _round(enc: ddp.DistributedDP, xs, survivors, round_=4):
@@ -120,7 +120,7 @@ def test_encode_then_decode_gives_the_clipped_sum(noise):
     s = enc.scale
     # every coordinate of the rotated-back error has variance <= m / 4 (rounding) + 2 m lam (noise), / s^2;
     # E e^4 <= m / 4 + 3 (m / 4)^2 bounds the rounding's share of the spread of ||e||^2
-    v_round, v_noise = m / 4, 2 * m * enc.share_lambda
+    v_round, v_noise = m / 4, 2 * m * enc.share_lambda()
     mean = d * (v_round + v_noise) / s ** 2
     spread = math.sqrt(d * (m / 4 + 3 * (m / 4) ** 2 + 2 * v_noise ** 2 + 6 * v_noise * v_round)) / s ** 2
     assert err.square().sum().item() <= mean + Z * spread
@@ -166,3 +166,41 @@ def test_bad_settings_are_one_line(kwargs, key):
     with pytest.raises(ConfigError) as err:
         ddp.DistributedDP(**{**settings, **kwargs})
     assert str(err.value).startswith(key + ":") and "\n" not in str(err.value) and "set" in str(err.value)
+
+
+def test_shares_sized_for_a_fraction_of_each_rounds_clients():
+    """secure_agg.survivor_fraction f: a round of n clients sizes its shares for
+    t(n) = max(min_survivors, ceil(f n)) survivors, so all n surviving carry n / t(n) <= 1 / f times
+    the accounted variance whatever n, and t(n) surviving carry exactly it."""
+    assert [ddp.noise_survivors(n, 11, 0.9) for n in (30, 18, 12, 5)] == [27, 17, 11, 11]
+    assert [ddp.noise_survivors(n, 11) for n in (30, 18, 5)] == [11, 11, 11]  # f = 0: min_survivors
+    assert ddp.noise_survivors(40, 2, 1.0) == 40
+    enc = ddp.DistributedDP(clip=1.0, noise_multiplier=1.3, bits=20, dim=100, clients=40, min_survivors=11,
+                            seed=0, survivor_fraction=0.9)
+    for n in (12, 18, 30, 40):  # Poisson cohorts of the cross-device config
+        t = enc.noise_survivors(n)
+        assert 2 * t * enc.share_lambda(n) == pytest.approx(enc.variance, rel=1e-12)
+        assert enc.variance <= 2 * n * enc.share_lambda(n) <= enc.variance / 0.9 * (1 + 1e-12)
+    # the range is sized for the most noise a round can carry: 1 / f, not clients / min_survivors times V
+    fixed = ddp.DistributedDP(clip=1.0, noise_multiplier=1.3, bits=20, dim=100, clients=40, min_survivors=11,
+                              seed=0)
+    assert enc.scale > fixed.scale
+    assert enc.with_noise(2.0).survivor_fraction == 0.9
+    with pytest.raises(ConfigError, match=r"^secure_agg\.survivor_fraction:"):
+        ddp.DistributedDP(clip=1.0, noise_multiplier=1.3, bits=20, dim=100, clients=40, min_survivors=11,
+                          seed=0, survivor_fraction=1.5)
+
+
+def test_a_round_with_all_its_shares_decodes_with_the_accounted_noise():
+    """f = 1 and every client of a 24-client round surviving: the decoded noise has the accounted
+    variance (z clip)^2 per coordinate, not 24 / min_survivors times it."""
+    d, n = 4096, 24
+    enc = ddp.DistributedDP(clip=1.0, noise_multiplier=0.5, bits=20, dim=d, clients=40, min_survivors=8,
+                            seed=3, survivor_fraction=1.0)
+    total = torch.zeros(enc.padded_dim, dtype=torch.int64)
+    for c in range(n):
+        total += enc.encode(torch.zeros(d, dtype=torch.float64), 2, c, round_clients=n)
+    err = enc.decode(total, 2)
+    var = (0.5 * 1.0) ** 2 + n / 4 / enc.scale ** 2  # the noise, and at most the rounding's share
+    # sample variance of d coordinates (Gaussian-like): sd var sqrt(2 / d)
+    assert abs(err.var().item() - var) <= Z * var * math.sqrt(2 / d) + n / 4 / enc.scale ** 2

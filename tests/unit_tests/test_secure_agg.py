@@ -276,7 +276,7 @@ def test_a_small_round_keeps_the_survivors_its_noise_shares_were_sized_for():
     from fedrun.privacy.secure_sum import SecAggSettings, SecureMasking
 
     settings = SecAggSettings(bits=16, keys="seed")
-    masking = SecureMasking(settings, seed=0, numbers=8, bits=16, noise_survivors=11)
+    masking = SecureMasking(settings, seed=0, numbers=8, bits=16, noise_survivors=lambda n: 11)
     masking.begin_round(1, list(range(18)))
     assert masking.round is not None and masking.round.threshold == 7
     survivors = range(0, 18, 2)  # 9 of 18, every other client of the ring: each keeps 6 neighbours
@@ -286,3 +286,35 @@ def test_a_small_round_keeps_the_survivors_its_noise_shares_were_sized_for():
     plain = SecureMasking(settings, seed=0, numbers=8, bits=64)  # no noise on the grid: the round's own t
     plain.begin_round(1, list(range(18)))
     assert plain.round is not None and plain.round.min_survivors == 7
+
+
+def test_each_round_keeps_the_survivors_its_own_shares_were_sized_for():
+    """secure_agg.survivor_fraction 0.9: a round of 30 clients sizes its shares for 27 survivors and a
+    round of 18 for 17 (never fewer than min_survivors = 11), and keeps that many."""
+    from fedrun.privacy import distributed_dp as ddp
+    from fedrun.privacy.secure_sum import SecAggSettings, SecureMasking
+
+    grid = ddp.DistributedDP(clip=1.0, noise_multiplier=1.0, bits=16, dim=8, clients=40, min_survivors=11,
+                             seed=0, survivor_fraction=0.9)
+    masking = SecureMasking(SecAggSettings(bits=16, keys="seed", survivor_fraction=0.9), seed=0, numbers=8,
+                            bits=16, noise_survivors=grid.noise_survivors)
+    for n, kept in ((30, 27), (18, 17), (12, 11)):
+        masking.begin_round(1, list(range(n)))
+        assert masking.round is not None and masking.round.min_survivors == kept
+    masking.begin_round(2, list(range(30)))
+    assert masking.round is not None
+    assert "26 of 30 clients survived" in masking.round.recoverable(range(26))
+    assert masking.round.recoverable(range(27)) == ""
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"secure_agg.survivor_fraction": "1.2"}, r"^secure_agg\.survivor_fraction: must be in \[0, 1\]"),
+    ({"secure_agg.survivor_fraction": "0.9", "secure_agg.bits": "0"},
+     r"^secure_agg\.survivor_fraction sizes distributed DP's noise shares"),
+])
+def test_survivor_fraction_refuses_in_one_line(over, message):
+    from fedrun.config import load_config
+    base = {"secure_agg.protocol": "secagg+", "secure_agg.bits": "16", "privacy.level": "client",
+            "privacy.noise_multiplier": "1.0", "eval.local_models_at": "", "sample.client_per_class": "0"}
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {**base, **over})

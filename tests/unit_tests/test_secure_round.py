@@ -134,13 +134,15 @@ def test_the_skellam_ledger_solves_the_smallest_noise_for_a_target(tmp_path):
     assert accountant.planned_epsilon(stack.cfg, [300] * 4, noise_multiplier=z - 0.02) > 8
 
 
-@pytest.mark.parametrize("level", ["client", "sample_once"])
-def test_distributed_noise_trains_and_accounts(tmp_path, level):
+@pytest.mark.parametrize(("level", "fraction"), [("client", 0.0), ("client", 0.9), ("sample_once", 0.0)])
+def test_distributed_noise_trains_and_accounts(tmp_path, level, fraction):
     over = {"fed__server_opt": "fedadam", "fed__server_lr": 1e-3} if level == "sample_once" else {}
     cfg = load_config(None, tiny_overrides(tmp_path, level, secure_agg__protocol="secagg+",
                                            secure_agg__bits=16, privacy__level=level,
+                                           secure_agg__survivor_fraction=fraction,
                                            privacy__noise_multiplier=2.0, privacy__clip=0.5, **over))
     summary = train(cfg)
     assert summary["privacy"]["noise"] == "distributed Skellam shares, 16 bits"
+    assert summary["secure_aggregation"].get("survivor_fraction", 0.0) == fraction
     assert summary["privacy"]["accountant"] == "skellam" and 0 < summary["privacy"]["epsilon_max"] < 100
     assert not same_bits(model_at(cfg.run_dir, 1), model_at(cfg.run_dir, 2))
