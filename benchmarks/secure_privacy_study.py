@@ -62,6 +62,8 @@ ROWS: list[tuple[str, str]] = [
         ("local", "local DP-SGD in every client (today)"),
         ("once", "noise once under SecAgg+, 16-bit Skellam"),
         ("central", "centralized DP-SGD on the union (upper bound)"))],
+    *[(f"{m}8_lora", f"eps 8, {what}, LoRA r4 instead of biases + embeddings") for m, what in (
+        ("local", "local DP-SGD"), ("once", "noise once"), ("central", "centralized DP-SGD"))],
     ("once8_bits12", "eps 8, noise once, 12-bit Skellam"),
     ("once8_bits20", "eps 8, noise once, 20-bit Skellam"),
     ("once8_bits0", "eps 8, noise once, the server's Gaussian on the exact secure sum"),
@@ -77,7 +79,8 @@ ROWS: list[tuple[str, str]] = [
 PRIORITY = ["public", "nodp", "local8", "once8", "central8", "client8", "client8_bits16",
             "client8_bits16_all", "client8_bits16_m20", "client8_bits16_f09", "once8_bits0", "once8_bits12",
             "once8_bits20",
-            "local1", "once1", "central1", "local16", "once16", "central16", "local32", "once32", "central32"]
+            "local1", "once1", "central1", "local8_lora", "once8_lora", "central8_lora",
+            "local16", "once16", "central16", "local32", "once32", "central32"]
 
 
 def plan(out: Path, extra: dict[str, str]) -> list[ps.Job]:
@@ -92,6 +95,9 @@ def plan(out: Path, extra: dict[str, str]) -> list[ps.Job]:
             dp = {"privacy.target_epsilon": str(eps), "privacy.noise_multiplier": "0"}
             for name, mech in MECHANISMS.items():
                 jobs.append(ps.Job(f"{name}{eps}", s, PRIVATE, {**init, **dp, **mech}, after=public.name))
+                if eps == 8:  # the same mechanisms fine-tuning LoRA adapters (privacy_study.py's rank 4)
+                    jobs.append(ps.Job(f"{name}8_lora", s, PRIVATE, {**init, **ps.LORA, **dp, **mech},
+                                       after=public.name))
         if s in FRONTIER_SEEDS:
             dp8 = {"privacy.target_epsilon": "8", "privacy.noise_multiplier": "0"}
             for bits in (12, 20, 0):
