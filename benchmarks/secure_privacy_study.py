@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--rows", default="", help="comma-separated rows (default all; public models are added)")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (default: every seed a row has)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--audit-options", default="")
@@ -253,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(row for row, _ in ROWS)}")
         needed = {j.after for j in jobs if j.row in rows and j.after}
         jobs = [j for j in jobs if j.row in rows or j.name in needed]
+    if args.seeds:  # a subset of the seeds first (every row of seed 0 before any of seed 1)
+        seeds = {int(x) for x in args.seeds.split(",")}
+        jobs = [j for j in jobs if j.seed in seeds]
     todo = [j for j in jobs if ps.result(j, out) is None]
     print(f"secure_privacy_study: {len(jobs)} runs, {len(todo)} to do, in {out}", flush=True)
     if args.dry_run:
