@@ -15,7 +15,6 @@ benchmarks/results/host_allocator_cpu.json), medians per mode and their ratios (
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -30,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))  # fedrun from this checkout
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 from portable import portable  # noqa: E402
 
 MODES = {"system": "false", "kept": "true"}  # run.keep_freed_memory
@@ -39,13 +39,10 @@ MODES = {"system": "false", "kept": "true"}  # run.keep_freed_memory
 def model_digest(run_dir: Path) -> str:
     """SHA-256 of the last checkpoint's model tensors (not its timings)."""
     import torch
+
+    from fedrun.init_from import state_sha256
     last = sorted((run_dir / "checkpoints").glob("round_*.pt"))[-1]
-    model = torch.load(last, map_location="cpu", weights_only=False)["model"]
-    h = hashlib.sha256()
-    for k in sorted(model):
-        h.update(k.encode())
-        h.update(model[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_sha256(torch.load(last, map_location="cpu", weights_only=False)["model"])
 
 
 def run_once(mode: str, rounds: int, nproc: int, tmp: Path, i: int) -> dict[str, Any]:

@@ -273,8 +273,7 @@ class DistributedDP:
     def share_lambda(self, clients: int = 0) -> float:
         """Each client's Poisson parameter in a round of ``clients`` (0: shares sized for
         min_survivors): Sk(lam, lam) has variance 2 lam = variance / the round's noise survivors."""
-        t = self.noise_survivors(clients) if clients else self.min_survivors
-        return self.variance / (2 * t)
+        return self.variance / (2 * self.noise_survivors(clients))
 
     @property
     def l2_sensitivity(self) -> float:
