@@ -14,14 +14,14 @@ import secure_privacy_study as study  # noqa: E402
 
 def test_every_planned_run_loads_and_the_rows_carry_their_mechanism(tmp_path, capsys):
     out = tmp_path / "runs"
-    # once8 on 3 seeds, client8_bits16_all on 2, and the public models they start from
+    # once8 and client8_bits16_all on 3 seeds each, and the public models they start from
     assert study.main(["--dry-run", "--out", str(out), "--rows", "once8,client8_bits16_all"]) == 0
-    assert "8 runs, 8 to do" in capsys.readouterr().out and not out.exists()
+    assert "9 runs, 9 to do" in capsys.readouterr().out and not out.exists()
     jobs = study.plan(out, {})
     assert {j.row for j in jobs} == {row for row, _ in study.ROWS}
     # every seed: public, no DP, eps 1 and 8 x three mechanisms, eps 8 x three with LoRA; seeds 0 and 1
-    # also eps 16 and 32 x three, bits 12 / 20 / 0, the five client-level rows
-    assert len(jobs) == 3 * 11 + 2 * 14
+    # also eps 16 and 32 x three; every seed bits 12 / 20 / 0 and the five client-level rows
+    assert len(jobs) == 3 * 19 + 2 * 6
     for j in jobs:
         cfg = load_config(j.config, {k: v for k, v in j.overrides.items() if k != "model.init_from"})
         if j.row.startswith("once"):
@@ -36,3 +36,25 @@ def test_every_planned_run_loads_and_the_rows_carry_their_mechanism(tmp_path, ca
             assert cfg.secure_agg.survivor_fraction == 0.9 and cfg.secure_agg.bits == 16
         if j.after:  # every private row fine-tunes its own seed's public model
             assert j.overrides["model.init_from"] == str(out / f"public_s{j.seed}")
+
+
+def test_the_frontier_and_the_ratio_to_centralized_against_hand_computed_values():
+    def row(*cells):
+        return [{"seed": s, "class_acc": acc, "fid_test": fid} for s, acc, fid in cells]
+
+    rows = {
+        "public": row((0, 0.70, 10.0), (1, 0.60, 20.0)),
+        # eps 1: seed 1 misses both margins (+0.04, 0.955x); eps 8: both seeds beat both (+0.06, 0.94x)
+        "once1": row((0, 0.80, 9.0), (1, 0.64, 19.1)),
+        "once8": row((0, 0.76, 9.4), (1, 0.66, 18.8)),
+        "central8": row((1, 0.70, 15.04)),
+        "local32": row((0, 0.90, 10.0)),
+    }
+    assert study.first_beating(rows, "once") == 8
+    assert study.first_beating(rows, "once", "fid_test") == 8
+    assert study.first_beating(rows, "local") == 32  # only the seeds a row ran are asked
+    assert study.first_beating(rows, "local", "fid_test") is None  # 1.0x the public model is no gain
+    assert study.first_beating(rows, "central") == 8
+    # only seed 1 ran both: 18.8 / 15.04 = 1.25
+    assert [(s, round(x, 6)) for s, x in study.once_over_central(rows, 8)] == [(1, 1.25)]
+    assert study.once_over_central(rows, 1) == []
