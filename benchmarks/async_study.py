@@ -26,27 +26,22 @@ of the same seed, against sync's own time. Issue 26's goals: <= 1/2 of sync's si
 every seed; within 1.1x of sync's FID at equal client updates.
 
 Runs already finished are skipped when started again, and a stopped run resumes from its last
-checkpoint (fedrun's resume; privacy_study.py's runner). ``--dry-run`` prints the plan and trains
+checkpoint (fedrun's resume; benchmarks/study_runner.py). ``--dry-run`` prints the plan and trains
 nothing; ``-- --section.key VALUE ...`` after the options overrides every run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
-import privacy_study as ps  # noqa: E402
-from portable import portable  # noqa: E402
+import study_runner as sr  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = sr.ROOT
 SYNC_CONFIG = ROOT / "configs" / "digits_cross_device_scale.toml"
 FEDBUFF_CONFIG = ROOT / "configs" / "digits_cross_device_fedbuff.toml"
 SEEDS = (0, 1, 2)
@@ -62,38 +57,24 @@ ROWS: list[tuple[str, str]] = [
 ]
 
 
-@dataclass
-class Job:
-    """One run: its row, seed, config file and overrides."""
-
-    row: str
-    seed: int
-    config: Path
-    overrides: dict[str, str]
-
-    @property
-    def name(self) -> str:
-        return f"{self.row}_s{self.seed}"
-
-
-def plan(out: Path, extra: dict[str, str], seeds: tuple[int, ...] = SEEDS) -> list[Job]:
+def plan(out: Path, extra: dict[str, str], seeds: tuple[int, ...] = SEEDS) -> list[sr.Job]:
     jobs = []
     for s in seeds:
-        jobs.append(Job("sync", s, SYNC_CONFIG, dict(SYNC)))
+        jobs.append(sr.Job("sync", s, SYNC_CONFIG, dict(SYNC)))
         for k, c in GRID:
-            jobs.append(Job(f"k{k}_c{c}", s, FEDBUFF_CONFIG, {
+            jobs.append(sr.Job(f"k{k}_c{c}", s, FEDBUFF_CONFIG, {
                 "fed.buffer_size": str(k), "fed.concurrency": str(c), "fed.rounds": str(UPDATES // k),
                 "eval.every": str(EVAL_UPDATES // k), "checkpoint.every": str(2000 // k)}))
     for j in jobs:
-        j.overrides = {**ps.COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
+        j.overrides = {**sr.COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
                        "run.name": j.name, **extra}
     return jobs
 
 
-def run_job(job: Job, out: Path) -> None:
+def run_job(job: sr.Job, out: Path) -> None:
     """Train it, or resume it from its last checkpoint, unless it finished."""
     if not (out / job.name / "summary.json").exists():
-        ps._fedrun(["--config", str(job.config), *ps._args(job.overrides)], out / f"{job.name}.log")
+        sr.run_fedrun(["--config", str(job.config), *sr.cli_args(job.overrides)], out / f"{job.name}.log")
     print(f"async_study: {job.name} done", flush=True)
 
 
@@ -105,7 +86,7 @@ def curve(run_dir: Path) -> list[dict[str, Any]]:
     """The scored points of one run: (round, simulated hours, client updates summed so far, FID
     (test), class accuracy), from its metrics.jsonl."""
     points, updates = [], 0
-    for rec in ps._metrics(run_dir):
+    for rec in sr.metrics(run_dir):
         updates += int(rec.get("clients_trained", 0))
         scores = rec.get("scores") or {}
         if "fid_test" in scores:
@@ -200,8 +181,7 @@ def write_png(curves: dict[str, dict[int, list[dict[str, Any]]]], path: Path) ->
     fig.savefig(path, dpi=110)
 
 
-def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> dict[str, Path]:
-    results.mkdir(parents=True, exist_ok=True)
+def write_results(jobs: list[sr.Job], out: Path, results: Path, command: str) -> dict[str, Path]:
     curves: dict[str, dict[int, list[dict[str, Any]]]] = {}
     finals: dict[str, list[dict[str, Any]]] = {}
     for j in jobs:
@@ -211,20 +191,19 @@ def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> di
             curves.setdefault(j.row, {})[j.seed] = pts
             finals.setdefault(j.row, []).append({"seed": j.seed, **pts[-1]})
     verdicts = compare(curves)
-    sessions = json.loads((out / "sessions.json").read_text()) if (out / "sessions.json").exists() else []
-    wall = sum(s["wall_s"] for s in sessions)
+    past, wall = sr.sessions(out)
     lines = ["# Asynchronous (FedBuff) against synchronous FedAvg: 1,000 digits clients with stragglers", "",
              f"Written by `{command}`. 30 % of the clients offline, speeds lognormal(0.5), 2 simulated s "
              f"of transfer per client; FID (test) and class accuracy from fedrun's classifier. Mean ± std "
-             f"over the seeds (n). Wall time of the study: {wall:.0f} s over {len(sessions)} session(s).", "",
+             f"over the seeds (n). Wall time of the study: {wall:.0f} s over {len(past)} session(s).", "",
              "| setting | n | client updates | simulated hours | FID (test) | class acc |",
              "|---|---:|---:|---:|---:|---:|"]
     for row, what in ROWS:
         rs = finals.get(row, [])
         if rs:
-            lines.append(f"| {what} | {len(rs)} | {ps._cell([r['updates'] for r in rs], '.0f')} | "
-                         f"{ps._cell([r['sim_h'] for r in rs])} | {ps._cell([r['fid_test'] for r in rs])} | "
-                         f"{ps._cell([r['class_acc'] for r in rs], '.3f')} |")
+            lines.append(f"| {what} | {len(rs)} | {sr.cell([r['updates'] for r in rs], '.0f')} | "
+                         f"{sr.cell([r['sim_h'] for r in rs])} | {sr.cell([r['fid_test'] for r in rs])} | "
+                         f"{sr.cell([r['class_acc'] for r in rs], '.3f')} |")
     lines += ["", "Time to reach synchronous FedAvg's final FID (test) of the same seed, as a fraction of "
               "sync's simulated time (goal <= 0.5 on every seed), and FID at sync's final client updates "
               "over sync's (goal <= 1.1):", ""]
@@ -243,18 +222,14 @@ def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> di
     missing = [j.name for j in jobs if j.seed not in curves.get(j.row, {})]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)}."]
-    md, js, png = (results / f"async_study.{ext}" for ext in ("md", "json", "png"))
-    md.write_text(portable("\n".join(lines) + "\n"))
-    js.write_text(portable(json.dumps({"command": command, "wall_s": wall, "sessions": sessions,
-                                       "curves": curves, "final": finals, "verdicts": verdicts}, indent=2)))
-    write_png(curves, png)
-    return {"md": md, "json": js, "png": png}
+    payload = {"command": command, "wall_s": wall, "sessions": past, "curves": curves, "final": finals,
+               "verdicts": verdicts}
+    return sr.write_report(results, "async_study", lines, payload, lambda path: write_png(curves, path))
 
 
 def main(argv: list[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
-    cut = given.index("--") if "--" in given else len(given)
-    argv_, extra_args = given[:cut], given[cut + 1:]
+    argv_, extra_args = sr.split_extra(given)  # after --: overrides of every run
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "async_study")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -265,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
     p.add_argument("--report-only", action="store_true", help="write the results from the finished runs")
     args = p.parse_args(argv_)
-    if len(extra_args) % 2:
-        p.error("overrides after -- come in pairs: --section.key VALUE")
-    extra = {k.lstrip("-"): v for k, v in zip(extra_args[::2], extra_args[1::2], strict=True)}
+    extra = sr.parse_overrides(p, extra_args)
     out = args.out.resolve()
     jobs = plan(out, extra, tuple(int(x) for x in args.seeds.split(",")))
     if args.rows:
@@ -288,19 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     code = 0
     if todo and not args.report_only:
-        t0 = time.perf_counter()
-        lock = threading.Lock()
-        try:
-            with ThreadPoolExecutor(args.jobs) as pool:
-                for fut in [pool.submit(run_job, j, out) for j in todo]:
-                    try:
-                        fut.result()
-                    except RuntimeError as exc:
-                        with lock:
-                            print(f"async_study: {exc}", flush=True)
-                        code = 1
-        finally:
-            ps.record_session(out, time.perf_counter() - t0, len(todo), args.jobs)
+        code = sr.run_pool("async_study", [functools.partial(run_job, j, out) for j in todo], args.jobs, out)
     command = " ".join(["python", "benchmarks/async_study.py", *given])
     paths = write_results(jobs, out, args.results, command)
     print(paths["md"].read_text())

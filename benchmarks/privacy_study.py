@@ -38,99 +38,58 @@ summed in ``<out>/sessions.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
-import os
-import statistics
-import subprocess
 import sys
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
-from portable import portable  # noqa: E402
+import study_runner as sr  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = sr.ROOT
 PRIVATE, PUBLIC, CROSS = (ROOT / "configs" / f"{name}.toml"
                           for name in ("digits", "digits_public", "digits_cross_device"))
-COMMON = {"run.threads": "1", "checkpoint.keep": "1", "eval.client_samples": "0", "eval.local_models_at": ""}
 LORA = {"model.trainable": "lora", "model.lora_rank": "4"}
 
 
-@dataclass
-class Job:
-    """One run of the study: its row, config file, overrides and what it must wait for."""
-
-    row: str
-    seed: int
-    config: Path
-    overrides: dict[str, str]
-    after: str | None = None  # the job whose run this one starts from (model.init_from)
-    score_as: dict[str, str] = field(default_factory=dict)  # overrides of its eval and audit
-
-    @property
-    def name(self) -> str:
-        return f"{self.row}_s{self.seed}"
-
-
-def plan(out: Path, seeds: list[int], extra: dict[str, str]) -> list[Job]:
-    jobs: list[Job] = []
+def plan(out: Path, seeds: list[int], extra: dict[str, str]) -> list[sr.Job]:
+    jobs: list[sr.Job] = []
     for s in seeds:
-        public = Job("public", s, PUBLIC, {}, score_as={"data.name": "digits"})
+        public = sr.Job("public", s, PUBLIC, {}, score_as={"data.name": "digits"})
         init = {"model.init_from": str(out / public.name)}
-        jobs += [public, Job("scratch", s, PRIVATE, {}),
-                 Job("finetune_all", s, PRIVATE, dict(init), after=public.name),
-                 Job("finetune_lora", s, PRIVATE, {**init, **LORA}, after=public.name)]
+        jobs += [public, sr.Job("scratch", s, PRIVATE, {}),
+                 sr.Job("finetune_all", s, PRIVATE, dict(init), after=public.name),
+                 sr.Job("finetune_lora", s, PRIVATE, {**init, **LORA}, after=public.name)]
         for eps in (1, 4, 8):
             # the noise multiplier is fedrun's to solve: the smallest that keeps the run within eps
             dp = {"privacy.level": "sample", "privacy.target_epsilon": str(eps),
                   "privacy.noise_multiplier": "0"}
-            jobs += [Job(f"dp{eps}_scratch", s, PRIVATE, dict(dp)),
-                     Job(f"dp{eps}_finetune_all", s, PRIVATE, {**dp, **init}, after=public.name),
-                     Job(f"dp{eps}_finetune_lora", s, PRIVATE, {**dp, **init, **LORA}, after=public.name)]
+            jobs += [sr.Job(f"dp{eps}_scratch", s, PRIVATE, dict(dp)),
+                     sr.Job(f"dp{eps}_finetune_all", s, PRIVATE, {**dp, **init}, after=public.name),
+                     sr.Job(f"dp{eps}_finetune_lora", s, PRIVATE, {**dp, **init, **LORA}, after=public.name)]
             if eps in (1, 8):
-                jobs.append(Job(f"dp{eps}_finetune_lora_k4", s, PRIVATE,
+                jobs.append(sr.Job(f"dp{eps}_finetune_lora_k4", s, PRIVATE,
                                 {**dp, **init, **LORA, "privacy.multiplicity": "4"}, after=public.name))
             if eps == 8:  # a short fine-tune: 10 rounds (10x fewer noisy steps, less noise each)
-                jobs.append(Job(f"dp{eps}_finetune_lora_r10", s, PRIVATE,
+                jobs.append(sr.Job(f"dp{eps}_finetune_lora_r10", s, PRIVATE,
                                 {**dp, **init, **LORA, "fed.rounds": "10"}, after=public.name))
-                jobs.append(Job(f"dp{eps}_finetune_lora_r10_k4", s, PRIVATE,
+                jobs.append(sr.Job(f"dp{eps}_finetune_lora_r10_k4", s, PRIVATE,
                                 {**dp, **init, **LORA, "fed.rounds": "10", "privacy.multiplicity": "4"},
                                 after=public.name))
                 # only biases and embeddings (629 numbers): the least noise per trained number
-                jobs.append(Job(f"dp{eps}_finetune_nb", s, PRIVATE,
+                jobs.append(sr.Job(f"dp{eps}_finetune_nb", s, PRIVATE,
                                 {**dp, **init, "model.trainable": "norms_biases"}, after=public.name))
-        jobs.append(Job("client_dp8_cross_device", s, CROSS, {**init, "model.trainable": "norms_biases"},
+        jobs.append(sr.Job("client_dp8_cross_device", s, CROSS, {**init, "model.trainable": "norms_biases"},
                         after=public.name))
     for j in jobs:
-        j.overrides = {**COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
+        j.overrides = {**sr.COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
                        "run.name": j.name, **extra}
     return jobs
 
 
-def _fedrun(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with log.open("a") as f:
-        res = subprocess.run([sys.executable, "-m", "fedrun", *args], cwd=ROOT, env=env, stdout=f,
-                             stderr=subprocess.STDOUT)
-    if res.returncode != 0:
-        raise RuntimeError(f"fedrun {' '.join(args[:3])} ... failed (exit {res.returncode}); see {log}")
-
-
-def record_session(out: Path, seconds: float, runs: int, jobs: int) -> None:
-    """Append one session (its wall time, runs to do, parallel jobs) to ``<out>/sessions.json``: a
-    study stopped and started again sums its sessions' wall time."""
-    path = out / "sessions.json"
-    sessions = json.loads(path.read_text()) if path.exists() else []
-    sessions.append({"wall_s": round(seconds, 1), "runs": runs, "jobs": jobs})
-    path.write_text(json.dumps(sessions, indent=2))
-
-
-def run_job(job: Job, out: Path, done: dict[str, threading.Event], audit_options: list[str]) -> None:
+def run_job(job: sr.Job, out: Path, done: dict[str, threading.Event], audit_options: list[str]) -> None:
     """Train (or resume), score against the handwritten digits if asked, audit."""
     if job.after is not None:
         done[job.after].wait()
@@ -140,29 +99,18 @@ def run_job(job: Job, out: Path, done: dict[str, threading.Event], audit_options
     log = out / f"{job.name}.log"
     try:
         if not (run_dir / "summary.json").exists():
-            _fedrun(["--config", str(job.config), *_args(job.overrides)], log)
-        score = _args(job.score_as)
+            sr.run_fedrun(["--config", str(job.config), *sr.cli_args(job.overrides)], log)
+        score = sr.cli_args(job.score_as)
         if job.score_as and not list((run_dir / "eval").glob("*.json")):
-            _fedrun(["eval", str(run_dir), *score, "--run.threads", "1"], log)
+            sr.run_fedrun(["eval", str(run_dir), *score, "--run.threads", "1"], log)
         if not (run_dir / "audit.json").exists():
-            _fedrun(["audit", str(run_dir), *score, *audit_options], log)
+            sr.run_fedrun(["audit", str(run_dir), *score, *audit_options], log)
         print(f"privacy_study: {job.name} done", flush=True)
     finally:
         done[job.name].set()
 
 
-def _args(overrides: dict[str, str]) -> list[str]:
-    return [a for k, v in overrides.items() for a in (f"--{k}", v)]
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def result(job: Job, out: Path) -> dict[str, Any] | None:
+def result(job: sr.Job, out: Path) -> dict[str, Any] | None:
     run_dir = out / job.name
     if not (run_dir / "summary.json").exists() or not (run_dir / "audit.json").exists():
         return None
@@ -172,33 +120,15 @@ def result(job: Job, out: Path) -> dict[str, Any] | None:
         scores = json.loads(sorted((run_dir / "eval").glob("*.json"))[-1].read_text())
     audit = json.loads((run_dir / "audit.json").read_text())
     privacy = summary.get("privacy") or {}
-    records = _metrics(run_dir)
+    records = sr.metrics(run_dir)
     return {"run": str(run_dir), "epsilon": privacy.get("epsilon_max"), "delta": privacy.get("delta"),
             "noise_multiplier": privacy.get("noise_multiplier"), "fid_test": scores.get("fid_test"),
             "class_acc": scores.get("class_acc"), "auc": audit["auc"], "tpr": audit["tpr_at_1pct_fpr"],
             "near_copies": audit["near_copies"], "audit_samples": audit["num_samples"],
             # what a real round uploads (all participants' messages), not what the simulation's
             # all_reduce moves (its int64 fixed-point buffer is twice the fp32 model)
-            "bytes_per_round": _stat([r.get("bytes_up") for r in records])[0],  # None: centralized
+            "bytes_per_round": sr.stat([r.get("bytes_up") for r in records])[0],  # None: centralized
             "wall_s": summary.get("wall_s")}
-
-
-def _stat(values: list[float | None]) -> tuple[float | None, float | None, int]:
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return None, None, 0
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None), len(v)
-
-
-def _mb(value: float | None) -> float | None:
-    return None if value is None else value / 1e6
-
-
-def _cell(values: list[float | None], spec: str = ".2f") -> str:
-    mean, std, n = _stat(values)
-    if mean is None:
-        return "–"
-    return f"{mean:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
 
 
 ROWS = [  # (row, what it is)
@@ -217,22 +147,20 @@ ROWS = [  # (row, what it is)
 ]
 
 
-def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> dict[str, Path]:
-    results.mkdir(parents=True, exist_ok=True)
+def write_results(jobs: list[sr.Job], out: Path, results: Path, command: str) -> dict[str, Path]:
     by_row: dict[str, list[dict[str, Any]]] = {}
     for j in jobs:
         r = result(j, out)
         if r is not None:
             by_row.setdefault(j.row, []).append({"seed": j.seed, **r})
-    sessions = json.loads((out / "sessions.json").read_text()) if (out / "sessions.json").exists() else []
-    wall = sum(s["wall_s"] for s in sessions)
+    past, wall = sr.sessions(out)
     lines = ["# Privacy in practice on the digits", "",
              f"Written by `{command}`. Every run: the digits default's budget (100 epochs), one rank, "
              f"one thread; mean ± std over the seeds (n = runs per row); epsilon at delta 1e-5 (sample "
              f"level: the worst client; PRV accountant); FID (test) and class accuracy from fedrun's "
              f"classifier against the handwritten test split; membership inference (loss threshold, "
              f"best noise level) and near-copies from `fedrun audit`. Wall time of the study: "
-             f"{wall:.0f} s over {len(sessions)} session(s).", "",
+             f"{wall:.0f} s over {len(past)} session(s).", "",
              "| setting | n | epsilon | noise mult. | FID (test) | class acc | MIA AUC | TPR @ 1% FPR | "
              "near-copies | MB up / round | run wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -240,25 +168,22 @@ def write_results(jobs: list[Job], out: Path, results: Path, command: str) -> di
         rs = by_row.get(row, [])
         if not rs:
             continue
-        eps = _cell([r["epsilon"] for r in rs]) if rs[0]["epsilon"] is not None else "inf"
-        lines.append(f"| {what} | {len(rs)} | {eps} | {_cell([r['noise_multiplier'] for r in rs])} | "
-                     f"{_cell([r['fid_test'] for r in rs])} | {_cell([r['class_acc'] for r in rs], '.3f')} | "
-                     f"{_cell([r['auc'] for r in rs], '.3f')} | {_cell([r['tpr'] for r in rs], '.3f')} | "
-                     f"{_cell([r['near_copies'] for r in rs], '.1f')} / {rs[0]['audit_samples']} | "
-                     f"{_cell([_mb(r['bytes_per_round']) for r in rs], '.3f')} | "
-                     f"{_cell([r['wall_s'] for r in rs], '.0f')} |")
+        eps = sr.cell([r["epsilon"] for r in rs]) if rs[0]["epsilon"] is not None else "inf"
+        lines.append(f"| {what} | {len(rs)} | {eps} | {sr.cell([r['noise_multiplier'] for r in rs])} | "
+                     f"{sr.cell([r['fid_test'] for r in rs])} | "
+                     f"{sr.cell([r['class_acc'] for r in rs], '.3f')} | "
+                     f"{sr.cell([r['auc'] for r in rs], '.3f')} | {sr.cell([r['tpr'] for r in rs], '.3f')} | "
+                     f"{sr.cell([r['near_copies'] for r in rs], '.1f')} / {rs[0]['audit_samples']} | "
+                     f"{sr.cell([sr.mb(r['bytes_per_round']) for r in rs], '.3f')} | "
+                     f"{sr.cell([r['wall_s'] for r in rs], '.0f')} |")
     missing = [j.name for j in jobs if result(j, out) is None]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)}."]
     not_run = [row for row, _ in ROWS if row not in {j.row for j in jobs}]
     if not_run:
         lines += ["", f"Not in this study (`--rows`): {', '.join(not_run)}."]
-    md, js, png = (results / f"privacy_study.{ext}" for ext in ("md", "json", "png"))
-    md.write_text(portable("\n".join(lines) + "\n"))
-    js.write_text(portable(json.dumps({"command": command, "wall_s": wall, "sessions": sessions,
-                                       "rows": by_row}, indent=2)))
-    write_png(by_row, png)
-    return {"md": md, "json": js, "png": png}
+    payload = {"command": command, "wall_s": wall, "sessions": past, "rows": by_row}
+    return sr.write_report(results, "privacy_study", lines, payload, lambda path: write_png(by_row, path))
 
 
 def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -283,13 +208,13 @@ def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
                 row = kind if eps is None else f"dp{eps}_{kind}"
                 if row.endswith("_k4") and eps is None:
                     continue
-                mean, std, _ = _stat([r[key] for r in by_row.get(row, [])])
+                mean, std, _ = sr.stat([r[key] for r in by_row.get(row, [])])
                 if mean is not None:
                     pts.append((xs[eps], mean, std or 0.0))
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                             capsize=3, label=label)
-        public, _, _ = _stat([r[key] for r in by_row.get("public", [])])
+        public, _, _ = sr.stat([r[key] for r in by_row.get("public", [])])
         if public is not None:
             ax.axhline(public, color="grey", linestyle="--", label="public model only")
         ax.set_xticks(range(4), ["eps 1", "eps 4", "eps 8", "no DP"])
@@ -299,10 +224,35 @@ def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def select_rows(parser: argparse.ArgumentParser, jobs: list[sr.Job], rows_arg: str,
+                known: list[tuple[str, str]]) -> list[sr.Job]:
+    """The jobs of the rows asked (comma-separated; every row when empty) and the runs they start
+    from; an unknown row is one line of error naming the known ones."""
+    if not rows_arg:
+        return jobs
+    rows = set(rows_arg.split(","))
+    unknown = rows - {row for row, _ in known}
+    if unknown:
+        parser.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(row for row, _ in known)}")
+    needed = {j.after for j in jobs if j.row in rows and j.after}
+    return [j for j in jobs if j.row in rows or j.name in needed]
+
+
+def run_jobs(label: str, jobs: list[sr.Job], order: list[sr.Job], out: Path, workers: int,
+             audit_options: list[str]) -> int:
+    """Run ``order`` (the jobs still to do) on ``workers`` workers, each waiting for the run it
+    starts from (finished ones count as done); 1 if any failed."""
+    done = {j.name: threading.Event() for j in jobs}
+    for j in jobs:
+        if j not in order:
+            done[j.name].set()
+    tasks = [functools.partial(run_job, j, out, done, audit_options) for j in order]
+    return sr.run_pool(label, tasks, workers, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
-    cut = given.index("--") if "--" in given else len(given)
-    argv_, extra_args = given[:cut], given[cut + 1:]  # after --: overrides of every run
+    argv_, extra_args = sr.split_extra(given)  # after --: overrides of every run
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "privacy_study")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -314,17 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--audit-options", default="", help="e.g. '--samples 20 --draws 1' for a smoke run")
     args = p.parse_args(argv_)
-    extra = dict(zip(extra_args[::2], extra_args[1::2], strict=True))
-    extra = {k.lstrip("-"): v for k, v in extra.items()}
+    extra = sr.parse_overrides(p, extra_args)
     out = args.out.resolve()
-    jobs = plan(out, [int(s) for s in args.seeds.split(",")], extra)
-    if args.rows:
-        rows = set(args.rows.split(","))
-        unknown = rows - {row for row, _ in ROWS}
-        if unknown:
-            p.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(row for row, _ in ROWS)}")
-        needed = {j.after for j in jobs if j.row in rows and j.after}
-        jobs = [j for j in jobs if j.row in rows or j.name in needed]
+    jobs = select_rows(p, plan(out, [int(s) for s in args.seeds.split(",")], extra), args.rows, ROWS)
     todo = [j for j in jobs if result(j, out) is None]
     print(f"privacy_study: {len(jobs)} runs, {len(jobs) - len(todo)} finished, {len(todo)} to do, in {out}")
     if args.dry_run:
@@ -334,26 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     code = 0
     if todo and not args.report_only:
-        done = {j.name: threading.Event() for j in jobs}
-        for j in jobs:
-            if j not in todo:
-                done[j.name].set()
-        t0 = time.perf_counter()
-        try:
-            # public models first, so that the runs starting from them do not hold a worker waiting;
-            # then row by row in the order asked, both seeds of a row together
-            priority = args.rows.split(",") if args.rows else [row for row, _ in ROWS]
-            order = sorted(todo, key=lambda j: (j.after is not None, j.row != "public",
-                                                priority.index(j.row) if j.row in priority else 0, j.seed))
-            with ThreadPoolExecutor(args.jobs) as pool:
-                for fut in [pool.submit(run_job, j, out, done, args.audit_options.split()) for j in order]:
-                    try:
-                        fut.result()
-                    except RuntimeError as exc:
-                        print(f"privacy_study: {exc}", flush=True)
-                        code = 1
-        finally:
-            record_session(out, time.perf_counter() - t0, len(todo), args.jobs)
+        # public models first, so that the runs starting from them do not hold a worker waiting;
+        # then row by row in the order asked, both seeds of a row together
+        priority = args.rows.split(",") if args.rows else [row for row, _ in ROWS]
+        order = sorted(todo, key=lambda j: (j.after is not None, j.row != "public",
+                                            priority.index(j.row) if j.row in priority else 0, j.seed))
+        code = run_jobs("privacy_study", jobs, order, out, args.jobs, args.audit_options.split())
     command = " ".join(["python", "benchmarks/privacy_study.py", *given])
     paths = write_results(jobs, out, args.results, command)
     print(paths["md"].read_text())

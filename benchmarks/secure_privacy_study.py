@@ -27,25 +27,21 @@ noise against distributed noise at 16 bits (shares sized for t survivors, the de
 (class accuracy, FID (test), MIA AUC, bytes, wall time; noise once's FID over centralized DP-SGD's
 per seed; the epsilon at which each mechanism first beats the public model on every seed, by 0.05
 in class accuracy and by 5 % in FID). Runs, evaluations and audits already finished are skipped
-when started again (privacy_study.py's runner).
+when started again (privacy_study.py's run_job on benchmarks/study_runner.py's pool).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' own modules
 import privacy_study as ps  # noqa: E402
-from portable import portable  # noqa: E402
+import study_runner as sr  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = sr.ROOT
 PRIVATE, PUBLIC, CROSS = ps.PRIVATE, ps.PUBLIC, ps.CROSS
 NB = {"model.trainable": "norms_biases"}
 ONCE = {"privacy.level": "sample_once", "secure_agg.protocol": "secagg+", "secure_agg.bits": "16",
@@ -84,42 +80,42 @@ PRIORITY = ["public", "nodp", "local8", "once8", "central8", "client8", "client8
             "local16", "once16", "central16", "local32", "once32", "central32"]
 
 
-def plan(out: Path, extra: dict[str, str]) -> list[ps.Job]:
-    jobs: list[ps.Job] = []
+def plan(out: Path, extra: dict[str, str]) -> list[sr.Job]:
+    jobs: list[sr.Job] = []
     for s in FULL_SEEDS:
-        public = ps.Job("public", s, PUBLIC, {}, score_as={"data.name": "digits"})
+        public = sr.Job("public", s, PUBLIC, {}, score_as={"data.name": "digits"})
         init = {"model.init_from": str(out / public.name), **NB}
-        jobs += [public, ps.Job("nodp", s, PRIVATE, dict(init), after=public.name)]
+        jobs += [public, sr.Job("nodp", s, PRIVATE, dict(init), after=public.name)]
         for eps in (1, 8, 16, 32):
             if eps > 8 and s not in FRONTIER_SEEDS:
                 continue
             dp = {"privacy.target_epsilon": str(eps), "privacy.noise_multiplier": "0"}
             for name, mech in MECHANISMS.items():
-                jobs.append(ps.Job(f"{name}{eps}", s, PRIVATE, {**init, **dp, **mech}, after=public.name))
+                jobs.append(sr.Job(f"{name}{eps}", s, PRIVATE, {**init, **dp, **mech}, after=public.name))
                 if eps == 8:  # the same mechanisms fine-tuning LoRA adapters (privacy_study.py's rank 4)
-                    jobs.append(ps.Job(f"{name}8_lora", s, PRIVATE, {**init, **ps.LORA, **dp, **mech},
+                    jobs.append(sr.Job(f"{name}8_lora", s, PRIVATE, {**init, **ps.LORA, **dp, **mech},
                                        after=public.name))
         # the grid's bits and client level: every seed, like the headline rows
         dp8 = {"privacy.target_epsilon": "8", "privacy.noise_multiplier": "0"}
         for bits in (12, 20, 0):
-            jobs.append(ps.Job(f"once8_bits{bits}", s, PRIVATE,
+            jobs.append(sr.Job(f"once8_bits{bits}", s, PRIVATE,
                                {**init, **dp8, **ONCE, "secure_agg.bits": str(bits)}, after=public.name))
         cross = {"model.init_from": str(out / public.name), "model.trainable": "norms_biases"}
-        jobs.append(ps.Job("client8", s, CROSS, dict(cross), after=public.name))
+        jobs.append(sr.Job("client8", s, CROSS, dict(cross), after=public.name))
         secure16 = {**cross, "secure_agg.protocol": "secagg+", "secure_agg.bits": "16"}
-        jobs.append(ps.Job("client8_bits16", s, CROSS, dict(secure16), after=public.name))
+        jobs.append(sr.Job("client8_bits16", s, CROSS, dict(secure16), after=public.name))
         # by default the shares carry the whole noise once min_survivors = t of the 30 survive (the
         # dropout margin: more noise when all do); here sized for 30, the server's noise's level
-        jobs.append(ps.Job("client8_bits16_all", s, CROSS, {**secure16, "secure_agg.min_survivors": "30"},
+        jobs.append(sr.Job("client8_bits16_all", s, CROSS, {**secure16, "secure_agg.min_survivors": "30"},
                            after=public.name))
         # the middle: P(Poisson(30) < 20) = 2 %, so few rounds are abandoned, at 30/20 the variance
-        jobs.append(ps.Job("client8_bits16_m20", s, CROSS, {**secure16, "secure_agg.min_survivors": "20"},
+        jobs.append(sr.Job("client8_bits16_m20", s, CROSS, {**secure16, "secure_agg.min_survivors": "20"},
                            after=public.name))
         # per round: a cohort of n sizes its shares for ceil(0.9 n), so at most 1 / 0.9 the variance
         per_round = {**secure16, "secure_agg.survivor_fraction": "0.9"}
-        jobs.append(ps.Job("client8_bits16_f09", s, CROSS, per_round, after=public.name))
+        jobs.append(sr.Job("client8_bits16_f09", s, CROSS, per_round, after=public.name))
     for j in jobs:
-        j.overrides = {**ps.COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
+        j.overrides = {**sr.COMMON, **j.overrides, "run.seed": str(j.seed), "run.out_dir": str(out),
                        "run.name": j.name, **extra}
     return jobs
 
@@ -148,35 +144,33 @@ def once_over_central(by_row: dict[str, list[dict[str, Any]]], eps: int) -> list
             for r in sorted(by_row.get(f"once{eps}", []), key=lambda r: r["seed"]) if r["seed"] in central]
 
 
-def write_results(jobs: list[ps.Job], out: Path, results: Path, command: str) -> dict[str, Path]:
-    results.mkdir(parents=True, exist_ok=True)
+def write_results(jobs: list[sr.Job], out: Path, results: Path, command: str) -> dict[str, Path]:
     by_row: dict[str, list[dict[str, Any]]] = {}
     for j in jobs:
         r = ps.result(j, out)
         if r is not None:
             by_row.setdefault(j.row, []).append({"seed": j.seed, **r})
-    sessions = json.loads((out / "sessions.json").read_text()) if (out / "sessions.json").exists() else []
-    wall = sum(s["wall_s"] for s in sessions)
+    past, wall = sr.sessions(out)
     lines = ["# Noise once under secure aggregation: the digits", "",
              f"Written by `{command}`. Every private run fine-tunes its seed's public model in biases and "
              f"embeddings for 100 epochs, one rank, one thread; sample level, epsilon of the worst client at "
              f"delta 1e-5 (PRV for local and central DP-SGD, the Skellam RDP accountant for noise once); FID "
              f"(test) and class accuracy from fedrun's classifier against the handwritten test split; "
              f"membership inference from `fedrun audit`. Mean ± std over the seeds (n). Wall time of the "
-             f"study: {wall:.0f} s over {len(sessions)} session(s).", "",
+             f"study: {wall:.0f} s over {len(past)} session(s).", "",
              "| setting | n | epsilon | noise mult. | class acc | FID (test) | MIA AUC | MB up / round | "
              "run wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row, what in ROWS:
         rs = by_row.get(row, [])
         if not rs:
             continue
-        eps = ps._cell([r["epsilon"] for r in rs]) if rs[0]["epsilon"] is not None else "inf"
-        lines.append(f"| {what} | {len(rs)} | {eps} | {ps._cell([r['noise_multiplier'] for r in rs])} | "
-                     f"{ps._cell([r['class_acc'] for r in rs], '.3f')} | "
-                     f"{ps._cell([r['fid_test'] for r in rs])} | "
-                     f"{ps._cell([r['auc'] for r in rs], '.3f')} | "
-                     f"{ps._cell([ps._mb(r['bytes_per_round']) for r in rs], '.3f')} | "
-                     f"{ps._cell([r['wall_s'] for r in rs], '.0f')} |")
+        eps = sr.cell([r["epsilon"] for r in rs]) if rs[0]["epsilon"] is not None else "inf"
+        lines.append(f"| {what} | {len(rs)} | {eps} | {sr.cell([r['noise_multiplier'] for r in rs])} | "
+                     f"{sr.cell([r['class_acc'] for r in rs], '.3f')} | "
+                     f"{sr.cell([r['fid_test'] for r in rs])} | "
+                     f"{sr.cell([r['auc'] for r in rs], '.3f')} | "
+                     f"{sr.cell([sr.mb(r['bytes_per_round']) for r in rs], '.3f')} | "
+                     f"{sr.cell([r['wall_s'] for r in rs], '.0f')} |")
     lines += ["", "Per seed, class accuracy (the public model of the same seed in brackets):", ""]
     public = {r["seed"]: r["class_acc"] for r in by_row.get("public", [])}
     for row, what in ROWS[1:]:
@@ -193,7 +187,7 @@ def write_results(jobs: list[ps.Job], out: Path, results: Path, command: str) ->
             continue
         cells = []
         for r in sorted(by_row.get(row, []), key=lambda r: r["seed"]):
-            abandoned = sum(1 for m in ps._metrics(Path(r["run"])) if m.get("abandoned"))
+            abandoned = sum(1 for m in sr.metrics(Path(r["run"])) if m.get("abandoned"))
             ratio = f"{r['fid_test'] / server[r['seed']]:.2f}x" if r["seed"] in server else "-"
             cells.append(f"seed {r['seed']}: {ratio}, {abandoned} abandoned")
         if cells:
@@ -212,12 +206,9 @@ def write_results(jobs: list[ps.Job], out: Path, results: Path, command: str) ->
     missing = [j.name for j in jobs if ps.result(j, out) is None]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)}."]
-    md, js, png = (results / f"secure_privacy_study.{ext}" for ext in ("md", "json", "png"))
-    md.write_text(portable("\n".join(lines) + "\n"))
-    js.write_text(portable(json.dumps({"command": command, "wall_s": wall, "sessions": sessions,
-                                       "rows": by_row}, indent=2)))
-    write_png(by_row, png)
-    return {"md": md, "json": js, "png": png}
+    payload = {"command": command, "wall_s": wall, "sessions": past, "rows": by_row}
+    return sr.write_report(results, "secure_privacy_study", lines, payload,
+                           lambda path: write_png(by_row, path))
 
 
 def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -234,14 +225,14 @@ def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
                             ("central", "centralized DP-SGD (upper bound)")):
             pts = []
             for eps, x in xs.items():
-                mean, std, _ = ps._stat([r[key] for r in by_row.get(f"{mech}{eps}", [])])
+                mean, std, _ = sr.stat([r[key] for r in by_row.get(f"{mech}{eps}", [])])
                 if mean is not None:
                     pts.append((x, mean, std or 0.0))
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                             capsize=3, label=label)
         for row, style, label in (("public", "--", "public model"), ("nodp", ":", "fine-tuned, no DP")):
-            mean, _, _ = ps._stat([r[key] for r in by_row.get(row, [])])
+            mean, _, _ = sr.stat([r[key] for r in by_row.get(row, [])])
             if mean is not None:
                 ax.axhline(mean, color="grey", linestyle=style, label=label)
         ax.set_xticks(range(4), ["eps 1", "eps 8", "eps 16", "eps 32"])
@@ -253,8 +244,7 @@ def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
-    cut = given.index("--") if "--" in given else len(given)
-    argv_, extra_args = given[:cut], given[cut + 1:]
+    argv_, extra_args = sr.split_extra(given)  # after --: overrides of every run
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "secure_privacy_study")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -265,16 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--audit-options", default="")
     args = p.parse_args(argv_)
-    extra = {k.lstrip("-"): v for k, v in zip(extra_args[::2], extra_args[1::2], strict=True)}
     out = args.out.resolve()
-    jobs = plan(out, extra)
-    if args.rows:
-        rows = set(args.rows.split(","))
-        unknown = rows - {row for row, _ in ROWS}
-        if unknown:
-            p.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(row for row, _ in ROWS)}")
-        needed = {j.after for j in jobs if j.row in rows and j.after}
-        jobs = [j for j in jobs if j.row in rows or j.name in needed]
+    jobs = ps.select_rows(p, plan(out, sr.parse_overrides(p, extra_args)), args.rows, ROWS)
     if args.seeds:  # a subset of the seeds first (every row of seed 0 before any of seed 1)
         seeds = {int(x) for x in args.seeds.split(",")}
         jobs = [j for j in jobs if j.seed in seeds]
@@ -287,22 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     code = 0
     if todo and not args.report_only:
-        done = {j.name: threading.Event() for j in jobs}
-        for j in jobs:
-            if j not in todo:
-                done[j.name].set()
-        t0 = time.perf_counter()
-        try:
-            order = sorted(todo, key=lambda j: (j.after is not None, PRIORITY.index(j.row), j.seed))
-            with ThreadPoolExecutor(args.jobs) as pool:
-                for fut in [pool.submit(ps.run_job, j, out, done, args.audit_options.split()) for j in order]:
-                    try:
-                        fut.result()
-                    except RuntimeError as exc:
-                        print(f"secure_privacy_study: {exc}", flush=True)
-                        code = 1
-        finally:
-            ps.record_session(out, time.perf_counter() - t0, len(todo), args.jobs)
+        order = sorted(todo, key=lambda j: (j.after is not None, PRIORITY.index(j.row), j.seed))
+        code = ps.run_jobs("secure_privacy_study", jobs, order, out, args.jobs, args.audit_options.split())
     command = " ".join(["python", "benchmarks/secure_privacy_study.py", *given])
     paths = write_results(jobs, out, args.results, command)
     print(paths["md"].read_text())
