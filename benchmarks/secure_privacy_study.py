@@ -20,7 +20,8 @@ the unit; epsilon of the worst client at delta 1e-5), the noise solved from the 
   at this epsilon.
 
 Plus: the public model alone and fine-tuned without DP; the frontier at epsilon 16 and 32 (two
-seeds); secure_agg.bits 12 / 20 against 16 and against no grid (0: the server's Gaussian once on
+seeds) and its far end, noise once's recipe at next to no noise (``once_clip``: z = 0.05, no
+budget, not private: what clipping and FedAdam alone reach); secure_agg.bits 12 / 20 against 16 and against no grid (0: the server's Gaussian once on
 the exact sum); client level on the cross-device config (300 clients, q = 0.1) with the server's
 noise against distributed noise at 16 bits (shares sized for t survivors, the default, and for all
 30; 20; 90 % of each round). Results: ``benchmarks/results/secure_privacy_study.{md,json,png}``
@@ -61,6 +62,7 @@ ROWS: list[tuple[str, str]] = [
         ("central", "centralized DP-SGD on the union (upper bound)"))],
     *[(f"{m}8_lora", f"eps 8, {what}, LoRA r4 instead of biases + embeddings") for m, what in (
         ("local", "local DP-SGD"), ("once", "noise once"), ("central", "centralized DP-SGD"))],
+    ("once_clip", "noise once's recipe at next to no noise (z = 0.05, not private): clipping, FedAdam"),
     ("once8_bits12", "eps 8, noise once, 12-bit Skellam"),
     ("once8_bits20", "eps 8, noise once, 20-bit Skellam"),
     ("once8_bits0", "eps 8, noise once, the server's Gaussian on the exact secure sum"),
@@ -75,7 +77,7 @@ ROWS: list[tuple[str, str]] = [
 # the headline comparison first, then client level and the grid's bits, then the other epsilons
 PRIORITY = ["public", "nodp", "local8", "once8", "central8", "client8", "client8_bits16",
             "client8_bits16_all", "client8_bits16_m20", "client8_bits16_f09", "once8_bits0", "once8_bits12",
-            "once8_bits20",
+            "once8_bits20", "once_clip",
             "local1", "once1", "central1", "local8_lora", "once8_lora", "central8_lora",
             "local16", "once16", "central16", "local32", "once32", "central32"]
 
@@ -95,6 +97,10 @@ def plan(out: Path, extra: dict[str, str]) -> list[sr.Job]:
                 if eps == 8:  # the same mechanisms fine-tuning LoRA adapters (privacy_study.py's rank 4)
                     jobs.append(sr.Job(f"{name}8_lora", s, PRIVATE, {**init, **ps.LORA, **dp, **mech},
                                        after=public.name))
+        if s in FRONTIER_SEEDS:  # the frontier's far end: the recipe without the noise (not private)
+            jobs.append(sr.Job("once_clip", s, PRIVATE, {**init, **ONCE, "secure_agg.bits": "0",
+                                                         "privacy.noise_multiplier": "0.05",
+                                                         "privacy.target_epsilon": "0"}, after=public.name))
         # the grid's bits and client level: every seed, like the headline rows
         dp8 = {"privacy.target_epsilon": "8", "privacy.noise_multiplier": "0"}
         for bits in (12, 20, 0):

@@ -19,9 +19,9 @@ def test_every_planned_run_loads_and_the_rows_carry_their_mechanism(tmp_path, ca
     assert "9 runs, 9 to do" in capsys.readouterr().out and not out.exists()
     jobs = study.plan(out, {})
     assert {j.row for j in jobs} == {row for row, _ in study.ROWS}
-    # every seed: public, no DP, eps 1 and 8 x three mechanisms, eps 8 x three with LoRA; seeds 0 and 1
-    # also eps 16 and 32 x three; every seed bits 12 / 20 / 0 and the five client-level rows
-    assert len(jobs) == 3 * 19 + 2 * 6
+    # every seed: public, no DP, eps 1 and 8 x three mechanisms, eps 8 x three with LoRA, bits 12 / 20 / 0
+    # and the five client-level rows; seeds 0 and 1 also eps 16 and 32 x three and the recipe without noise
+    assert len(jobs) == 3 * 19 + 2 * 7
     for j in jobs:
         cfg = load_config(j.config, {k: v for k, v in j.overrides.items() if k != "model.init_from"})
         if j.row.startswith("once"):
@@ -32,6 +32,8 @@ def test_every_planned_run_loads_and_the_rows_carry_their_mechanism(tmp_path, ca
             assert cfg.secure_agg.min_survivors == 20 and cfg.secure_agg.bits == 16
         if j.row.endswith("_lora"):
             assert cfg.model.trainable == "lora" and cfg.privacy.target_epsilon == 8
+        if j.row == "once_clip":  # the frontier's far end: next to no noise, no budget
+            assert cfg.privacy.noise_multiplier == 0.05 and cfg.privacy.target_epsilon == 0
         if j.row == "client8_bits16_f09":
             assert cfg.secure_agg.survivor_fraction == 0.9 and cfg.secure_agg.bits == 16
         if j.after:  # every private row fine-tunes its own seed's public model
