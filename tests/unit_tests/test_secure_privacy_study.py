@@ -20,8 +20,9 @@ def test_every_planned_run_loads_and_the_rows_carry_their_mechanism(tmp_path, ca
     jobs = study.plan(out, {})
     assert {j.row for j in jobs} == {row for row, _ in study.ROWS}
     # every seed: public, no DP, eps 1 and 8 x three mechanisms, eps 8 x three with LoRA, bits 12 / 20 / 0
-    # and the five client-level rows; seeds 0 and 1 also eps 16 and 32 x three and the recipe without noise
-    assert len(jobs) == 3 * 19 + 2 * 7
+    # and the five client-level rows; seeds 0 and 1 also eps 16 and 32 x three, local at 64 and the
+    # recipe without noise
+    assert len(jobs) == 3 * 19 + 2 * 8
     for j in jobs:
         cfg = load_config(j.config, {k: v for k, v in j.overrides.items() if k != "model.init_from"})
         if j.row.startswith("once"):
