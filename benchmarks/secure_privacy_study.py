@@ -225,34 +225,47 @@ def write_results(jobs: list[sr.Job], out: Path, results: Path, command: str) ->
                            lambda path: write_png(by_row, path))
 
 
+def relative_to_public(by_row: dict[str, list[dict[str, Any]]], row: str, key: str) -> list[float]:
+    """``row``'s ``key`` against the public model of the same seed, one value per seed: FID as a
+    multiple of the public model's, class accuracy as the difference (paired, so that rows run on
+    different seeds compare)."""
+    public = {r["seed"]: r[key] for r in by_row.get("public", []) if r[key] is not None}
+    return [r[key] / public[r["seed"]] if key == "fid_test" else r[key] - public[r["seed"]]
+            for r in by_row.get(row, []) if r[key] is not None and r["seed"] in public]
+
+
 def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """The privacy-utility frontier: class accuracy and FID (test) against epsilon per mechanism."""
+    """The privacy-utility frontier: class accuracy and FID (test) against epsilon per mechanism,
+    each against the public model of the same seed (mean and std over the seeds)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 4), constrained_layout=True)
     axes = fig.subplots(1, 2)
     xs = {1: 0, 8: 1, 16: 2, 32: 3, 64: 4}
-    for ax, (key, title) in zip(axes, (("class_acc", "class accuracy (higher is better)"),
-                                       ("fid_test", "FID (test), lower is better")), strict=True):
+    for ax, (key, title, public) in zip(axes, (
+            ("class_acc", "class accuracy minus the public model's (higher is better)", 0.0),
+            ("fid_test", "FID (test) / the public model's (lower is better)", 1.0)), strict=True):
         for mech, label in (("local", "local DP-SGD"), ("once", "noise once (SecAgg+, 16 bits)"),
                             ("central", "centralized DP-SGD (upper bound)")):
             pts = []
             for eps, x in xs.items():
-                mean, std, _ = sr.stat([r[key] for r in by_row.get(f"{mech}{eps}", [])])
+                mean, std, _ = sr.stat(relative_to_public(by_row, f"{mech}{eps}", key))
                 if mean is not None:
                     pts.append((x, mean, std or 0.0))
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                             capsize=3, label=label)
-        for row, style, label in (("public", "--", "public model"), ("nodp", ":", "fine-tuned, no DP")):
-            mean, _, _ = sr.stat([r[key] for r in by_row.get(row, [])])
+        ax.axhline(public, color="grey", linestyle="--", label="public model")
+        for row, style, label in (("nodp", ":", "fine-tuned, no DP"),
+                                  ("once_clip", "-.", "noise once's recipe, next to no noise")):
+            mean, _, _ = sr.stat(relative_to_public(by_row, row, key))
             if mean is not None:
                 ax.axhline(mean, color="grey", linestyle=style, label=label)
         ax.set_xticks(range(5), ["eps 1", "eps 8", "eps 16", "eps 32", "eps 64"])
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="lower left")
     fig.savefig(path, dpi=110)
 
 

@@ -61,3 +61,6 @@ def test_the_frontier_and_the_ratio_to_centralized_against_hand_computed_values(
     # only seed 1 ran both: 18.8 / 15.04 = 1.25
     assert [(s, round(x, 6)) for s, x in study.once_over_central(rows, 8)] == [(1, 1.25)]
     assert study.once_over_central(rows, 1) == []
+    # against the public model of the same seed: 9.4 / 10 and 18.8 / 20; 0.76 - 0.70 and 0.66 - 0.60
+    assert [round(x, 6) for x in study.relative_to_public(rows, "once8", "fid_test")] == [0.94, 0.94]
+    assert [round(x, 6) for x in study.relative_to_public(rows, "once8", "class_acc")] == [0.06, 0.06]
