@@ -243,12 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = sr.parse_overrides(p, extra_args)
     out = args.out.resolve()
     jobs = plan(out, extra, tuple(int(x) for x in args.seeds.split(",")))
-    if args.rows:
-        rows = set(args.rows.split(",")) | {"sync"}  # every comparison is against sync
-        unknown = rows - {row for row, _ in ROWS}
-        if unknown:
-            p.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(row for row, _ in ROWS)}")
-        jobs = [j for j in jobs if j.row in rows]
+    if args.rows:  # every comparison is against sync
+        jobs = sr.select_rows(p, jobs, f"{args.rows},sync", ROWS)
     todo = [j for j in jobs if not (out / j.name / "summary.json").exists()]
     print(f"async_study: {len(jobs)} runs, {len(todo)} to do, in {out}", flush=True)
     if args.dry_run:  # every run's config validated as fedrun would (one line per refusal)

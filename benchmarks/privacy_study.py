@@ -224,20 +224,6 @@ def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def select_rows(parser: argparse.ArgumentParser, jobs: list[sr.Job], rows_arg: str,
-                known: list[tuple[str, str]]) -> list[sr.Job]:
-    """The jobs of the rows asked (comma-separated; every row when empty) and the runs they start
-    from; an unknown row is one line of error naming the known ones."""
-    if not rows_arg:
-        return jobs
-    rows = set(rows_arg.split(","))
-    unknown = rows - {row for row, _ in known}
-    if unknown:
-        parser.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(row for row, _ in known)}")
-    needed = {j.after for j in jobs if j.row in rows and j.after}
-    return [j for j in jobs if j.row in rows or j.name in needed]
-
-
 def run_jobs(label: str, jobs: list[sr.Job], order: list[sr.Job], out: Path, workers: int,
              audit_options: list[str]) -> int:
     """Run ``order`` (the jobs still to do) on ``workers`` workers, each waiting for the run it
@@ -266,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv_)
     extra = sr.parse_overrides(p, extra_args)
     out = args.out.resolve()
-    jobs = select_rows(p, plan(out, [int(s) for s in args.seeds.split(",")], extra), args.rows, ROWS)
+    jobs = sr.select_rows(p, plan(out, [int(s) for s in args.seeds.split(",")], extra), args.rows, ROWS)
     todo = [j for j in jobs if result(j, out) is None]
     print(f"privacy_study: {len(jobs)} runs, {len(jobs) - len(todo)} finished, {len(todo)} to do, in {out}")
     if args.dry_run:

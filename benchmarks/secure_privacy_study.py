@@ -101,11 +101,12 @@ def plan(out: Path, extra: dict[str, str]) -> list[sr.Job]:
                 if eps == 8:  # the same mechanisms fine-tuning LoRA adapters (privacy_study.py's rank 4)
                     jobs.append(sr.Job(f"{name}8_lora", s, PRIVATE, {**init, **ps.LORA, **dp, **mech},
                                        after=public.name))
-        if s in FRONTIER_SEEDS:  # local DP-SGD's FID barely moves from 8 to 32: where it would cross
+        if s in FRONTIER_SEEDS:
+            # local DP-SGD's FID barely moves from 8 to 32: where it would cross
             jobs.append(sr.Job("local64", s, PRIVATE, {**init, "privacy.target_epsilon": "64",
                                                        "privacy.noise_multiplier": "0", **LOCAL},
                                after=public.name))
-        if s in FRONTIER_SEEDS:  # the frontier's far end: the recipe without the noise (not private)
+            # the frontier's far end: the recipe without the noise (not private)
             jobs.append(sr.Job("once_clip", s, PRIVATE, {**init, **ONCE, "secure_agg.bits": "0",
                                                          "privacy.noise_multiplier": "0.05",
                                                          "privacy.target_epsilon": "0"}, after=public.name))
@@ -114,9 +115,8 @@ def plan(out: Path, extra: dict[str, str]) -> list[sr.Job]:
         for bits in (12, 20, 0):
             jobs.append(sr.Job(f"once8_bits{bits}", s, PRIVATE,
                                {**init, **dp8, **ONCE, "secure_agg.bits": str(bits)}, after=public.name))
-        cross = {"model.init_from": str(out / public.name), "model.trainable": "norms_biases"}
-        jobs.append(sr.Job("client8", s, CROSS, dict(cross), after=public.name))
-        secure16 = {**cross, "secure_agg.protocol": "secagg+", "secure_agg.bits": "16"}
+        jobs.append(sr.Job("client8", s, CROSS, dict(init), after=public.name))
+        secure16 = {**init, "secure_agg.protocol": "secagg+", "secure_agg.bits": "16"}
         jobs.append(sr.Job("client8_bits16", s, CROSS, dict(secure16), after=public.name))
         # by default the shares carry the whole noise once min_survivors = t of the 30 survive (the
         # dropout margin: more noise when all do); here sized for 30, the server's noise's level
@@ -134,19 +134,23 @@ def plan(out: Path, extra: dict[str, str]) -> list[sr.Job]:
     return jobs
 
 
+def relative_to_public(by_row: dict[str, list[dict[str, Any]]], row: str, key: str) -> list[float]:
+    """``row``'s ``key`` against the public model of the same seed, one value per seed: FID as a
+    multiple of the public model's, class accuracy as the difference (paired, so that rows run on
+    different seeds compare)."""
+    public = {r["seed"]: r[key] for r in by_row.get("public", []) if r[key] is not None}
+    return [r[key] / public[r["seed"]] if key == "fid_test" else r[key] - public[r["seed"]]
+            for r in by_row.get(row, []) if r[key] is not None and r["seed"] in public]
+
+
 def first_beating(by_row: dict[str, list[dict[str, Any]]], mech: str, key: str = "class_acc",
                   margin: float = 0.05) -> int | None:
     """The smallest epsilon at which ``mech`` beats the public model of the same seed on every seed
     it was run with: class accuracy higher by ``margin`` (absolute), or FID (test) lower by
     ``margin`` (relative: at most (1 - margin) x the public model's)."""
-    public = {r["seed"]: r[key] for r in by_row.get("public", []) if r[key] is not None}
-
-    def beats(value: float, base: float) -> bool:
-        return value >= base + margin if key == "class_acc" else value <= (1 - margin) * base
-
     for eps in (1, 8, 16, 32, 64):
-        rs = [r for r in by_row.get(f"{mech}{eps}", []) if r[key] is not None and r["seed"] in public]
-        if rs and all(beats(r[key], public[r["seed"]]) for r in rs):
+        rel = relative_to_public(by_row, f"{mech}{eps}", key)
+        if rel and all(x >= margin if key == "class_acc" else x <= 1 - margin for x in rel):
             return eps
     return None
 
@@ -225,15 +229,6 @@ def write_results(jobs: list[sr.Job], out: Path, results: Path, command: str) ->
                            lambda path: write_png(by_row, path))
 
 
-def relative_to_public(by_row: dict[str, list[dict[str, Any]]], row: str, key: str) -> list[float]:
-    """``row``'s ``key`` against the public model of the same seed, one value per seed: FID as a
-    multiple of the public model's, class accuracy as the difference (paired, so that rows run on
-    different seeds compare)."""
-    public = {r["seed"]: r[key] for r in by_row.get("public", []) if r[key] is not None}
-    return [r[key] / public[r["seed"]] if key == "fid_test" else r[key] - public[r["seed"]]
-            for r in by_row.get(row, []) if r[key] is not None and r["seed"] in public]
-
-
 def write_png(by_row: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """The privacy-utility frontier: class accuracy and FID (test) against epsilon per mechanism,
     each against the public model of the same seed (mean and std over the seeds)."""
@@ -283,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audit-options", default="")
     args = p.parse_args(argv_)
     out = args.out.resolve()
-    jobs = ps.select_rows(p, plan(out, sr.parse_overrides(p, extra_args)), args.rows, ROWS)
+    jobs = sr.select_rows(p, plan(out, sr.parse_overrides(p, extra_args)), args.rows, ROWS)
     if args.seeds:  # a subset of the seeds first (every row of seed 0 before any of seed 1)
         seeds = {int(x) for x in args.seeds.split(",")}
         jobs = [j for j in jobs if j.seed in seeds]

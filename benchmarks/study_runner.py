@@ -1,4 +1,5 @@
-"""What the studies share (privacy_study.py, secure_privacy_study.py, async_study.py): overrides
+"""What the studies share (privacy_study.py, secure_privacy_study.py, async_study.py): the rows asked
+for, overrides
 of every run after ``--``, one fedrun command as a subprocess, a run's metrics, the mean ± std
 cells of a report, the runs in a pool of workers, the sessions' wall time, and the report's three
 files with paths made relative to the repository."""
@@ -12,7 +13,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +44,20 @@ class Job:
     @property
     def name(self) -> str:
         return f"{self.row}_s{self.seed}"
+
+
+def select_rows(parser: argparse.ArgumentParser, jobs: list[Job], rows_arg: str,
+                known: list[tuple[str, str]]) -> list[Job]:
+    """The jobs of the rows asked (comma-separated; every row when empty) and the runs they start
+    from; an unknown row is one line of error naming the known ones."""
+    if not rows_arg:
+        return jobs
+    rows = set(rows_arg.split(","))
+    unknown = rows - {row for row, _ in known}
+    if unknown:
+        parser.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(row for row, _ in known)}")
+    needed = {j.after for j in jobs if j.row in rows and j.after}
+    return [j for j in jobs if j.row in rows or j.name in needed]
 
 
 def parse_overrides(parser: argparse.ArgumentParser, extra_args: list[str]) -> dict[str, str]:
@@ -115,15 +129,14 @@ def run_pool(label: str, tasks: list[Callable[[], None]], jobs: int, out: Path) 
     """Run ``tasks`` (in their order) on ``jobs`` workers and record the session. A task's
     RuntimeError (a failed run) is printed in one line and the others go on; returns 1 if any
     failed, else 0."""
-    code, lock, t0 = 0, threading.Lock(), time.perf_counter()
+    code, t0 = 0, time.perf_counter()
     try:
         with ThreadPoolExecutor(jobs) as pool:
             for fut in [pool.submit(task) for task in tasks]:
                 try:
                     fut.result()
-                except RuntimeError as exc:
-                    with lock:
-                        print(f"{label}: {exc}", flush=True)
+                except RuntimeError as exc:  # results are collected here, in this thread, in order
+                    print(f"{label}: {exc}", flush=True)
                     code = 1
     finally:
         record_session(out, time.perf_counter() - t0, len(tasks), jobs)
