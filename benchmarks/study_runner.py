@@ -1,8 +1,7 @@
-"""What the studies share (privacy_study.py, secure_privacy_study.py, async_study.py): the rows asked
-for, overrides
-of every run after ``--``, one fedrun command as a subprocess, a run's metrics, the mean ± std
-cells of a report, the runs in a pool of workers, the sessions' wall time, and the report's three
-files with paths made relative to the repository."""
+"""What the studies share (privacy_study.py, secure_privacy_study.py, async_study.py): the rows
+asked for, overrides of every run after ``--``, one fedrun command as a subprocess, a run's
+metrics, the mean ± std cells of a report, the runs in a pool of workers, the sessions' wall time,
+and the report's three files with paths made relative to the repository."""
 
 from __future__ import annotations
 
